@@ -1,0 +1,27 @@
+"""t2mv: text → image (SD1.5 + PeRFlow) → multiview (Wonder3D + PeRFlow) → mesh (TripoSR).
+
+Importing `t2mv` is cheap: the public names below load their modules (and diffusers) on first use.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "PeRFlowScheduler": "t2mv.perflow.scheduler",
+    "TextToImage": "t2mv.text_to_image",
+    "TextToImageOutput": "t2mv.text_to_image",
+    "MissingWeightsError": "t2mv.perflow.hub",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
