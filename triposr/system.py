@@ -296,6 +296,33 @@ class TSR(nn.Module):
             return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
         raise ValueError(f"scene_code must be (3, C, H, W) or (B, 3, C, H, W), got {tuple(scene_code.shape)}")
 
+    # ------------------------------------------------------------------ meshes
+
+    @torch.no_grad()
+    def extract_mesh(
+        self,
+        scene_codes: torch.Tensor,
+        *,
+        resolution: int = 256,
+        threshold: float = 25.0,
+        has_vertex_color: bool = True,
+    ) -> list:
+        """One ``trimesh.Trimesh`` per scene code (B, 3, C, H, W): marching cubes of density_act at ``threshold`` on
+        a ``resolution``^3 grid over [-radius, radius]^3, in the export frame (glTF: +Y up, input view facing +Z).
+        The work is done by ``triposr.mesh.extract_mesh``."""
+        from .mesh import extract_mesh_from_scene_code
+
+        if scene_codes.ndim == 4:
+            scene_codes = scene_codes[None]
+        if scene_codes.ndim != 5:
+            raise ValueError(f"scene_codes must be (B, 3, C, H, W), got {tuple(scene_codes.shape)}")
+        return [
+            extract_mesh_from_scene_code(
+                self, code, resolution=resolution, threshold=threshold, has_vertex_color=has_vertex_color
+            )
+            for code in scene_codes
+        ]
+
     # ------------------------------------------------------------------ previews
 
     @torch.no_grad()

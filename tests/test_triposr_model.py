@@ -1,0 +1,300 @@
+"""triposr.TSR: config, strict loading, state-dict manifest, and parity with upstream at a tiny config
+(tests/fixtures/triposr_tiny/, tolerances from its README)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from triposr import TSR, MissingWeightsError, TSRConfig, ViTConfig
+from triposr.config import DINO_VITB16
+from triposr.image_tokenizer import interpolate_pos_encoding_legacy
+from triposr.nerf import spherical_camera_rays
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(request):
+    return request.config.rootpath / "tests" / "fixtures" / "triposr_tiny"
+
+
+@pytest.fixture(scope="module")
+def manifests(request):
+    return request.config.rootpath / "tests" / "fixtures" / "manifests"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_dir):
+    return TSR.from_pretrained(tiny_dir, "config.yaml", "model.ckpt")
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_dir):
+    return load_file(tiny_dir / "outputs.safetensors")
+
+
+@pytest.fixture(scope="module")
+def image(tiny_dir):
+    return load_file(tiny_dir / "inputs.safetensors")["image"]  # (1, 3, 64, 64)
+
+
+def _published(manifests) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(manifests / "triposr_config.yaml"))
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_published_config_parses(manifests):
+    config = TSRConfig.from_yaml_file(manifests / "triposr_config.yaml")
+    assert config.cond_image_size == 512
+    assert config.backbone.in_channels == 1024  # ${tokenizer.num_channels} resolved
+    assert (config.backbone.num_layers, config.backbone.num_attention_heads, config.backbone.attention_head_dim) == (
+        16,
+        16,
+        64,
+    )
+    assert config.decoder.in_channels == 120 and config.decoder.activation == "silu"
+    assert config.renderer.radius == 0.87 and config.renderer.density_activation == "exp"
+    assert config.renderer.num_samples_per_ray == 128
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda c: c["decoder"].update(n_layers=3), "n_layers"),
+        (lambda c: c.update(extra_top_level=1), "extra_top_level"),
+        (lambda c: c.update(decoder_cls="my.module.Decoder"), "decoder_cls"),
+        (lambda c: c["decoder"].update(n_neurons="many"), "n_neurons"),
+        (lambda c: c.pop("tokenizer"), "tokenizer"),
+        (lambda c: c["renderer"].update(density_activation="relu"), "density_activation"),
+        (lambda c: c["decoder"].update(in_channels=121), "decoder.in_channels"),
+        (lambda c: c["backbone"].update(in_channels=512), "backbone.in_channels"),
+    ],
+)
+def test_config_rejects_bad_values(manifests, edit, match):
+    values = _published(manifests)
+    edit(values)
+    with pytest.raises(ValueError, match=match):
+        TSRConfig.from_dict(values)
+
+
+def test_dino_config_built_in_matches_manifest(manifests):
+    assert ViTConfig.from_json_file(manifests / "triposr_dino_vitb16_config.json") == DINO_VITB16
+    with pytest.raises(ValueError, match="hidden_sizes"):
+        ViTConfig.from_dict({"hidden_sizes": 3})
+
+
+def test_state_dict_matches_manifest_on_meta(manifests):
+    manifest = json.loads((manifests / "triposr_keys.json").read_text())
+    config = TSRConfig.from_yaml_file(manifests / "triposr_config.yaml")
+    with torch.device("meta"):
+        model = TSR(config)  # the DINO config is built in: no hub access
+    state = model.state_dict()
+    assert list(state) == list(manifest["keys"])  # names and order
+    assert {k: list(v.shape) for k, v in state.items()} == manifest["keys"]
+    assert len(state) == manifest["num_tensors"] == 549
+    assert sum(v.numel() for v in state.values()) == manifest["num_params"]
+    assert all(v.dtype == torch.float32 for v in state.values())
+    buffers = {name for name, _ in model.named_buffers()}
+    assert buffers == set(manifest["non_persistent_buffers_not_in_checkpoint"])
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_ckpt_and_safetensors_load_the_same_weights(tiny_dir, tiny_model):
+    other = TSR.from_pretrained(tiny_dir, weight_name="model.safetensors")
+    for (name, a), (_, b) in zip(tiny_model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert tiny_model.device.type == "cpu" and tiny_model.dtype == torch.float32
+    torch.testing.assert_close(tiny_model.image_tokenizer.image_std.flatten(), torch.tensor([0.229, 0.224, 0.225]))
+
+
+def _copy_tiny(tiny_dir, tmp_path, state):
+    shutil.copy(tiny_dir / "config.yaml", tmp_path / "config.yaml")
+    shutil.copytree(tiny_dir / "vit_tiny", tmp_path / "vit_tiny")
+    save_file(state, str(tmp_path / "model.safetensors"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("change", ["extra", "missing", "shape"])
+def test_loading_is_strict(tiny_dir, tmp_path, change):
+    state = load_file(tiny_dir / "model.safetensors")
+    if change == "extra":
+        state["decoder.layers.6.weight"] = torch.zeros(4, 16)
+    elif change == "missing":
+        del state["image_tokenizer.model.pooler.dense.bias"]
+    else:
+        state["tokenizer.embeddings"] = torch.zeros(3, 32, 5, 5)
+    folder = _copy_tiny(tiny_dir, tmp_path, state)
+    with pytest.raises(RuntimeError, match="does not match"):
+        TSR.from_pretrained(folder, weight_name="model.safetensors")
+
+
+def test_missing_files_raise_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(MissingWeightsError, match="does not exist"):
+        TSR.from_pretrained(str(tmp_path / "nope"))
+    with pytest.raises(MissingWeightsError, match="config.yaml"):
+        TSR.from_pretrained(tmp_path)  # existing but empty folder
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MissingWeightsError) as info:
+        TSR.from_pretrained("t2mv-tests/no-such-triposr-repo")
+    message = str(info.value)
+    assert isinstance(info.value, FileNotFoundError)
+    assert "t2mv-tests/no-such-triposr-repo" in message and "cache folder" in message
+    assert "go online once" in message and "local folder" in message
+
+
+def test_unknown_image_tokenizer_needs_a_vit_config(tiny_dir):
+    config = TSRConfig.from_yaml_file(tiny_dir / "config.yaml")
+    with pytest.raises(ValueError, match="vit_tiny"):
+        TSR(config)  # "vit_tiny" is only resolvable next to config.yaml, i.e. by from_pretrained
+    TSR(config, ViTConfig.from_json_file(tiny_dir / "vit_tiny" / "config.json"))
+
+
+# ---------------------------------------------------------------- parity with upstream (tiny config)
+
+
+def test_legacy_position_interpolation(tiny_model, ref):
+    table = tiny_model.image_tokenizer.model.embeddings.position_embeddings  # (1, 5, 32): 2x2 patches + CLS
+    ours = interpolate_pos_encoding_legacy(table, 64, 64, 16)  # (1, 17, 32)
+    torch.testing.assert_close(ours, ref["vit_pos_embed_interp"], atol=5e-5, rtol=0)
+    # The newer size=(4, 4) resize (transformers >= 4.45) is measurably different, so this test can tell them apart.
+    grid = table[:, 1:].reshape(1, 2, 2, 32).permute(0, 3, 1, 2)
+    newer = (
+        F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 16, 32)
+    )
+    assert (newer - ref["vit_pos_embed_interp"][:, 1:]).abs().max() > 0.05
+
+
+def test_image_tokens_and_backbone(tiny_model, ref, image):
+    tokenizer = tiny_model.image_tokenizer
+    normalised = (image - tokenizer.image_mean) / tokenizer.image_std
+    torch.testing.assert_close(tokenizer.model(normalised), ref["vit_last_hidden_state"], atol=5e-5, rtol=0)
+    tokens = tokenizer(image)  # (1, 32, 17)
+    torch.testing.assert_close(tokens, ref["image_tokens"][:, 0], atol=5e-5, rtol=0)
+    queries = tiny_model.tokenizer(1)  # (1, 32, 48)
+    torch.testing.assert_close(queries, ref["triplane_query_tokens"], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        out = tiny_model.backbone(queries, encoder_hidden_states=tokens.transpose(1, 2))
+    torch.testing.assert_close(out, ref["backbone_out"], atol=1e-5, rtol=0)
+
+
+def test_scene_codes_from_tensor_and_pil(tiny_model, ref, image, tiny_dir):
+    codes = tiny_model(image, device="cpu")  # (1, 3, 8, 8, 8)
+    assert codes.shape == (1, 3, 8, 8, 8) and not codes.requires_grad
+    torch.testing.assert_close(codes, ref["scene_codes"], atol=1e-5, rtol=0)
+    codes_pil = tiny_model([Image.open(tiny_dir / "input.png")])
+    torch.testing.assert_close(codes_pil, ref["scene_codes"], atol=1e-5, rtol=0)
+    batch = tiny_model(torch.cat([image, image.flip(-1)]))  # (2, 3, 8, 8, 8): batch items are independent
+    torch.testing.assert_close(batch[0], codes[0], atol=1e-5, rtol=0)
+    assert (batch[1] - batch[0]).abs().max() > 1e-3
+
+
+def test_field_queries(tiny_model, ref):
+    code, points = ref["scene_codes"][0], ref["query_points"]  # (3, 8, 8, 8), (4096, 3)
+    out = tiny_model.query_triplane(code, points)
+    assert out["density"].shape == (4096, 1) and out["color"].shape == (4096, 3)
+    torch.testing.assert_close(out["density"], ref["query_density"], atol=2e-4, rtol=0)
+    torch.testing.assert_close(out["features"], ref["query_features"], atol=2e-5, rtol=0)
+    torch.testing.assert_close(out["density_act"], ref["query_density_act"], rtol=2e-4, atol=0)
+    torch.testing.assert_close(out["color"], ref["query_color"], atol=2e-5, rtol=0)
+    assert 0 <= out["color"].min() and out["color"].max() <= 1
+
+    # Leading shapes are kept; a batch of codes takes (B, ..., 3) positions; chunking changes nothing.
+    grid = tiny_model.query_triplane(code, points.view(16, 16, 16, 3))
+    torch.testing.assert_close(grid["density"], out["density"].view(16, 16, 16, 1))
+    batched = tiny_model.query_triplane(ref["scene_codes"].expand(2, -1, -1, -1, -1), points.view(2, 2048, 3))
+    torch.testing.assert_close(batched["color"], out["color"].view(2, 2048, 3))
+    renderer = tiny_model.renderer
+    old = renderer.chunk_size
+    try:
+        renderer.set_chunk_size(1000)
+        torch.testing.assert_close(tiny_model.query_triplane(code, points)["density"], out["density"])
+    finally:
+        renderer.set_chunk_size(old)
+    with pytest.raises(ValueError, match="same B"):
+        tiny_model.query_triplane(ref["scene_codes"], points)
+    assert renderer.cfg.radius == 0.87
+
+
+def test_render_matches_upstream(tiny_model, ref, tiny_dir):
+    rays_o, rays_d = spherical_camera_rays(1, 0.0, 1.9, 40.0, 32, 32)
+    torch.testing.assert_close(rays_o, ref["render_rays_o"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(rays_d, ref["render_rays_d"], atol=1e-6, rtol=0)
+    rgb = tiny_model.render(ref["scene_codes"], 1, height=32, width=32, output_type="pt")[0][0]  # (32, 32, 3)
+    torch.testing.assert_close(rgb, ref["render_rgb"], atol=2e-5, rtol=0)
+    png = tiny_model.render(ref["scene_codes"], 1, height=32, width=32)[0][0]
+    expected = np.asarray(Image.open(tiny_dir / "render.png").convert("RGB"), dtype=np.int16)
+    assert np.abs(np.asarray(png, dtype=np.int16) - expected).max() <= 1
+    views = tiny_model.render(ref["scene_codes"], 3, height=8, width=8, output_type="np")
+    assert len(views) == 1 and len(views[0]) == 3 and views[0][2].shape == (8, 8, 3)
+
+
+# ---------------------------------------------------------------- tiny smoke model and input checks
+
+
+def test_tiny_is_seeded_and_has_a_surface():
+    rng_before = torch.random.get_rng_state()
+    a, b, c = TSR.tiny(seed=0), TSR.tiny(seed=0), TSR.tiny(seed=1)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # the global RNG is left alone
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(a.decoder.layers[0].weight, c.decoder.layers[0].weight)
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8), "RGB")
+    codes = a([image, image.convert("L")])  # (2, 3, 8, 8, 8); greyscale is accepted as RGB
+    assert codes.shape == (2, 3, 8, 8, 8)
+    axis = torch.linspace(-0.87, 0.87, 24)
+    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1)  # (24, 24, 24, 3)
+    above = (a.query_triplane(codes[0], grid)["density_act"] > 25.0).float().mean()
+    assert 0.005 < above < 0.5  # a mesh at the default threshold is neither empty nor the whole box
+
+
+def test_bad_images_raise(tiny_model):
+    with pytest.raises(ValueError, match="preprocess_image"):
+        tiny_model([Image.new("RGBA", (64, 64))])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        tiny_model(torch.full((1, 3, 64, 64), 255.0))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        tiny_model(torch.zeros(3, 64, 64))
+    with pytest.raises(ValueError, match="empty"):
+        tiny_model([])
+
+
+def test_low_precision_keeps_dtypes_consistent(ref, image):
+    # bfloat16 stands in for CUDA fp16 on CPU: parameters, inputs and sampled positions must all follow the model.
+    model = TSR.tiny(seed=0).to(torch.bfloat16)
+    codes = model(image)
+    assert codes.dtype == torch.bfloat16
+    field = model.query_triplane(codes[0], ref["query_points"])
+    assert field["density"].dtype == torch.bfloat16 and field["density_act"].dtype == torch.float32
+    rgb = model.render(codes, 1, height=8, width=8, output_type="pt")[0][0]
+    assert torch.isfinite(rgb).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp16_cuda_matches_fp32(image):
+    fp16 = TSR.tiny(seed=0).to("cuda", torch.float16)
+    fp32 = TSR.tiny(seed=0)
+    torch.testing.assert_close(fp16(image).float().cpu(), fp32(image), atol=5e-2, rtol=5e-2)
+
+
+# ---------------------------------------------------------------- real checkpoint (only when cached)
+
+
+@pytest.mark.slow
+def test_real_checkpoint_loads_strictly_and_runs():
+    try:
+        model = TSR.from_pretrained("stabilityai/TripoSR")
+    except MissingWeightsError as e:
+        pytest.skip(f"stabilityai/TripoSR is not in the local cache: {e}")
+    image = Image.new("RGB", (512, 512), (128, 128, 128))
+    codes = model([image])
+    assert codes.shape == (1, 3, 40, 64, 64) and torch.isfinite(codes).all()
