@@ -101,8 +101,17 @@ def test_state_dict_matches_manifest_on_meta(manifests):
     assert len(state) == manifest["num_tensors"] == 549
     assert sum(v.numel() for v in state.values()) == manifest["num_params"]
     assert all(v.dtype == torch.float32 for v in state.values())
-    buffers = {name for name, _ in model.named_buffers()}
-    assert buffers == set(manifest["non_persistent_buffers_not_in_checkpoint"])
+    buffers = {name: b for name, b in model.named_buffers()}
+    assert set(buffers) == set(manifest["non_persistent_buffers_not_in_checkpoint"])
+    assert all(b.device.type == "meta" for b in buffers.values())
+
+    # Real-size shapes through the whole network, still on meta (no memory, no compute): 512 input -> 32x32 DINO
+    # patches (legacy interpolation of the 14x14 table) -> scene codes (B, 3, 40, 64, 64).
+    images = torch.empty(2, 3, 600, 500, device="meta")  # resized to cond_image_size first
+    assert model.image_tokenizer(torch.empty(2, 3, 512, 512, device="meta")).shape == (2, 768, 1025)
+    assert model(images, device="meta").shape == (2, 3, 40, 64, 64)
+    field = model.query_triplane(torch.empty(3, 40, 64, 64, device="meta"), torch.empty(5, 7, 3, device="meta"))
+    assert field["density"].shape == (5, 7, 1) and field["color"].shape == (5, 7, 3)
 
 
 # ---------------------------------------------------------------- loading

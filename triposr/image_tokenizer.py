@@ -194,17 +194,16 @@ class DINOSingleImageTokenizer(nn.Module):
     def __init__(self, vit_config: ViTConfig):
         super().__init__()
         self.model = ViTModel(vit_config)
-        self.register_buffer("image_mean", torch.empty(1, 3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.empty(1, 3, 1, 1), persistent=False)
-        self.reset_normalization()
+        # Non-persistent: the checkpoint does not hold them. Created on the current default device (meta included).
+        self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def reset_normalization(self) -> None:
-        """(Re)fill the ImageNet mean/std buffers; they are not in the checkpoint, so a model built on the meta
-        device and loaded with ``assign=True`` needs them materialised again."""
-        device = self.image_mean.device if self.image_mean.device.type != "meta" else torch.device("cpu")
-        dtype = self.image_mean.dtype
-        self.image_mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1)
-        self.image_std = torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(1, 3, 1, 1)
+        """Materialise the mean/std buffers on the CPU after a meta-device build whose weights were loaded with
+        ``assign=True`` (they are not in the checkpoint, so loading leaves them on the meta device)."""
+        if self.image_mean.device.type == "meta":
+            self.image_mean = torch.tensor(IMAGENET_MEAN, dtype=self.image_mean.dtype).view(1, 3, 1, 1)
+            self.image_std = torch.tensor(IMAGENET_STD, dtype=self.image_std.dtype).view(1, 3, 1, 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         images = (images - self.image_mean) / self.image_std  # (B, 3, H, W)

@@ -252,7 +252,7 @@ class TSR(nn.Module):
             if images.ndim != 4 or images.shape[1] != 3:
                 raise ValueError(f"image tensor must be (B, 3, H, W), got {tuple(images.shape)}")
             images = images.float()
-            if images.numel() and (images.min() < 0 or images.max() > 1):
+            if images.device.type != "meta" and images.numel() and (images.min() < 0 or images.max() > 1):
                 raise ValueError("image tensor values must be in [0, 1] (divide uint8 images by 255).")
             return resize_images(images, size)  # (B, 3, S, S)
         raise TypeError(f"images must be a PIL image, a list of PIL images or a tensor, got {type(images).__name__}")
