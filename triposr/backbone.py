@@ -1,7 +1,7 @@
 """Triplane tokens, the image-conditioned 1-D transformer and the triplane upsampler of TripoSR.
 
-Module and parameter names follow the checkpoint (``tokenizer.embeddings``, ``backbone.transformer_blocks.N.attn1.to_q``,
-``post_processor.upsample``...), so model.ckpt loads strictly.
+Module and parameter names follow the checkpoint (``tokenizer.embeddings``,
+``backbone.transformer_blocks.N.attn1.to_q``, ``post_processor.upsample``...), so model.ckpt loads strictly.
 """
 
 from __future__ import annotations
@@ -105,7 +105,10 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer1D(nn.Module):
-    """Tokens (B, C, N) attend to image tokens (B, Nt, Cc); output (B, C, N) = input + transformer(GroupNorm(input))."""
+    """Tokens (B, C, N) attend to image tokens (B, Nt, Cc).
+
+    Output (B, C, N) = input + transformer(GroupNorm(input)).
+    """
 
     def __init__(self, config: BackboneConfig):
         super().__init__()

@@ -57,12 +57,14 @@ def resolve_file(repo_or_folder: str | os.PathLike, filename: str, *, local_file
         path = folder / filename
         if not path.is_file():
             raise MissingWeightsError(
-                f"{filename!r} not found in the local folder {folder}. Put the file there or pass a folder that has it."
+                f"{filename!r} not found in the local folder {folder}. Put the file there or pass a folder "
+                "that has it."
             )
         return path
     if _looks_like_path(name):
         raise MissingWeightsError(
-            f"The folder {name!r} does not exist. Pass an existing folder with {filename!r}, or a Hugging Face repo id such as {DEFAULT_REPO!r}."
+            f"The folder {name!r} does not exist. Pass an existing folder with {filename!r}, or a Hugging Face "
+            f"repo id such as {DEFAULT_REPO!r}."
         )
 
     from huggingface_hub import constants, hf_hub_download
