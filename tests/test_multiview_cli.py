@@ -1,0 +1,76 @@
+"""`t2mv-multiview` in smoke mode: the output folder, the strips, the settings JSON, errors and --help."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from wonder3d_perflow.cameras import VIEW_NAMES
+from wonder3d_perflow.cli import main
+
+
+@pytest.fixture
+def rgba_image(tmp_path):
+    image = Image.new("RGBA", (120, 90), (0, 0, 0, 0))
+    image.paste((200, 40, 40, 255), (30, 20, 90, 80))
+    path = tmp_path / "object.png"
+    image.save(path)
+    return path
+
+
+def test_tiny_smoke_run_writes_the_folder(tmp_path, rgba_image, capsys):
+    out = tmp_path / "views"
+    assert main([str(rgba_image), "-o", str(out), "--tiny", "--seed", "3", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "SMOKE MODE" in captured.err and "NOISE" in captured.err
+
+    names = {p.name for p in out.iterdir()}
+    views = {f"{kind}_{view}.png" for kind in ("normal", "color") for view in VIEW_NAMES}
+    assert views | {"normals.png", "colors.png", "input.png", "settings.json"} == names
+    for name in views:
+        assert Image.open(out / name).size == (256, 256)
+    normals = Image.open(out / "normals.png")
+    assert normals.size == (1536, 256)  # 256 high, 6 × 256 wide
+    assert normals.crop((256 * 3, 0, 256 * 4, 256)).tobytes() == Image.open(out / "normal_back.png").tobytes()
+
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["smoke_mode_random_weights"] is True and settings["seed"] == 3
+    assert settings["view_names"] == list(VIEW_NAMES)
+    assert settings["pipeline"]["unet_passes"] == 4 and settings["pipeline"]["guidance_scale"] == 1.0
+    assert {"load", "encode", "denoise", "decode", "total"} <= set(settings["timings"])
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".views.")] == []  # no staging left
+
+
+def test_existing_output_needs_overwrite(tmp_path, rgba_image):
+    out = tmp_path / "views"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(SystemExit) as error:
+        main([str(rgba_image), "-o", str(out), "--tiny"])
+    assert error.value.code == 2
+    assert main([str(rgba_image), "-o", str(out), "--tiny", "--overwrite", "--scheduler", "ddim", "--steps", "2"]) == 0
+    assert not (out / "old.txt").exists()
+    assert json.loads((out / "settings.json").read_text())["pipeline"]["scheduler"] == "DDIMScheduler"
+
+
+def test_failure_leaves_nothing_behind(tmp_path, rgba_image):
+    out = tmp_path / "views"
+    with pytest.raises(ValueError, match="at least 4 UNet passes"):
+        main([str(rgba_image), "-o", str(out), "--tiny", "--steps", "2"])
+    assert list(tmp_path.iterdir()) == [rgba_image]
+
+
+def test_missing_input(tmp_path, capsys):
+    with pytest.raises(SystemExit) as error:
+        main([str(tmp_path / "nope.png"), "-o", str(tmp_path / "out"), "--tiny"])
+    assert error.value.code == 2 and "not found" in capsys.readouterr().err
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as error:
+        main(["--help"])
+    assert error.value.code == 0
+    text = capsys.readouterr().out
+    for expected in ("flamehaze1115/wonder3d-v1.0", "hansyan/perflow-sd15-delta-weights", "--no-rembg", "--revision"):
+        assert expected in text
+    assert "default: 4" in text and "default: 42" in text and "EXPERIMENTAL" in text
