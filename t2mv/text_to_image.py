@@ -474,7 +474,7 @@ class TextToImage:
                 raise ValueError(
                     f"Got {len(negatives)} negative prompts for {len(prompts)} prompts; give one or one each."
                 )
-        for text in set(negatives):
+        for text in dict.fromkeys(negatives):  # each distinct negative once, in order
             if not isinstance(text, str):
                 raise ValueError(f"negative_prompt must be a string, got {type(text).__name__}.")
             warnings += _truncation_warnings(text, self.pipe.tokenizer, what="Negative prompt")
