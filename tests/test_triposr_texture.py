@@ -1,0 +1,164 @@
+"""triposr.texture: UV rasteriser, edge padding, and baked colours equal to the field's."""
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from safetensors.torch import load_file
+
+from triposr import mesh as tmesh
+from triposr import texture
+
+RADIUS = 0.87
+
+
+def fixture_field(fixtures_dir):
+    """The tiny fixture model's field from its stored scene code and decoder (same helper as test_triposr_mesh)."""
+    weights = load_file(fixtures_dir / "triposr_tiny" / "model.safetensors")
+    scene_code = load_file(fixtures_dir / "triposr_tiny" / "outputs.safetensors")["scene_codes"][0]
+
+    def query(points):
+        p = points / RADIUS
+        uv = torch.stack([p[:, [0, 1]], p[:, [0, 2]], p[:, [1, 2]]])[:, None]  # (3, 1, N, 2)
+        feats = torch.nn.functional.grid_sample(scene_code.to(points.device), uv, align_corners=False)  # (3, C, 1, N)
+        h = feats[:, :, 0].permute(2, 0, 1).reshape(points.shape[0], -1)  # (N, 3C)
+        for i in (0, 2):
+            w, b = weights[f"decoder.layers.{i}.weight"], weights[f"decoder.layers.{i}.bias"]
+            h = torch.nn.functional.silu(h @ w.T.to(h.device) + b.to(h.device))
+        out = h @ weights["decoder.layers.4.weight"].T.to(h.device) + weights["decoder.layers.4.bias"].to(h.device)
+        return {"density_act": torch.exp(out[:, :1] - 1.0), "color": torch.sigmoid(out[:, 1:])}
+
+    return query
+
+
+def linear_color_field(points):
+    """Colour = an affine function of the model-frame position, different per axis (catches frame mix-ups)."""
+    return {"density_act": torch.zeros_like(points[:, :1]), "color": (0.5 + 0.8 * points).clamp(0, 1)}
+
+
+def sample_bilinear(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """What a glTF/OpenGL viewer samples: texel centres at (i + 0.5) / S, v = 0 at the bottom row, clamp to edge."""
+    h, w = image.shape[:2]
+    x = uv[:, 0] * w - 0.5
+    y = (1.0 - uv[:, 1]) * h - 0.5
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+
+    def at(r, c):
+        return image[np.clip(r, 0, h - 1), np.clip(c, 0, w - 1)]
+
+    top = at(y0, x0) * (1 - fx) + at(y0, x0 + 1) * fx
+    bottom = at(y0 + 1, x0) * (1 - fx) + at(y0 + 1, x0 + 1) * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def texture_array(mesh) -> np.ndarray:
+    return np.asarray(mesh.visual.material.baseColorTexture.convert("RGB"), dtype=np.float64) / 255.0
+
+
+def field_at_vertices(field, mesh) -> np.ndarray:
+    native = tmesh.export_to_native(torch.from_numpy(np.asarray(mesh.vertices, dtype=np.float32)))
+    return field(native)["color"].numpy()
+
+
+@pytest.fixture(scope="module")
+def fixture_mesh_and_field(request):
+    field = fixture_field(request.config.rootpath / "tests" / "fixtures")
+    return tmesh.extract_mesh(field, radius=RADIUS, resolution=32), field
+
+
+def test_baked_texture_matches_field_at_vertices(fixture_mesh_and_field):
+    mesh, field = fixture_mesh_and_field
+    baked = texture.bake_texture_from_field(field, mesh, 512)
+    image = texture_array(baked)
+    assert image.shape == (512, 512, 3)
+    err = np.abs(sample_bilinear(image, baked.visual.uv) - field_at_vertices(field, baked)).max(axis=1)
+    # uint8 quantisation (0.002) + half a texel of colour gradient; a handful of vertices at chart corners packed
+    # within a texel of another chart see a little of it.
+    assert err.mean() < 0.002
+    assert np.quantile(err, 0.99) < 0.01
+    assert err.max() < 0.06
+    # Same surface: positions are the input's (split along seams), sliver faces below xatlas' epsilon dropped.
+    assert set(map(tuple, np.round(baked.vertices, 6))) <= set(map(tuple, np.round(mesh.vertices, 6)))
+    assert len(baked.faces) >= 0.99 * len(mesh.faces)
+    assert abs(baked.area - mesh.area) < 1e-4 * mesh.area
+
+
+def test_bake_uses_the_model_frame():
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.5)
+    baked = texture.bake_texture_from_field(linear_color_field, sphere, 512)
+    sampled = sample_bilinear(texture_array(baked), baked.visual.uv)
+    expected = field_at_vertices(linear_color_field, baked)
+    assert np.abs(sampled - expected).max() < 0.02
+    # Had the export-frame positions been queried directly, the channels would be permuted.
+    wrong = linear_color_field(torch.from_numpy(np.asarray(baked.vertices, dtype=np.float32)))["color"].numpy()
+    assert np.abs(sampled - wrong).max() > 0.3
+    assert baked.visual.material.metallicFactor == 0.0
+
+
+def test_rasterizer_covers_a_full_quad_once():
+    uvs = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    size = 16
+    texel, face, bary = texture.rasterize_uv(uvs, faces, size, margin=0.0)
+    assert texel.numel() == size * size and torch.unique(texel).numel() == size * size
+    # The barycentric point of each texel is its centre: u = (c + 0.5) / S, v = 1 - (r + 0.5) / S.
+    point = (uvs[faces[face]] * bary[..., None]).sum(dim=1)  # (N, 2)
+    row, col = texel // size, texel % size
+    torch.testing.assert_close(point[:, 0], (col + 0.5) / size)
+    torch.testing.assert_close(point[:, 1], 1.0 - (row + 0.5) / size)
+
+
+def test_rasterizer_band_projects_onto_the_triangle():
+    uvs = torch.tensor([[0.25, 0.25], [0.75, 0.25], [0.25, 0.75]])
+    faces = torch.tensor([[0, 1, 2]])
+    inner, _, _ = texture.rasterize_uv(uvs, faces, 32, margin=0.0)
+    texel, _, bary = texture.rasterize_uv(uvs, faces, 32, margin=1.5)
+    assert texel.numel() > inner.numel()
+    assert (bary >= -1e-6).all() and torch.allclose(bary.sum(dim=1), torch.ones(len(bary)))
+
+
+def test_dilate_fills_the_gutter_with_neighbour_colours():
+    image = torch.zeros(8, 8, 3)
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    image[2:4, 2:4] = torch.tensor([0.2, 0.4, 0.6])
+    mask[2:4, 2:4] = True
+    out, grown = texture.dilate(image, mask, 2)
+    assert grown[0:6, 0:6].all() and not grown[7, 7]
+    torch.testing.assert_close(out[grown], torch.tensor([0.2, 0.4, 0.6]).expand(int(grown.sum()), 3))
+    torch.testing.assert_close(out[2:4, 2:4], image[2:4, 2:4])
+
+
+@pytest.mark.parametrize("size", [256, 511, 4097, 1024.0])
+def test_texture_size_range(size):
+    sphere = trimesh.creation.icosphere(subdivisions=1)
+    with pytest.raises(ValueError, match="texture_size"):
+        texture.bake_texture_from_field(linear_color_field, sphere, size)
+
+
+def test_default_padding_follows_texture_size():
+    assert [texture.default_padding(s) for s in (512, 1024, 2048, 4096)] == [2, 4, 8, 16]
+
+
+def test_bake_texture_with_tiny_model():
+    from PIL import Image
+
+    from triposr.system import TSR
+
+    model = TSR.tiny(seed=0)
+    scene_codes = model([Image.new("RGB", (64, 64), (200, 60, 60))])  # (1, 3, C, H, W)
+    mesh = model.extract_mesh(scene_codes, resolution=32, has_vertex_color=False)[0]
+    baked = texture.bake_texture(model, scene_codes[0], mesh, 512)
+    field = tmesh.scene_code_query_fn(model, scene_codes[0])
+    with torch.no_grad():
+        expected = field(tmesh.export_to_native(torch.from_numpy(np.asarray(baked.vertices, np.float32))))["color"]
+    err = np.abs(sample_bilinear(texture_array(baked), baked.visual.uv) - expected.numpy()).max(axis=1)
+    assert np.quantile(err, 0.99) < 0.02
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bake_on_cuda_matches_cpu(fixture_mesh_and_field):
+    mesh, field = fixture_mesh_and_field
+    cpu = texture_array(texture.bake_texture_from_field(field, mesh, 512))
+    gpu = texture_array(texture.bake_texture_from_field(field, mesh, 512, device="cuda"))
+    assert np.abs(cpu - gpu).max() <= 2 / 255 + 1e-9

@@ -1,0 +1,256 @@
+"""Texture baking: UV atlas (xatlas) + a PyTorch rasteriser in UV space + colours queried from the field.
+
+No OpenGL context and no compiled CUDA extension: the rasteriser is plain tensor code, so baking runs on whatever
+device the model is on (CPU or CUDA). Import this module lazily (xatlas is only needed here).
+
+UV convention (OBJ's, and trimesh's): v = 0 is the bottom row of the image. Texel (row r from the top, column c) has
+its centre at u = (c + 0.5) / S, v = 1 - (r + 0.5) / S, as samplers in glTF/OpenGL viewers expect.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import trimesh
+from PIL import Image
+
+from .mesh import QueryFn, export_to_native, query_in_chunks, scene_code_query_fn
+
+MIN_TEXTURE_SIZE = 512
+MAX_TEXTURE_SIZE = 4096
+
+
+def default_padding(texture_size: int) -> int:
+    """Gutter between charts and edge-padding width in texels (upstream's rule: max(2, size / 256))."""
+    return max(2, round(texture_size / 256))
+
+
+def uv_atlas(vertices: np.ndarray, faces: np.ndarray, texture_size: int, padding: int):
+    """xatlas parametrisation. Returns (vmapping (V',) into the input vertices, faces (F, 3), uvs (V', 2) in [0, 1])."""
+    import xatlas
+
+    atlas = xatlas.Atlas()
+    atlas.add_mesh(np.ascontiguousarray(vertices, dtype=np.float32), np.ascontiguousarray(faces, dtype=np.uint32))
+    pack = xatlas.PackOptions()
+    pack.resolution = texture_size
+    pack.padding = padding
+    pack.bilinear = True  # leave room around charts for bilinear filtering
+    atlas.generate(pack_options=pack)
+    vmapping, new_faces, uvs = atlas[0]
+    return vmapping.astype(np.int64), new_faces.astype(np.int64), uvs.astype(np.float32)
+
+
+def _closest_on_triangle(px, py, a, b, c, bary):
+    """Distance (texels) from texel centres to their triangles and the barycentrics of the closest points.
+    Inside points keep their barycentrics and distance 0; outside ones are projected onto the nearest edge."""
+    best_d = torch.full_like(px, float("inf"))
+    best_w = bary.clone()
+    for i, (p0, p1) in enumerate(((a, b), (b, c), (c, a))):
+        edge = p1 - p0  # (T, 2)
+        rel = torch.stack([px, py], dim=-1) - p0  # (T, 2)
+        t = ((rel * edge).sum(-1) / (edge * edge).sum(-1).clamp(min=1e-20)).clamp(0.0, 1.0)  # (T,)
+        d = (rel - t[:, None] * edge).norm(dim=-1)  # (T,)
+        w = torch.zeros_like(bary)
+        w[:, i] = 1.0 - t
+        w[:, (i + 1) % 3] = t
+        closer = d < best_d
+        best_d = torch.where(closer, d, best_d)
+        best_w = torch.where(closer[:, None], w, best_w)
+    inside = (bary >= 0).all(dim=-1)
+    return torch.where(inside, torch.zeros_like(best_d), best_d), torch.where(inside[:, None], bary, best_w)
+
+
+def rasterize_uv(
+    uvs: torch.Tensor, faces: torch.Tensor, texture_size: int, *, margin: float = 1.5, max_candidates: int = 2**22
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rasterise triangles given by their UVs into an S x S texel grid (texel centres, see module docstring).
+
+    Texels whose centre lies within `margin` texels outside a triangle get the closest point of that triangle,
+    so that bilinear filtering at the edge of a chart mixes surface colours only (the conservative band a GPU
+    baker draws with thick edges). Every texel goes to its nearest triangle; interiors win over bands.
+
+    Args:
+        uvs: (V, 2) float UVs; faces: (F, 3) long.
+        margin: width in texels of the band around each triangle (0: interiors only).
+        max_candidates: texel candidates (bounding-box texels) tested per batch of triangles; bounds memory.
+
+    Returns:
+        texel (N,) flat texel indices (row * S + col), face (N,) the triangle each one shows, bary (N, 3)
+        barycentric weights of the surface point in that triangle. Each texel appears at most once.
+    """
+    size = texture_size
+    device = uvs.device
+    pix = torch.stack([uvs[:, 0] * size - 0.5, (1.0 - uvs[:, 1]) * size - 0.5], dim=-1).double()  # (V, 2) x, y
+    tri = pix[faces]  # (F, 3, 2)
+    a, b, c = tri[:, 0], tri[:, 1], tri[:, 2]  # (F, 2) each
+    det = (b[:, 1] - c[:, 1]) * (a[:, 0] - c[:, 0]) + (c[:, 0] - b[:, 0]) * (a[:, 1] - c[:, 1])  # (F,) 2 x signed area
+    lo = (tri.amin(dim=1) - margin).ceil().clamp(0, size - 1).long()  # (F, 2)
+    hi = (tri.amax(dim=1) + margin).floor().clamp(-1, size - 1).long()  # (F, 2)
+    extent = (hi - lo + 1).clamp(min=0)  # (F, 2) texels per axis in the bounding box
+    extent[det.abs() < 1e-12] = 0  # degenerate in UV: covers nothing
+    counts = extent[:, 0] * extent[:, 1]  # (F,)
+
+    # Batches of consecutive triangles with at most max_candidates bounding-box texels (a larger triangle alone).
+    counts_host = counts.cpu().numpy()
+    ends = np.cumsum(counts_host)
+    texels, faces_out, barys, dists = [], [], [], []
+    start = 0
+    while start < len(counts_host):
+        base = ends[start - 1] if start else 0
+        stop = max(int(np.searchsorted(ends, base + max_candidates, side="right")), start + 1)
+        idx = torch.arange(start, stop, device=device)  # (f,)
+        n = counts[start:stop]
+        total = int(ends[stop - 1] - base)
+        start = stop
+        if total == 0:
+            continue
+        face = torch.repeat_interleave(idx, n, output_size=total)  # (T,)
+        first = torch.cumsum(n, 0) - n  # (f,) offset of each triangle's first candidate
+        local = torch.arange(total, device=device) - first[face - idx[0]]  # (T,)
+        width = extent[face, 0]
+        px = (lo[face, 0] + local % width).double()  # (T,)
+        py = (lo[face, 1] + local // width).double()
+        fa, fb, fc, fdet = a[face], b[face], c[face], det[face]
+        l0 = ((fb[:, 1] - fc[:, 1]) * (px - fc[:, 0]) + (fc[:, 0] - fb[:, 0]) * (py - fc[:, 1])) / fdet
+        l1 = ((fc[:, 1] - fa[:, 1]) * (px - fc[:, 0]) + (fa[:, 0] - fc[:, 0]) * (py - fc[:, 1])) / fdet
+        bary = torch.stack([l0, l1, 1.0 - l0 - l1], dim=-1)  # (T, 3)
+        dist, bary = _closest_on_triangle(px, py, fa, fb, fc, bary)
+        keep = dist <= margin
+        texels.append((py.long() * size + px.long())[keep])
+        faces_out.append(face[keep])
+        barys.append(bary[keep].float())
+        dists.append(dist[keep])
+    if not texels:
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return empty, empty, torch.empty(0, 3, device=device)
+    texel, face, bary, dist = torch.cat(texels), torch.cat(faces_out), torch.cat(barys), torch.cat(dists)
+
+    # Nearest triangle per texel: the smallest distance wins; among equals (shared edges) the first does.
+    nearest = torch.full((size * size,), float("inf"), dtype=dist.dtype, device=device)
+    nearest.scatter_reduce_(0, texel, dist, reduce="amin")
+    candidates = torch.nonzero(dist <= nearest[texel]).squeeze(1)  # (M,)
+    owner = torch.full((size * size,), texel.numel(), dtype=torch.long, device=device)
+    owner.scatter_reduce_(0, texel[candidates], candidates, reduce="amin")
+    chosen = owner[owner < texel.numel()]  # (N,) one candidate per covered texel
+    return texel[chosen], face[chosen], bary[chosen]
+
+
+def dilate(image: torch.Tensor, mask: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Edge padding: grow the filled region (mask) of an (S, S, C) image by `iterations` texels, each new texel the
+    mean of its filled 8-neighbours, so bilinear filtering and mipmaps at chart borders see surface colours."""
+    img = (image * mask[..., None]).permute(2, 0, 1)[None]  # (1, C, S, S)
+    m = mask[None, None].to(image.dtype)  # (1, 1, S, S)
+    channels = img.shape[1]
+    kernel = torch.ones(channels, 1, 3, 3, dtype=image.dtype, device=image.device)
+    ones = torch.ones(1, 1, 3, 3, dtype=image.dtype, device=image.device)
+    for _ in range(iterations):
+        total = F.conv2d(img, kernel, padding=1, groups=channels)  # (1, C, S, S) sum of filled neighbours
+        count = F.conv2d(m, ones, padding=1)  # (1, 1, S, S)
+        grow = (m == 0) & (count > 0)
+        img = torch.where(grow, total / count.clamp(min=1), img)
+        m = torch.where(grow, torch.ones_like(m), m)
+    return img[0].permute(1, 2, 0), m[0, 0] > 0
+
+
+@torch.no_grad()
+def bake_texture_from_field(
+    query_fn: QueryFn,
+    mesh: trimesh.Trimesh,
+    texture_size: int = 1024,
+    *,
+    padding: int | None = None,
+    chunk_size: int = 2**18,
+    device: torch.device | str | None = None,
+) -> trimesh.Trimesh:
+    """Bake the field's colour into a UV texture for `mesh` (export frame, as `extract_mesh` returns).
+
+    Args:
+        query_fn: model-frame points (N, 3) -> {"color": (N, 3) in [0, 1], ...} (see `triposr.mesh`).
+        texture_size: texture width = height in texels, 512..4096.
+        padding: texels between charts and of edge padding (default `default_padding(texture_size)`).
+        device: where rasterising and querying run (default CPU; use the model's device).
+
+    Returns:
+        A new mesh (vertices split along UV seams, same positions) with UVs and a PBR material (matte, white factor)
+        whose base colour texture is an RGB PIL image.
+    """
+    if isinstance(texture_size, bool) or not isinstance(texture_size, int | np.integer):
+        raise ValueError(f"texture_size must be an integer between {MIN_TEXTURE_SIZE} and {MAX_TEXTURE_SIZE}")
+    if not MIN_TEXTURE_SIZE <= texture_size <= MAX_TEXTURE_SIZE:
+        raise ValueError(
+            f"texture_size {texture_size} is outside {MIN_TEXTURE_SIZE}..{MAX_TEXTURE_SIZE}; 1024 or 2048 are typical"
+        )
+    if len(mesh.faces) == 0:
+        raise ValueError("cannot bake a texture for an empty mesh")
+    size = int(texture_size)
+    padding = default_padding(size) if padding is None else int(padding)
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+
+    # 1. UV atlas on the host (xatlas); seams split vertices, vmapping points back to the input ones.
+    vmapping, faces, uvs = uv_atlas(np.asarray(mesh.vertices), np.asarray(mesh.faces), size, padding)
+    # xatlas leaves faces below its area epsilon (~1e-7; marching cubes makes a few slivers where vertices nearly
+    # coincide) out of every chart, all at UV (0, 0). They are far below a texel and would show a wrong colour, so
+    # they are dropped, with the vertices only they used.
+    tri_uv = uvs[faces]  # (F, 3, 2)
+    e1, e2 = tri_uv[:, 1] - tri_uv[:, 0], tri_uv[:, 2] - tri_uv[:, 0]  # (F, 2)
+    uv_area = np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0])  # (F,) 2 x area
+    faces = faces[uv_area > 1e-12]
+    if len(faces) == 0:
+        raise ValueError("cannot bake a texture: every face of the mesh is degenerate")
+    used, faces = np.unique(faces, return_inverse=True)
+    faces = faces.reshape(-1, 3)
+    vmapping, uvs = vmapping[used], uvs[used]
+    vertices = np.asarray(mesh.vertices, dtype=np.float32)[vmapping]  # (V', 3) export frame
+
+    # 2. Rasterise in UV space on the device: which surface point each texel centre shows.
+    faces_t = torch.from_numpy(faces).to(device)  # (F, 3)
+    verts_t = torch.from_numpy(vertices).to(device)  # (V', 3)
+    texel, face, bary = rasterize_uv(torch.from_numpy(uvs).to(device), faces_t, size)
+    points = (verts_t[faces_t[face]] * bary[..., None]).sum(dim=1)  # (N, 3) export frame
+
+    # 3. Colours from the field (queried in the model frame), written into the texture, then edge padding.
+    colors = query_in_chunks(query_fn, export_to_native(points), "color", chunk_size).clamp(0.0, 1.0)  # (N, 3)
+    image = torch.zeros(size * size, 3, device=device)  # (S*S, 3)
+    mask = torch.zeros(size * size, dtype=torch.bool, device=device)
+    image[texel] = colors
+    mask[texel] = True
+    # Beyond the rasteriser's band: colour dilation fills the rest of the gutter.
+    image, mask = dilate(image.reshape(size, size, 3), mask.reshape(size, size), padding)
+    if mask.any():  # texels no chart reaches: a neutral fill (the mean colour) keeps mipmaps clean
+        image[~mask] = image[mask].mean(dim=0)
+    pixels = (image * 255.0).round().clamp(0, 255).to(torch.uint8).cpu().numpy()  # (S, S, 3), row 0 = top
+
+    from trimesh.visual.material import PBRMaterial
+
+    material = PBRMaterial(
+        name="baked",
+        baseColorTexture=Image.fromarray(pixels, mode="RGB"),
+        baseColorFactor=[255, 255, 255, 255],
+        metallicFactor=0.0,
+        roughnessFactor=1.0,
+    )
+    visual = trimesh.visual.TextureVisuals(uv=uvs, material=material)
+    return trimesh.Trimesh(vertices=vertices, faces=faces, visual=visual, process=False)
+
+
+def bake_texture(
+    model,
+    scene_code: torch.Tensor,
+    mesh: trimesh.Trimesh,
+    texture_size: int = 1024,
+    *,
+    padding: int | None = None,
+    chunk_size: int = 2**18,
+) -> trimesh.Trimesh:
+    """`bake_texture_from_field` for one scene code (3, C, H, W) of a `TSR` model, on the scene code's device."""
+    return bake_texture_from_field(
+        scene_code_query_fn(model, scene_code),
+        mesh,
+        texture_size,
+        padding=padding,
+        chunk_size=chunk_size,
+        device=scene_code.device,
+    )
