@@ -12,6 +12,7 @@ _LAZY = {
     "TextToImage": "t2mv.text_to_image",
     "TextToImageOutput": "t2mv.text_to_image",
     "MissingWeightsError": "t2mv.perflow.hub",
+    "TextTo3D": "t2mv.chain",
 }
 
 __all__ = ["__version__", *_LAZY]

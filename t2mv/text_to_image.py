@@ -178,8 +178,7 @@ def _resolve_model(model: str | Path, fp16: bool, local_files_only: bool | None)
 
 def _instantiate(cls, config: dict[str, Any]):
     """Build a diffusers model from its config (no weights). Call under ``torch.device("meta")`` for free."""
-    model = cls.from_config(config)
-    return model
+    return cls.from_config(config)
 
 
 def _load_diffusers_component(cls, folder: Path, component: str, torch_dtype: torch.dtype):

@@ -326,7 +326,8 @@ def test_importing_t2mv_is_light():
         "import sys, t2mv; "
         "heavy = [m for m in ('diffusers', 'gradio', 'transformers', 'torch') if m in sys.modules]; "
         "assert not heavy, heavy; "
-        "assert t2mv.PeRFlowScheduler.__name__ == 'PeRFlowScheduler'"
+        "assert t2mv.PeRFlowScheduler.__name__ == 'PeRFlowScheduler'; "
+        "assert t2mv.TextToImage.__name__ == 'TextToImage' and issubclass(t2mv.MissingWeightsError, FileNotFoundError)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
