@@ -307,3 +307,17 @@ def test_real_checkpoint_loads_strictly_and_runs():
     image = Image.new("RGB", (512, 512), (128, 128, 128))
     codes = model([image])
     assert codes.shape == (1, 3, 40, 64, 64) and torch.isfinite(codes).all()
+
+
+def test_extract_mesh_is_one_mesh_per_scene_code():
+    model = TSR.tiny(seed=0)
+    codes = model(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))  # (2, 3, 8, 8, 8)
+    meshes = model.extract_mesh(codes, resolution=32)
+    assert len(meshes) == 2 and all(len(m.faces) > 0 for m in meshes)
+    radius = model.renderer.cfg.radius
+    assert all(np.abs(m.vertices).max() <= radius + 1e-5 for m in meshes)
+    assert meshes[0].visual.vertex_colors.shape == (len(meshes[0].vertices), 4)
+    (single,) = model.extract_mesh(codes[1], resolution=32, has_vertex_color=False)  # one (3, C, H, W) code
+    np.testing.assert_allclose(single.vertices, meshes[1].vertices, atol=1e-6)
+    with pytest.raises(ValueError, match="scene_codes"):
+        model.extract_mesh(codes[0, 0])
