@@ -155,6 +155,7 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         self.window_ends = self.window_starts[1:] + [float(t_clean)]
 
         self.num_inference_steps: int | None = None
+        self._step_index: int | None = None
         self.timesteps = torch.from_numpy(
             np.arange(num_train_timesteps, 0, -1, dtype=np.int64)
         )  # placeholder until set_timesteps
@@ -227,7 +228,9 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
                 "train grid (two steps would share a timestep); use fewer steps."
             )
         self.num_inference_steps = num_inference_steps
-        self.timesteps = torch.from_numpy(timesteps).to(device)  # (num_inference_steps,) int64
+        self._timesteps_cpu = torch.from_numpy(timesteps)  # (num_inference_steps,) int64, read by step()
+        self._step_index = None
+        self.timesteps = self._timesteps_cpu.to(device)  # (num_inference_steps,) int64
 
     def step(
         self,
@@ -249,12 +252,20 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         n = self.config.num_train_timesteps
 
         # 1. Where we are: position in the schedule and the next timestep (0 after the last one).
-        timestep = torch.as_tensor(timestep).detach().cpu().to(torch.int64)  # 0-dim
-        schedule = self.timesteps.cpu()
-        matches = (schedule == timestep).nonzero().flatten()
-        if len(matches) != 1:
-            raise ValueError(f"PeRFlowScheduler: timestep {int(timestep)} is not one of the scheduled timesteps.")
-        i = int(matches[0])
+        # A timestep living on an accelerator is not read back (that would sync the host once per step): after
+        # the first step of a schedule, steps are taken in order. Python ints and CPU tensors are always looked up.
+        schedule = self._timesteps_cpu
+        on_device = isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu"
+        if on_device and self._step_index is not None and self._step_index < len(schedule):
+            i = self._step_index
+        else:
+            timestep = torch.as_tensor(timestep).detach().cpu().to(torch.int64)  # 0-dim
+            matches = (schedule == timestep).nonzero().flatten()
+            if len(matches) != 1:
+                raise ValueError(f"PeRFlowScheduler: timestep {int(timestep)} is not one of the scheduled timesteps.")
+            i = int(matches[0])
+        self._step_index = i + 1
+        timestep = schedule[i]  # 0-dim int64, CPU
         t_next = schedule[i + 1] if i + 1 < len(schedule) else torch.zeros_like(timestep)
 
         # 2. Velocity at t (float32 0-dim coefficients; applied in the sample's dtype).
@@ -273,7 +284,7 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
             velocity = (z_end - sample) / (t_e - t)
 
         # 3. Euler step; dt < 0 since time runs from noise (1) to clean (0).
-        dt = ((t_next - timestep) / n).to(sample.device, sample.dtype)
+        dt = ((t_next - timestep) / n).to(sample.dtype)  # 0-dim CPU tensor: used as a scalar, no transfer
         prev_sample = (sample + dt * velocity).to(sample.dtype)
 
         if not return_dict:
