@@ -3,10 +3,21 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
 
+from wonder3d_perflow import cli
 from wonder3d_perflow.cameras import VIEW_NAMES
 from wonder3d_perflow.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # 2 shared cores: more than one intra-op thread makes these tiny models ~10x slower under load.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -53,11 +64,28 @@ def test_existing_output_needs_overwrite(tmp_path, rgba_image):
     assert json.loads((out / "settings.json").read_text())["pipeline"]["scheduler"] == "DDIMScheduler"
 
 
-def test_failure_leaves_nothing_behind(tmp_path, rgba_image):
-    out = tmp_path / "views"
-    with pytest.raises(ValueError, match="at least 4 UNet passes"):
-        main([str(rgba_image), "-o", str(out), "--tiny", "--steps", "2"])
+def test_too_few_steps_is_refused_before_loading(tmp_path, rgba_image, capsys):
+    with pytest.raises(SystemExit) as error:
+        main([str(rgba_image), "-o", str(tmp_path / "views"), "--tiny", "--steps", "2"])
+    assert error.value.code == 2 and "--steps >= 4" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [rgba_image]
+
+
+def test_failure_while_writing_leaves_nothing_behind(tmp_path, rgba_image, monkeypatch):
+    def broken_strip(images):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cli, "_strip", broken_strip)
+    with pytest.raises(OSError, match="disk full"):
+        main([str(rgba_image), "-o", str(tmp_path / "views"), "--tiny"])
+    assert list(tmp_path.iterdir()) == [rgba_image]  # neither the output nor the staging folder
+
+
+def test_missing_weights_is_a_clear_error(tmp_path, rgba_image, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    code = main([str(rgba_image), "-o", str(tmp_path / "views"), "--model", "nobody/no-such-model", "--no-delta"])
+    assert code == 1 and "nobody/no-such-model" in capsys.readouterr().err
+    assert not (tmp_path / "views").exists()
 
 
 def test_missing_input(tmp_path, capsys):

@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output.expanduser().resolve()
     if output.exists() and not args.overwrite:
         parser.error(f"{output} already exists; pass --overwrite to replace it")
+    if args.scheduler == "perflow" and args.steps < args.num_time_windows:
+        parser.error(
+            f"PeRFlow with {args.num_time_windows} time windows needs --steps >= {args.num_time_windows} "
+            "(one UNet pass per window; upstream's 'one-step' demo silently runs 4)"
+        )
 
     import torch
 
@@ -92,17 +97,23 @@ def main(argv: list[str] | None = None) -> int:
         pipe = MultiviewPipeline.tiny(scheduler=args.scheduler, num_time_windows=args.num_time_windows)
         pipe.to(device, dtype)
     else:
-        pipe = MultiviewPipeline.from_pretrained(
-            args.model,
-            delta=None if args.no_delta else args.delta,
-            delta_variant=args.delta_variant,
-            scheduler=args.scheduler,
-            torch_dtype=dtype,
-            device=device,
-            revision=args.revision,
-            local_files_only=True if args.local_files_only else None,
-            num_time_windows=args.num_time_windows,
-        )
+        from t2mv.perflow.hub import MissingWeightsError
+
+        try:
+            pipe = MultiviewPipeline.from_pretrained(
+                args.model,
+                delta=None if args.no_delta else args.delta,
+                delta_variant=args.delta_variant,
+                scheduler=args.scheduler,
+                torch_dtype=dtype,
+                device=device,
+                revision=args.revision,
+                local_files_only=True if args.local_files_only else None,
+                num_time_windows=args.num_time_windows,
+            )
+        except MissingWeightsError as error:
+            print(f"t2mv-multiview: {error}", file=sys.stderr)
+            return 1
     load_seconds = time.perf_counter() - started
 
     image = Image.open(args.image)
