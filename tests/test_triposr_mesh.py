@@ -215,3 +215,29 @@ def test_tsr_extract_mesh_matches_upstream(fixtures_dir, ref):
     np.testing.assert_array_equal(mesh.faces, ref["pymcubes_faces"].numpy())
     np.testing.assert_allclose(tmesh.export_to_native(np.asarray(mesh.vertices)), ref["pymcubes_vertices"], atol=1e-4)
     assert np.abs(mesh.visual.vertex_colors.astype(int) - ref["pymcubes_vertex_colors_u8"].numpy()).max() <= 1
+
+
+def test_level_grid_matches_upstream_grid(ref, field):
+    level = tmesh.level_grid(field, radius=RADIUS, resolution=32, threshold=25.0, chunk_size=1000, device="cpu")
+    assert level.shape == (32, 32, 32) and level.dtype == torch.float32
+    torch.testing.assert_close(
+        level + 25.0, ref["grid_density_act"], rtol=2e-4, atol=1e-5
+    )  # atol: level + 25 rounding
+    assert ((level > 0) == (ref["mc_level"] > 0)).all()  # margin 0.0093 >> float error
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_level_grid_has_no_host_syncs_on_cuda(field):
+    def cuda_field(points):
+        return {"density_act": (50.0 * (1.0 - points.norm(dim=-1, keepdim=True) / 0.5))}
+
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        level = tmesh.level_grid(
+            cuda_field, radius=RADIUS, resolution=64, threshold=25.0, chunk_size=10_000, device="cuda"
+        )
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert level.is_cuda
+    mesh = tmesh.extract_mesh(cuda_field, radius=RADIUS, resolution=64, has_vertex_color=False, device="cuda")
+    assert mesh.is_watertight

@@ -88,6 +88,28 @@ def query_in_chunks(query_fn: QueryFn, points: torch.Tensor, key: str, chunk_siz
     return torch.cat(outs, dim=0).reshape(points.shape[0], -1)  # (N, D)
 
 
+def level_grid(
+    query_fn: QueryFn, *, radius: float, resolution: int, threshold: float, chunk_size: int, device: torch.device
+) -> torch.Tensor:
+    """density_act - threshold on the R^3 grid, (R, R, R) float32 on `device`; [i, j, k] is the point
+    (x_i, y_j, z_k), x_i = -r + 2r * i / (R - 1) (upstream's linspace + meshgrid "ij"), model frame.
+
+    Coordinates are generated per chunk from the flat index on the device, so no R^3 x 3 grid is materialised or
+    copied from the host, and nothing in the loop waits for the device.
+    """
+    n = resolution**3
+    step = 2.0 * radius / (resolution - 1)
+    level = torch.empty(n, dtype=torch.float32, device=device)  # (R^3,)
+    for start in range(0, n, chunk_size):
+        flat = torch.arange(start, min(start + chunk_size, n), device=device)  # (n_chunk,)
+        ijk = torch.stack([flat // resolution**2, (flat // resolution) % resolution, flat % resolution], dim=-1)
+        points = ijk.float() * step - radius  # (n_chunk, 3)
+        density = query_fn(points)["density_act"].float().reshape(-1)  # (n_chunk,)
+        level[start : start + points.shape[0]] = density - threshold
+    # A NaN density would make marching cubes emit NaN vertices: count it as empty space.
+    return torch.nan_to_num(level, nan=-threshold).reshape(resolution, resolution, resolution)
+
+
 @torch.no_grad()
 def extract_mesh(
     query_fn: QueryFn,
@@ -127,24 +149,13 @@ def extract_mesh(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     device = torch.device("cpu") if device is None else torch.device(device)
-    n = resolution**3
 
-    # 1. Level field on the device: grid point (i, j, k) is (x_i, y_j, z_k), x_i = -r + 2r * i / (R - 1)
-    #    (upstream's linspace + meshgrid "ij"). Coordinates are generated per chunk from the flat index, so no
-    #    R^3 x 3 grid is ever materialised or copied, and nothing in the loop waits for the device.
-    step = 2.0 * radius / (resolution - 1)
-    level = torch.empty(n, dtype=torch.float32, device=device)  # (R^3,)
-    for start in range(0, n, chunk_size):
-        flat = torch.arange(start, min(start + chunk_size, n), device=device)  # (n_chunk,)
-        ijk = torch.stack([flat // resolution**2, (flat // resolution) % resolution, flat % resolution], dim=-1)
-        points = ijk.float() * step - radius  # (n_chunk, 3)
-        density = query_fn(points)["density_act"].float().reshape(-1)  # (n_chunk,)
-        level[start : start + points.shape[0]] = density - threshold
-    # A NaN density would make marching cubes emit NaN vertices: count it as empty space.
-    level = torch.nan_to_num(level, nan=-threshold)
-    level_np = level.reshape(resolution, resolution, resolution).cpu().numpy()  # the one device -> host copy
+    # 1. Level field, built and queried on the device; 2. marching cubes on the host.
+    level = level_grid(
+        query_fn, radius=radius, resolution=resolution, threshold=threshold, chunk_size=chunk_size, device=device
+    )
+    level_np = level.cpu().numpy()  # the one device -> host copy
 
-    # 2. Marching cubes on the host.
     if not (level_np > 0).any() or not (level_np < 0).any():
         max_density = float(level_np.max()) + threshold
         raise ValueError(
@@ -153,7 +164,7 @@ def extract_mesh(
             "between the field's minimum and maximum (lower it for thin objects) or check the input image"
         )
     vertices, faces = _marching_cubes(level_np, backend)
-    vertices = vertices * step - radius  # grid index units -> native frame, (V, 3) float64
+    vertices = vertices * (2.0 * radius / (resolution - 1)) - radius  # grid index units -> native frame, (V, 3)
 
     # 3. Colours from the field at the vertices (native frame), then the frame change (the only place it happens).
     vertex_colors = None

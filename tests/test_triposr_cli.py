@@ -1,0 +1,164 @@
+"""t2mv-mesh (triposr.cli) in smoke mode: files, colours, orientation, options, errors, atomic output."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from triposr import cli
+from triposr import mesh as tmesh
+from triposr.export import load_mesh
+from triposr.system import TSR
+
+FAST = ["--tiny", "--resolution", "32", "--device", "cpu"]
+
+
+def rgba_image(path, color=(200, 60, 60), size=(80, 64)):
+    """A cut-out (alpha) of a disc and a bar: no background removal needed."""
+    image = Image.new("RGBA", size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((10, 8, 58, 56), fill=(*color, 255))
+    draw.rectangle((50, 20, 75, 30), fill=(40, 90, 200, 255))
+    image.save(path)
+    return path
+
+
+def tiny_field(input_png):
+    """The field the CLI meshed: TSR.tiny(seed=0) on the saved model input."""
+    model = TSR.tiny(seed=0)
+    with torch.no_grad():
+        scene_code = model([Image.open(input_png).convert("RGB")])[0]
+    return tmesh.scene_code_query_fn(model, scene_code)
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for expected in ("(default: 256)", "(default: 25.0)", "(default: 1024)", "(default: 0.85)", "(default: glb)"):
+        assert expected in text
+    for flag in ("--bake", "--no-rembg", "--keep-largest", "--simplify", "--tiny", "--foreground-ratio"):
+        assert flag in text
+
+
+def test_smoke_all_formats_with_colors_in_documented_orientation(tmp_path, capsys):
+    image = rgba_image(tmp_path / "red thing.png")
+    out = tmp_path / "out"
+    assert cli.main([*FAST, str(image), "-o", str(out), "--format", "glb,obj", "-f", "ply"]) == 0
+    captured = capsys.readouterr()
+    assert "SMOKE MODE" in captured.err and "NOISE" in captured.err
+    assert "extract_mesh" in captured.out and "1/1 meshes" in captured.out
+    folder = out / "red thing"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["info.json", "input.png", "mesh.glb", "mesh.obj", "mesh.ply"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no leftover temporary folders
+    info = json.loads((folder / "info.json").read_text())
+    assert info["settings"]["resolution"] == 32 and info["timings"]["model"] >= 0
+
+    field = tiny_field(folder / "input.png")
+    glb = load_mesh(folder / "mesh.glb")
+    for fmt in ("glb", "obj", "ply"):
+        mesh = load_mesh(folder / f"mesh.{fmt}")
+        assert mesh.visual.kind == "vertex" and len(mesh.faces) == len(glb.faces)
+        np.testing.assert_allclose(mesh.vertices, glb.vertices, atol=1e-5)
+        assert np.abs(mesh.visual.vertex_colors.astype(int) - glb.visual.vertex_colors.astype(int)).max() <= 1
+    # Orientation: the files hold export-frame vertices; mapped back to the model frame they lie on the density-25
+    # surface of the field, and their colours are the field's colours there.
+    # (Marching cubes interpolates the exponential density linearly, so at 32^3 vertices sit a little inside.)
+    exported = torch.from_numpy(np.asarray(glb.vertices, dtype=np.float32))
+    with torch.no_grad():
+        values = field(tmesh.export_to_native(exported))
+        # Files in upstream's CLI frame (native) or app frame ((x, y, z) -> (-y, z, -x), inverted here) would pass:
+        app_to_native = torch.stack([-exported[:, 2], -exported[:, 0], exported[:, 1]], dim=-1)
+        other_frames = [field(exported), field(app_to_native)]
+    assert (values["density_act"].log() - np.log(25.0)).abs().median() < 0.3
+    for wrong in other_frames:
+        assert (wrong["density_act"].log() - np.log(25.0)).abs().median() > 1.0
+    colors = glb.visual.vertex_colors[:, :3] / 255.0
+    assert np.abs(colors - values["color"].numpy()).max() < 1 / 255 + 1e-3
+
+
+def test_bake_keep_largest_simplify(tmp_path):
+    image = rgba_image(tmp_path / "a.png")
+    out = tmp_path / "out"
+    argv = [*FAST, str(image), "-o", str(out), "-f", "glb,obj", "--bake", "--texture-size", "512"]
+    assert cli.main([*argv, "--keep-largest", "--simplify", "600"]) == 0
+    folder = out / "a"
+    assert {"mesh.glb", "mesh.obj", "mesh.mtl", "mesh.png"} <= {p.name for p in folder.iterdir()}
+    glb = load_mesh(folder / "mesh.glb")
+    assert glb.visual.kind == "texture" and glb.visual.material.baseColorTexture.size == (512, 512)
+    assert len(glb.faces) <= 600
+    assert len(glb.split(only_watertight=False)) <= len(load_mesh(folder / "mesh.obj").split(only_watertight=False))
+    obj = load_mesh(folder / "mesh.obj")
+    assert obj.visual.kind == "texture" and obj.visual.material.image.size == (512, 512)
+
+
+def test_folder_input_and_duplicate_names(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rgba_image(folder / "x.png")
+    rgba_image(folder / "y.png", color=(30, 160, 60))
+    (folder / "notes.txt").write_text("not an image, ignored in folders")
+    other = tmp_path / "other"
+    other.mkdir()
+    rgba_image(other / "x.png")
+    out = tmp_path / "out"
+    assert cli.main([*FAST, str(folder), str(other / "x.png"), "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["x", "x_2", "y"]
+    assert (out / "x_2" / "mesh.glb").is_file()
+
+
+@pytest.mark.parametrize("content", [b"this is not a png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40])
+def test_broken_image_is_a_clear_error_before_any_work(tmp_path, capsys, content):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(content)
+    good = rgba_image(tmp_path / "good.png")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*FAST, str(good), str(bad), "-o", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "broken.png" in err and "SMOKE" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--resolution", "16"], "--resolution must be between 32 and 1024"),
+        (["--texture-size", "8192"], "--texture-size must be between 512 and 4096"),
+        (["--format", "stl"], "unknown format"),
+        (["--foreground-ratio", "0"], "--foreground-ratio"),
+        (["--simplify", "2"], "--simplify"),
+    ],
+)
+def test_bad_options(tmp_path, capsys, extra, message):
+    image = rgba_image(tmp_path / "a.png")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*FAST, str(image), "-o", str(tmp_path / "out"), *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_path(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([*FAST, str(tmp_path / "nope.png")])
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_failure_leaves_nothing_half_written(tmp_path, capsys):
+    good = rgba_image(tmp_path / "good.png")
+    out = tmp_path / "out"
+    # No surface at this threshold: the image fails after preprocessing and the model ran; nothing is kept.
+    assert cli.main([*FAST, str(good), "-o", str(out), "--threshold", "1e30"]) == 1
+    assert "no surface at threshold" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
+
+
+def test_non_square_image_without_alpha_and_no_rembg(tmp_path, capsys):
+    image = tmp_path / "rgb.jpg"
+    Image.new("RGB", (80, 60), (128, 128, 128)).save(image)
+    assert cli.main([*FAST, str(image), "-o", str(tmp_path / "out")]) == 1
+    assert "square" in capsys.readouterr().err
