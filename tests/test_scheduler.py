@@ -259,3 +259,20 @@ def test_diffusers_contract_attributes():
     assert scheduler.scale_model_input(x, 1000) is x
     assert (scheduler.init_noise_sigma, scheduler.order, len(scheduler)) == (1.0, 1, 1000)
     assert {"DDIMScheduler", "PNDMScheduler", "DEISMultistepScheduler"} <= {c.__name__ for c in scheduler.compatibles}
+
+
+def test_step_with_accelerator_timesteps_follows_schedule_without_reading_them():
+    """Timesteps on a non-CPU device are never read back (no host sync); results equal the CPU path."""
+    from t2mv.perflow.scheduler import PeRFlowScheduler
+
+    sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    results = []
+    for device in ("cpu", "meta"):  # "meta" stands in for CUDA: its values cannot be read at all
+        scheduler = PeRFlowScheduler(prediction_type="diff_eps")
+        scheduler.set_timesteps(8, device="cpu")
+        x = scheduler.step(eps, scheduler.timesteps[0], sample).prev_sample  # the first step looks its timestep up
+        for t in scheduler.timesteps.to(device)[1:]:
+            x = scheduler.step(eps, t, x).prev_sample
+        results.append(x)
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
