@@ -1,0 +1,241 @@
+"""Batch text-to-multiview (and mesh): a prompt file in, one folder per prompt out; resumable and shardable.
+
+A prompt file holds one prompt per line (blank lines and ``#`` comments skipped), or JSON objects per line
+(``{"prompt": ..., "negative_prompt": ..., "seed": ...}``; the two kinds may be mixed). Prompt ``i`` (0-based,
+counting prompts, not lines) gets seed ``base_seed + i`` unless its line gives one, so its output never depends
+on how the file is split across processes.
+
+Each prompt's folder is named from the prompt (a slug plus a short hash of prompt, negative prompt and seed),
+so names are stable, file-system safe and unique. A folder is finished when its completion marker
+(``COMPLETE_MARKER``) exists; the marker is written last, so a run that was interrupted leaves a folder without
+one, and the next run redoes it while skipping finished ones.
+
+Several GPUs or nodes: run the same command under ``accelerate launch`` or ``torchrun``; process ``k`` of ``n``
+takes prompts ``k, k + n, k + 2n, ...`` (each prompt exactly once), and the main process writes the summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import sys
+import time
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "COMPLETE.json"
+SUMMARY_NAME = "summary.json"
+PROMPT_KEYS = ("prompt", "negative_prompt", "seed")
+MAX_SLUG = 48
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """One prompt of a batch: its position, text, negative prompt, seed and output folder name."""
+
+    index: int
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+    folder: str
+
+
+@dataclass
+class BatchSummary:
+    """What a batch run did. `done` counts prompts finished by this run, `skipped` those finished before."""
+
+    total: int = 0
+    done: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def merge(self, other: BatchSummary) -> BatchSummary:
+        return BatchSummary(
+            total=max(self.total, other.total),
+            done=sorted(self.done + other.done),
+            skipped=sorted(self.skipped + other.skipped),
+            failed={**self.failed, **other.failed},
+            seconds=max(self.seconds, other.seconds),
+        )
+
+    def line(self) -> str:
+        return (
+            f"{self.total} prompts: {len(self.done)} generated, {len(self.skipped)} already finished (skipped), "
+            f"{len(self.failed)} failed, in {self.seconds:.1f} s"
+        )
+
+
+def slugify(text: str, max_length: int = MAX_SLUG) -> str:
+    """Lower-case ASCII letters, digits and single dashes; "prompt" when nothing is left."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    return slug[:max_length].rstrip("-") or "prompt"
+
+
+def folder_name(prompt: str, negative_prompt: str | None, seed: int) -> str:
+    """``<slug>-<8 hex>``: the hash covers prompt, negative prompt and seed, so different settings never collide."""
+    key = json.dumps([prompt, negative_prompt, seed], ensure_ascii=False)
+    return f"{slugify(prompt)}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def parse_prompts(
+    lines: Sequence[str], *, base_seed: int = 0, negative_prompt: str | None = None, source: str = "prompts"
+) -> list[PromptSpec]:
+    """Parse prompt-file lines (plain text or JSON objects) into `PromptSpec`s; ValueError names the bad line."""
+    specs: list[PromptSpec] = []
+    used: set[str] = set()
+    for number, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{source}, line {number}"
+        if line.startswith("{"):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{where}: not valid JSON ({e}). Use one JSON object or one plain prompt per line."
+                ) from None
+            unknown = set(entry) - set(PROMPT_KEYS)
+            if unknown:
+                raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {list(PROMPT_KEYS)}.")
+            prompt = entry.get("prompt")
+            negative = entry.get("negative_prompt", negative_prompt)
+            seed = entry.get("seed", base_seed + len(specs))
+        else:
+            prompt, negative, seed = line, negative_prompt, base_seed + len(specs)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{where}: the prompt is missing or empty.")
+        if negative is not None and not isinstance(negative, str):
+            raise ValueError(f"{where}: negative_prompt must be a string, got {negative!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"{where}: seed must be a non-negative integer, got {seed!r}.")
+        name = folder_name(prompt.strip(), negative, seed)
+        base, copy = name, 1
+        while name in used:  # the very same prompt, negative prompt and seed twice: keep both, deterministically
+            copy += 1
+            name = f"{base}-{copy}"
+        used.add(name)
+        specs.append(PromptSpec(len(specs), prompt.strip(), negative, seed, name))
+    if not specs:
+        raise ValueError(f"{source}: no prompts found (one prompt per line, or JSON lines with a 'prompt' key).")
+    return specs
+
+
+def read_prompts(path: str | Path, *, base_seed: int = 0, negative_prompt: str | None = None) -> list[PromptSpec]:
+    """Read a prompt file (text or JSONL, UTF-8)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Prompt file {path} does not exist. Give a text file with one prompt per line.")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return parse_prompts(lines, base_seed=base_seed, negative_prompt=negative_prompt, source=str(path))
+
+
+def shard(specs: Sequence[PromptSpec], process_index: int, num_processes: int) -> list[PromptSpec]:
+    """Prompts ``process_index, process_index + num_processes, ...``: every prompt lands in exactly one shard."""
+    if num_processes < 1 or not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index must be in [0, {num_processes}), got {process_index}.")
+    return list(specs[process_index::num_processes])
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE_MARKER).is_file()
+
+
+def run_batch(
+    chain: Any,
+    specs: Sequence[PromptSpec],
+    output_dir: str | Path,
+    *,
+    mesh: bool = False,
+    mesh_formats: Sequence[str] = ("glb",),
+    process_index: int = 0,
+    num_processes: int = 1,
+    progress: bool = True,
+    **generation: Any,
+) -> BatchSummary:
+    """Generate this process's share of `specs` into `output_dir/<spec.folder>/`, skipping finished folders.
+
+    Args:
+        chain: a `t2mv.chain.TextTo3D`.
+        specs: all prompts of the batch (every process passes the same list).
+        mesh: also run the mesh stage and write ``mesh.<fmt>`` for each of `mesh_formats`.
+        process_index, num_processes: this process's shard.
+        progress: show a progress bar (on the main process).
+        generation: passed to the chain (steps, guidance, sizes, ...).
+
+    A prompt that fails is logged and counted in the summary; the rest of the batch goes on.
+    """
+    started = time.perf_counter()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    mine = shard(specs, process_index, num_processes)
+    summary = BatchSummary(total=len(specs))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        mine,
+        desc=f"batch [process {process_index + 1}/{num_processes}]" if num_processes > 1 else "batch",
+        unit="prompt",
+        disable=not progress or process_index != 0,
+        file=sys.stderr,
+    )
+    for spec in bar:
+        folder = output_dir / spec.folder
+        if is_complete(folder):
+            summary.skipped.append(spec.index)
+            continue
+        if folder.exists():  # an interrupted earlier run: start this prompt again from nothing
+            shutil.rmtree(folder)
+        prompt_start = time.perf_counter()
+        try:
+            result = chain(
+                spec.prompt,
+                negative_prompt=spec.negative_prompt,
+                seed=spec.seed,
+                multiview=True,
+                mesh=mesh,
+                **generation,
+            )
+            result.save(folder, mesh_formats=mesh_formats if mesh else ())
+        except Exception as e:  # one bad prompt (or an OOM) must not stop a long batch
+            logger.error("prompt %d (%r) failed: %s: %s", spec.index, spec.prompt, type(e).__name__, e)
+            summary.failed[spec.index] = f"{type(e).__name__}: {e}"
+            continue
+        marker = {**asdict(spec), "seconds": time.perf_counter() - prompt_start, "warnings": result.warnings}
+        (folder / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # last: marks the folder done
+        summary.done.append(spec.index)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def write_summary(specs: Sequence[PromptSpec], output_dir: str | Path, summary: BatchSummary) -> Path:
+    """Write ``summary.json``: every prompt's folder and status (from the completion markers on disk)."""
+    output_dir = Path(output_dir)
+    rows = []
+    for spec in specs:
+        status = "complete" if is_complete(output_dir / spec.folder) else "missing"
+        if spec.index in summary.failed:
+            status = "failed"
+        rows.append({**asdict(spec), "status": status, "error": summary.failed.get(spec.index)})
+    record = {
+        "total": len(specs),
+        "complete": sum(row["status"] == "complete" for row in rows),
+        "failed": sum(row["status"] == "failed" for row in rows),
+        "generated_this_run": len(summary.done),
+        "skipped_this_run": len(summary.skipped),
+        "seconds": summary.seconds,
+        "prompts": rows,
+    }
+    path = output_dir / SUMMARY_NAME
+    path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    return path

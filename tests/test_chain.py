@@ -1,0 +1,283 @@
+"""TextTo3D in smoke mode (tiny random stages): composition, seeds, image input, timings, inputs, missing weights."""
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from t2mv import chain as chain_module
+from t2mv.chain import (
+    MAX_IMAGE_PIXELS,
+    TINY_DEFAULTS,
+    ChainResult,
+    TextTo3D,
+    WeightsUnavailableError,
+    _MemoSession,
+    horizontal_strip,
+    open_image,
+)
+from t2mv.tiny import SMOKE_BANNER, FakeRembgSession, smoke_requested
+
+
+def forged_png(path, width, height):
+    """A PNG whose header claims width × height (nothing decodable behind it): tests size checks for free."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
+    return path
+
+
+def square_on_white(size=96, box=(30, 20, 70, 80), colour=(200, 30, 30)):
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    image.paste(colour, box)
+    return image
+
+
+class CountingSession(FakeRembgSession):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def predict(self, img, *args, **kwargs):
+        self.calls += 1
+        return super().predict(img, *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_chain():
+    return TextTo3D.tiny(seed=0)
+
+
+@pytest.fixture(scope="module")
+def text_result(tiny_chain):
+    return tiny_chain("a red teapot", seed=7)
+
+
+# ---------------------------------------------------------------------------------------------- smoke helpers
+def test_fake_rembg_session_masks_the_object_and_works_through_rembg():
+    import rembg
+
+    image = square_on_white()
+    (mask,) = FakeRembgSession().predict(image)
+    assert mask.mode == "L" and mask.size == image.size
+    expected = np.zeros((96, 96), bool)
+    expected[20:80, 30:70] = True
+    np.testing.assert_array_equal(np.asarray(mask) > 127, expected)
+
+    cutout = rembg.remove(image, session=FakeRembgSession())
+    alpha = np.asarray(cutout.getchannel("A"))
+    assert alpha[50, 50] == 255 and alpha[5, 5] == 0
+
+    (flat,) = FakeRembgSession().predict(Image.new("RGB", (32, 32), (9, 9, 9)))
+    assert np.asarray(flat).min() == 255  # nothing to cut out: keep everything
+
+
+def test_smoke_requested_by_flag_or_environment(monkeypatch):
+    monkeypatch.delenv("T2MV_SMOKE", raising=False)
+    assert not smoke_requested() and smoke_requested(True)
+    monkeypatch.setenv("T2MV_SMOKE", "1")
+    assert smoke_requested()
+    monkeypatch.setenv("T2MV_SMOKE", "0")
+    assert not smoke_requested()
+
+
+# ---------------------------------------------------------------------------------------------- the chain
+def test_text_chain_outputs(tiny_chain, text_result):
+    r = text_result
+    assert isinstance(r, ChainResult)
+    assert r.image.size == (TINY_DEFAULTS.width, TINY_DEFAULTS.height)
+    assert r.mv_input.size == (256, 256) and r.mv_input.mode == "RGB"
+    assert r.mesh_input.size == (512, 512) and r.mesh_input.mode == "RGB"
+    assert r.view_names == ("front", "front_right", "right", "back", "left", "front_left")
+    assert len(r.normals) == len(r.colors) == 6 and r.normals[0].size == (256, 256)
+    assert len(r.mesh.faces) > 0 and len(r.mesh.vertices) > 0
+    for stage in ("text_to_image", "preprocess", "multiview", "mesh", "total"):
+        assert r.timings[stage] > 0
+    assert r.timings["total"] >= r.timings["multiview"] + r.timings["mesh"]
+    for stage in ("text_to_image", "preprocess", "multiview", "mesh"):
+        assert r.memory[f"{stage}.host_rss"] > 0
+    assert r.memory["host_peak_rss"] >= r.memory["mesh.host_rss"] * 0.99
+    assert r.warnings[0] == SMOKE_BANNER  # smoke mode says so with every result
+    s = r.settings
+    assert s["prompt"] == "a red teapot" and s["seed"] == 7 and s["smoke"] is True and s["input"] == "text"
+    assert s["stages"] == ["text_to_image", "multiview", "mesh"]
+    assert s["device"] == "cpu" and s["dtype"] == "float32"
+
+
+def test_same_seed_reproduces_and_other_seed_differs(tiny_chain, text_result):
+    # (the multiview stage's reproducibility is covered by test_image_replaces_the_prompt)
+    again = tiny_chain("a red teapot", seed=7, multiview=False)
+    assert np.array_equal(np.asarray(again.image), np.asarray(text_result.image))
+    np.testing.assert_array_equal(again.mesh.vertices, text_result.mesh.vertices)
+    assert again.normals == [] and "multiview" not in again.timings
+    other = tiny_chain("a red teapot", seed=8, multiview=False, mesh=False)
+    assert other.mesh is None and "mesh" not in other.timings
+    assert not np.array_equal(np.asarray(other.image), np.asarray(text_result.image))
+
+
+def test_image_replaces_the_prompt_and_rembg_runs_once(tiny_chain, text_result, tmp_path):
+    # The generated image, given back as an input with the same seed, yields the same views and mesh; the one
+    # rembg session serves both preprocessors and runs once per image.
+    session = CountingSession()
+    tiny_chain._rembg_session = _MemoSession(session)
+    path = tmp_path / "input.png"
+    text_result.image.save(path)
+    r = tiny_chain(image=path, seed=7)
+    assert session.calls == 1 and tiny_chain.rembg_session.session is session
+    assert r.settings["input"] == "image" and r.settings["prompt"] is None
+    assert "text_to_image" not in r.timings
+    for a, b in zip(r.normals + r.colors, text_result.normals + text_result.colors):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(r.mesh.vertices, text_result.mesh.vertices)
+    with_prompt = tiny_chain("ignored", image=square_on_white(), seed=7, multiview=False)
+    assert any("prompt was not used" in w for w in with_prompt.warnings)
+    assert session.calls == 2
+
+
+def test_rgba_input_or_no_removal_never_needs_a_session(monkeypatch):
+    chain = TextTo3D.tiny(stages=("mesh",))
+    chain._rembg_session = None
+    chain.smoke = False  # a real chain would now try to load u2net, which must not happen here
+
+    def boom(*args, **kwargs):
+        raise AssertionError("u2net must not be loaded")
+
+    import rembg
+
+    monkeypatch.setattr(rembg, "new_session", boom)
+    rgba = square_on_white().convert("RGBA")
+    alpha = Image.new("L", rgba.size, 0)
+    alpha.paste(255, (30, 20, 70, 80))
+    rgba.putalpha(alpha)
+    assert chain(image=rgba, seed=0).mesh is not None
+    assert chain(image=square_on_white(), seed=0, remove_background=False).mesh is not None
+
+
+def test_missing_u2net_names_the_model_and_the_fixes(monkeypatch):
+    chain = TextTo3D.tiny(stages=("mesh",))
+    chain._rembg_session = None
+    chain.smoke = False
+    import rembg
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'github.com'")
+
+    monkeypatch.setattr(rembg, "new_session", offline)
+    with pytest.raises(WeightsUnavailableError, match="u2net") as info:
+        chain(image=square_on_white(), seed=0)
+    assert "u2net.onnx" in str(info.value) and "background removal off" in str(info.value)
+
+
+def test_missing_weights_offline_names_repo_and_smoke_mode(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(WeightsUnavailableError) as info:
+        TextTo3D.from_pretrained("hansyan/perflow-sd15-dreamshaper", stages=("text_to_image",), device="cpu")
+    message = str(info.value)
+    assert "hansyan/perflow-sd15-dreamshaper" in message and "--tiny" in message and "T2MV_SMOKE=1" in message
+    with pytest.raises(WeightsUnavailableError, match="stabilityai/TripoSR"):
+        TextTo3D.from_pretrained(stages=("mesh",), device="cpu")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"prompt": "  "}, "Enter a prompt"),
+        ({"prompt": None}, "Enter a prompt"),
+        ({"prompt": "x", "seed": -1}, "seed"),
+        ({"prompt": "x", "seed": 1.5}, "seed"),
+        ({"prompt": "x", "t2i_steps": 0}, "t2i_steps"),
+        ({"prompt": "x", "mv_guidance": float("nan")}, "mv_guidance"),
+        ({"prompt": "x", "mc_resolution": 4096}, "mc_resolution"),
+        ({"prompt": "x", "height": 100}, "multiple of 8"),
+        ({"prompt": "x", "texture_size": 16}, "texture_size"),
+        ({"prompt": "x", "mesh_foreground_ratio": 1.5}, "mesh_foreground_ratio"),
+    ],
+)
+def test_bad_settings_raise_clear_errors(tiny_chain, kwargs, match):
+    kwargs = dict(kwargs)
+    with pytest.raises(ValueError, match=match):
+        tiny_chain(kwargs.pop("prompt"), **kwargs)
+
+
+def test_image_only_chain_asks_for_an_image():
+    chain = TextTo3D.tiny(stages=("mesh",))
+    assert chain.stages == ("mesh",)
+    with pytest.raises(ValueError, match="give an image"):
+        chain("a prompt")
+    with pytest.raises(ValueError, match="subset"):
+        TextTo3D.tiny(stages=("text", "mesh"))
+
+
+def test_offload_moves_each_stage_only_while_it_runs(monkeypatch):
+    moves = []
+    monkeypatch.setattr(chain_module, "_move", lambda stage, device, dtype=None: moves.append((stage, str(device))))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    stage = object()
+    with chain_module._Placement(stage, torch.device("cuda"), torch.float16, offload=True):
+        assert moves == [(stage, "cuda")]
+    assert moves == [(stage, "cuda"), (stage, "cpu")]
+    with chain_module._Placement(stage, torch.device("cuda"), torch.float16, offload=False):
+        pass
+    assert len(moves) == 2
+    assert not TextTo3D.tiny(stages=("mesh",), offload=True).offload  # nothing to offload to on a CPU
+
+
+def test_save_writes_every_file_and_deterministic_settings(tiny_chain, text_result, tmp_path):
+    paths = text_result.save(tmp_path / "a", mesh_formats=("glb", "obj", "ply"))
+    names = {p.name for p in (tmp_path / "a").iterdir()}
+    for kind in ("normal", "color"):
+        for i, view in enumerate(text_result.view_names):
+            assert f"{kind}_{i}_{view}.png" in names
+        strip = Image.open(tmp_path / "a" / f"{kind}s.png")
+        assert strip.size == (6 * 256, 256)
+    assert {"image.png", "mv_input.png", "mesh_input.png", "mesh.glb", "mesh.obj", "mesh.ply"} <= names
+    assert {"settings.json", "timings.json"} <= names and paths["mesh.glb"].stat().st_size > 0
+    text_result.save(tmp_path / "b", mesh_formats=())
+    assert (tmp_path / "a" / "settings.json").read_text() == (tmp_path / "b" / "settings.json").read_text()
+    with pytest.raises(ValueError, match="glb, obj or ply"):
+        text_result.save(tmp_path / "c", mesh_formats=("stl",))
+    assert horizontal_strip(text_result.normals).size == (1536, 256)
+
+
+# ---------------------------------------------------------------------------------------------- input images
+def test_open_image_rejects_non_images_and_bad_sizes(tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ValueError, match="not an image"):
+        open_image(tmp_path / "notes.png")
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    with pytest.raises(ValueError, match="at least 16 pixels"):
+        open_image(tmp_path / "dot.png")
+    side = int(MAX_IMAGE_PIXELS**0.5) + 100  # above our limit, below PIL's own bomb guard
+    with pytest.raises(ValueError, match="Downscale"):
+        open_image(forged_png(tmp_path / "big.png", side, side))
+    with pytest.raises(ValueError, match="too large"):  # PIL's decompression-bomb error, reworded
+        open_image(forged_png(tmp_path / "bomb.png", 20000, 20000))
+    good = tmp_path / "good.png"
+    square_on_white().save(good)
+    (tmp_path / "cut.png").write_bytes(good.read_bytes()[:200])
+    with pytest.raises(ValueError, match="damaged or truncated"):
+        open_image(tmp_path / "cut.png")
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [("L", "RGB"), ("1", "RGB"), ("P", "RGB"), ("CMYK", "RGB"), ("RGBA", "RGBA"), ("LA", "RGBA"), ("I;16", "RGB")],
+)
+def test_open_image_converts_modes(tmp_path, mode, expected):
+    if mode == "I;16":
+        image = Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16))
+    else:
+        image = square_on_white(64, (10, 10, 40, 50)).convert(mode)
+    suffix = ".tif" if mode == "CMYK" else ".png"
+    image.save(tmp_path / f"in{suffix}")
+    out = open_image(tmp_path / f"in{suffix}")
+    assert out.mode == expected and out.size == (64, 64)
+    if mode == "I;16":  # scaled to 8 bits, not clipped at 255
+        assert np.asarray(out)[-1, -1, 0] == 255 and np.asarray(out)[0, 0, 0] == 0
