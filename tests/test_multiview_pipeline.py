@@ -194,6 +194,8 @@ def test_missing_weights(tmp_path, checkpoint, monkeypatch):
     (partial / "unet").symlink_to(checkpoint / "unet")
     with pytest.raises(MissingWeightsError, match="vae"):
         MultiviewPipeline.from_pretrained(partial, delta=None)
+    with pytest.raises(MissingWeightsError, match="no-delta-here"):
+        MultiviewPipeline.from_pretrained(checkpoint, delta=tmp_path / "no-delta-here")
     with pytest.raises(ValueError, match="scheduler must be one of"):
         MultiviewPipeline.from_pretrained(checkpoint, delta=None, scheduler="euler")
 
@@ -247,6 +249,7 @@ def test_tiny_pipeline_in_code():
     a = pipe(image, generator=torch.Generator().manual_seed(0))
     assert a.normals_tensor.shape == (6, 3, 256, 256) and a.normals[0].size == (256, 256)
     assert a.settings["unet_passes"] == 4 and a.settings["model"] == "tiny(seed=0)"
+    assert pipe.enable_xformers_if_available() is False  # CPU: SDPA, xformers never imported
     again = MultiviewPipeline.tiny(seed=0)
     again.set_progress_bar_config(disable=True)
     b = again(image, generator=torch.Generator().manual_seed(0), output_type="pt")

@@ -67,6 +67,21 @@ def test_real_config_gives_exact_upstream_state_dict_on_meta(manifest):
     assert sum(isinstance(m, MVTransformerBlock) for m in unet.modules()) == 16
 
 
+@pytest.mark.parametrize("batch", [12, 24])
+def test_real_size_forward_shapes_on_meta(manifest, batch):
+    # The whole real-size forward (multiview groups of 6 × 1024 tokens at the top level, joint pairs) on the meta
+    # device: shapes only, no memory.
+    with torch.device("meta"):
+        unet = UNetMV2DConditionModel.from_config(manifest["config_fed_to_from_config"])
+        out = unet(
+            torch.empty(batch, 8, 32, 32),
+            torch.tensor(1000),
+            encoder_hidden_states=torch.empty(batch, 1, 768),
+            class_labels=torch.empty(batch, 10),
+        ).sample
+    assert out.shape == (batch, 4, 32, 32)
+
+
 def test_defaults_are_the_v1_architecture(manifest):
     with torch.device("meta"):
         unet = UNetMV2DConditionModel()

@@ -145,6 +145,12 @@ class MultiviewPipeline(DiffusionPipeline):
                     str(repo_or_path), f"the `{name}/` folder is missing in {root} (expected a Wonder3D checkpoint)"
                 )
 
+        delta_weights = None
+        if delta is not None:  # fetched first, so that a missing ΔW fails before the 1.8 GB UNet loads
+            from t2mv.perflow.delta import load_delta_weights
+
+            delta_weights = load_delta_weights(delta, variant=delta_variant, local_files_only=local_files_only)
+
         unet = UNetMV2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=torch_dtype)
         vae = _load_vae(root / "vae", torch_dtype)
         image_encoder = _load_image_encoder(root / "image_encoder", torch_dtype)
@@ -153,10 +159,9 @@ class MultiviewPipeline(DiffusionPipeline):
         sampler = ddim if scheduler == "ddim" else _perflow_from(ddim.config, num_time_windows)
 
         delta_report = None
-        if delta is not None:
-            from t2mv.perflow.delta import load_delta_weights, merge_delta_weights
+        if delta_weights is not None:
+            from t2mv.perflow.delta import merge_delta_weights
 
-            delta_weights = load_delta_weights(delta, variant=delta_variant)
             # Tolerant merge, as upstream's Wonder3D app: the merge logs its report; we keep it on the pipeline.
             delta_report = merge_delta_weights(unet, delta_weights, strict=False)
             if delta_report.missing or delta_report.skipped_shape != ["conv_in.weight"]:
