@@ -193,6 +193,10 @@ def _load_diffusers_component(cls, folder: Path, component: str, torch_dtype: to
         state_dict = load_file(file)
     else:
         state_dict = torch.load(file, map_location="cpu", weights_only=True)
+    # VAEs saved before diffusers 0.14 (e.g. sd-image-variations, which Wonder3D's VAE comes from) name their
+    # attention query/key/value/proj_attn; diffusers' own loader maps those to to_q/to_k/to_v/to_out.0, and so do
+    # we, with diffusers' own function (a no-op for current checkpoints). Everything else must match exactly.
+    model._convert_deprecated_attention_blocks(state_dict)
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as error:

@@ -442,10 +442,17 @@ def _perflow_from(ddim_config, num_time_windows: int) -> PeRFlowScheduler:
 
 
 def _load_vae(folder: Path, torch_dtype: torch.dtype) -> AutoencoderKL:
-    """AutoencoderKL built on the meta device and loaded with `strict=True` (no key conversion)."""
+    """AutoencoderKL built on the meta device and loaded with `strict=True`.
+
+    Wonder3D's VAE comes from sd-image-variations, saved before diffusers 0.14 renamed the VAE attention weights
+    (query/key/value/proj_attn → to_q/to_k/to_v/to_out.0). diffusers' own loader maps the old names; we call the
+    same diffusers function (a no-op on current checkpoints), then every key must match.
+    """
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder))
-    vae.load_state_dict(load_weights_file(folder), strict=True, assign=True)
+    state_dict = load_weights_file(folder)
+    vae._convert_deprecated_attention_blocks(state_dict)
+    vae.load_state_dict(state_dict, strict=True, assign=True)
     return vae.to(dtype=torch_dtype).eval()
 
 
