@@ -211,7 +211,12 @@ def run_batch(
             logger.error("prompt %d (%r) failed: %s: %s", spec.index, spec.prompt, type(e).__name__, e)
             summary.failed[spec.index] = f"{type(e).__name__}: {e}"
             continue
-        marker = {**asdict(spec), "seconds": time.perf_counter() - prompt_start, "warnings": result.warnings}
+        marker = {
+            **asdict(spec),
+            "process": f"{process_index}/{num_processes}",
+            "seconds": time.perf_counter() - prompt_start,
+            "warnings": result.warnings,
+        }
         (folder / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # last: marks the folder done
         summary.done.append(spec.index)
     summary.seconds = time.perf_counter() - started

@@ -1,0 +1,216 @@
+"""Batch: prompt files, folder names, sharding, resume, summaries; and a 2-process sharded run equal to 1 process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from t2mv.batch import (
+    COMPLETE_MARKER,
+    SUMMARY_NAME,
+    BatchSummary,
+    folder_name,
+    parse_prompts,
+    read_prompts,
+    run_batch,
+    shard,
+    slugify,
+    write_summary,
+)
+from t2mv.chain import ChainResult
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class FakeChain:
+    """Test double for TextTo3D: images are a function of (prompt, seed); records its calls; can fail on cue."""
+
+    def __init__(self, fail_on=()):
+        self.calls = []
+        self.fail_on = set(fail_on)
+
+    def __call__(self, prompt, *, negative_prompt=None, seed=0, multiview=True, mesh=True, **settings):
+        self.calls.append((prompt, negative_prompt, seed, settings))
+        if prompt in self.fail_on:
+            raise ValueError(f"cannot do {prompt!r}")
+        rng = np.random.default_rng(seed + len(prompt))
+        views = [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(12)]
+        return ChainResult(
+            image=views[0],
+            mv_input=views[1],
+            normals=views[:6],
+            colors=views[6:],
+            view_names=tuple(f"v{i}" for i in range(6)),
+            settings={"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, **settings},
+            timings={"total": 0.01},
+        )
+
+
+def test_text_and_jsonl_lines_seeds_and_negative_prompts():
+    lines = [
+        "# a comment",
+        "a red teapot",
+        "",
+        '{"prompt": "a blue mug", "seed": 99}',
+        '{"prompt": "a chair", "negative_prompt": "blurry"}',
+        "  a dog  ",
+    ]
+    specs = parse_prompts(lines, base_seed=10, negative_prompt="ugly")
+    assert [s.index for s in specs] == [0, 1, 2, 3]
+    assert [s.prompt for s in specs] == ["a red teapot", "a blue mug", "a chair", "a dog"]
+    assert [s.seed for s in specs] == [10, 99, 12, 13]  # base seed + prompt index, unless the line sets one
+    assert [s.negative_prompt for s in specs] == ["ugly", "ugly", "blurry", "ugly"]
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ('{"prompt": "x", "steps": 4}', "unknown key"),
+        ('{"prompt": "x"', "not valid JSON"),
+        ('{"prompt": ""}', "missing or empty"),
+        ('{"prompt": "x", "seed": -3}', "non-negative integer"),
+        ('{"prompt": "x", "seed": "7"}', "non-negative integer"),
+        ('{"prompt": "x", "negative_prompt": 3}', "negative_prompt must be a string"),
+    ],
+)
+def test_bad_lines_name_the_line(line, match):
+    with pytest.raises(ValueError, match=match) as info:
+        parse_prompts(["fine", line], source="p.jsonl")
+    assert "p.jsonl, line 2" in str(info.value)
+
+
+def test_empty_or_missing_prompt_file(tmp_path):
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        read_prompts(tmp_path / "empty.txt")
+    with pytest.raises(ValueError, match="does not exist"):
+        read_prompts(tmp_path / "absent.txt")
+
+
+def test_folder_names_are_safe_stable_and_unique():
+    assert slugify("A Red Teapot!  (glossy)") == "a-red-teapot-glossy"
+    assert slugify("../../etc/passwd") == "etc-passwd"
+    assert slugify("Crème brûlée") == "creme-brulee"
+    assert slugify("日本語") == "prompt"
+    assert len(slugify("x" * 500)) <= 48
+    name = folder_name("a red teapot", None, 0)
+    assert name == folder_name("a red teapot", None, 0)  # stable across runs and processes
+    assert name.startswith("a-red-teapot-") and len(name.rsplit("-", 1)[1]) == 8
+    assert name != folder_name("a red teapot", None, 1) != folder_name("a red teapot", "blurry", 0)
+    specs = parse_prompts(['{"prompt": "same", "seed": 1}'] * 3 + ["../same?"])
+    names = [s.folder for s in specs]
+    assert len(set(names)) == 4 and all("/" not in n and ".." not in n for n in names)
+
+
+def test_shards_cover_every_prompt_exactly_once():
+    specs = parse_prompts([f"prompt {i}" for i in range(11)])
+    for n in (1, 2, 3, 4, 16):
+        indices = [s.index for k in range(n) for s in shard(specs, k, n)]
+        assert sorted(indices) == list(range(11))
+    with pytest.raises(ValueError):
+        shard(specs, 2, 2)
+
+
+def test_run_writes_folders_and_resumes(tmp_path):
+    specs = parse_prompts(["a red teapot", "a blue mug", "a chair"], base_seed=5)
+    chain = FakeChain()
+    summary = run_batch(chain, specs, tmp_path, progress=False, mv_steps=4)
+    assert summary.done == [0, 1, 2] and summary.skipped == [] and not summary.failed
+    assert [c[2] for c in chain.calls] == [5, 6, 7] and chain.calls[0][3] == {"mv_steps": 4}
+    folder = tmp_path / specs[1].folder
+    names = {p.name for p in folder.iterdir()}
+    assert {"image.png", "mv_input.png", "normals.png", "colors.png", "settings.json", COMPLETE_MARKER} <= names
+    assert len([n for n in names if n.startswith(("normal_", "color_"))]) == 12
+    assert json.loads((folder / COMPLETE_MARKER).read_text())["prompt"] == "a blue mug"
+
+    # Interrupted prompt: its folder exists without the marker (and with a stale file): redone from nothing.
+    (folder / COMPLETE_MARKER).unlink()
+    (folder / "stale.tmp").write_text("half-written")
+    again = run_batch(chain, specs, tmp_path, progress=False)
+    assert again.done == [1] and again.skipped == [0, 2]
+    assert not (folder / "stale.tmp").exists() and (folder / COMPLETE_MARKER).exists()
+    assert len(chain.calls) == 4
+
+
+def test_a_failing_prompt_is_reported_and_the_rest_goes_on(tmp_path):
+    specs = parse_prompts(["good one", "bad one", "good two"])
+    summary = run_batch(FakeChain(fail_on={"bad one"}), specs, tmp_path, progress=False)
+    assert summary.done == [0, 2] and list(summary.failed) == [1] and "cannot do" in summary.failed[1]
+    assert not (tmp_path / specs[1].folder / COMPLETE_MARKER).exists()
+    path = write_summary(specs, tmp_path, summary)
+    record = json.loads(path.read_text())
+    assert path.name == SUMMARY_NAME and record["complete"] == 2 and record["failed"] == 1
+    assert [row["status"] for row in record["prompts"]] == ["complete", "failed", "complete"]
+    merged = BatchSummary(total=3, done=[2]).merge(BatchSummary(total=3, done=[0], skipped=[1]))
+    assert merged.done == [0, 2] and merged.skipped == [1] and "3 prompts: 2 generated" in merged.line()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _files(root):
+    # Everything but the run-dependent records (wall-clock timings, the completion marker's seconds, summary).
+    skip = {"timings.json", COMPLETE_MARKER, SUMMARY_NAME}
+    return {p.relative_to(root): p for p in sorted(root.rglob("*")) if p.is_file() and p.name not in skip}
+
+
+def test_two_processes_shard_the_batch_and_match_one_process(tmp_path):
+    """Smoke mode, CPU: a 2-process run (torchrun, gloo) writes exactly the files of a 1-process run."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('a red teapot\n{"prompt": "a blue mug", "seed": 42}\n')
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "T2MV_SMOKE": "1"}
+    common = ["batch", str(prompts), "--mesh", "--format", "glb", "ply", "--no-progress", "--seed", "3"]
+    single = subprocess.run(
+        [sys.executable, "-m", "t2mv.cli", *common, "-o", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "t2mv.cli",
+            *common,
+            "-o",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "2 prompts: 2 generated" in sharded.stdout and "SMOKE MODE" in sharded.stderr
+
+    one, two = _files(tmp_path / "one"), _files(tmp_path / "two")
+    assert one.keys() == two.keys() and len({p.parts[0] for p in one}) == 2
+    assert any(p.name == "mesh.glb" for p in one)
+    for name, path in one.items():
+        assert path.read_bytes() == two[name].read_bytes(), f"{name} differs between 1 and 2 processes"
+    summary = json.loads((tmp_path / "two" / SUMMARY_NAME).read_text())
+    assert summary["complete"] == 2 and [row["seed"] for row in summary["prompts"]] == [3, 42]
+    processes = [
+        json.loads((tmp_path / "two" / row["folder"] / COMPLETE_MARKER).read_text())["process"]
+        for row in summary["prompts"]
+    ]
+    assert processes == ["0/2", "1/2"]  # prompt 0 went to process 0, prompt 1 to process 1
