@@ -90,6 +90,8 @@ def rasterize_uv(
     extent = (hi - lo + 1).clamp(min=0)  # (F, 2) texels per axis in the bounding box
     extent[det.abs() < 1e-12] = 0  # degenerate in UV: covers nothing
     counts = extent[:, 0] * extent[:, 1]  # (F,)
+    edge_len = torch.stack([(b - c).norm(dim=-1), (c - a).norm(dim=-1), (a - b).norm(dim=-1)], dim=-1)  # (F, 3)
+    heights = det.abs()[:, None] / edge_len.clamp(min=1e-12)  # (F, 3) from each vertex to the opposite edge
 
     # Batches of consecutive triangles with at most max_candidates bounding-box texels (a larger triangle alone).
     counts_host = counts.cpu().numpy()
@@ -115,7 +117,11 @@ def rasterize_uv(
         l0 = ((fb[:, 1] - fc[:, 1]) * (px - fc[:, 0]) + (fc[:, 0] - fb[:, 0]) * (py - fc[:, 1])) / fdet
         l1 = ((fc[:, 1] - fa[:, 1]) * (px - fc[:, 0]) + (fa[:, 0] - fc[:, 0]) * (py - fc[:, 1])) / fdet
         bary = torch.stack([l0, l1, 1.0 - l0 - l1], dim=-1)  # (T, 3)
-        dist, bary = _closest_on_triangle(px, py, fa, fb, fc, bary)
+        # Cheap pre-filter: bary_i * height_i is the signed distance to the edge opposite vertex i; a texel more
+        # than `margin` outside any edge line is out of the band.
+        near = (bary * heights[face] >= -margin).all(dim=-1)  # (T,)
+        px, py, face, bary = px[near], py[near], face[near], bary[near]
+        dist, bary = _closest_on_triangle(px, py, a[face], b[face], c[face], bary)
         keep = dist <= margin
         texels.append((py.long() * size + px.long())[keep])
         faces_out.append(face[keep])
