@@ -148,6 +148,15 @@ def test_missing_path(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_missing_weights_is_a_clear_error(tmp_path, capsys):
+    image = rgba_image(tmp_path / "a.png")
+    missing = tmp_path / "no-model-here"
+    missing.mkdir()
+    assert cli.main([str(image), "--model", str(missing), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "config.yaml" in err and str(missing) in err
+
+
 def test_failure_leaves_nothing_half_written(tmp_path, capsys):
     good = rgba_image(tmp_path / "good.png")
     out = tmp_path / "out"
@@ -162,3 +171,29 @@ def test_non_square_image_without_alpha_and_no_rembg(tmp_path, capsys):
     Image.new("RGB", (80, 60), (128, 128, 128)).save(image)
     assert cli.main([*FAST, str(image), "-o", str(tmp_path / "out")]) == 1
     assert "square" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_model_front_faces_plus_z_and_image_right_is_plus_x(tmp_path):
+    """With the real checkpoint (only when cached): a cube-ish cut-out, red on the image's left, blue on its right.
+    The reconstructed front (+Z facing) shows red at -X and blue at +X."""
+    from triposr.system import MissingWeightsError
+
+    try:
+        TSR.from_pretrained("stabilityai/TripoSR")
+    except MissingWeightsError as e:
+        pytest.skip(f"stabilityai/TripoSR is not in the local cache: {e}")
+    image = Image.new("RGBA", (512, 512), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((128, 128, 255, 383), fill=(220, 30, 30, 255))
+    draw.rectangle((256, 128, 383, 383), fill=(30, 30, 220, 255))
+    image.save(tmp_path / "two.png")
+    out = tmp_path / "out"
+    assert cli.main([str(tmp_path / "two.png"), "-o", str(out), "--resolution", "128", "--device", "cpu"]) == 0
+    mesh = load_mesh(out / "two" / "mesh.glb")
+    front = mesh.vertex_normals[:, 2] > 0.7
+    rgb = mesh.visual.vertex_colors[:, :3].astype(float)
+    redness = rgb[:, 0] - rgb[:, 2]
+    left, right = front & (mesh.vertices[:, 0] < -0.05), front & (mesh.vertices[:, 0] > 0.05)
+    assert left.sum() > 20 and right.sum() > 20
+    assert redness[left].mean() > 50 and redness[right].mean() < -50
