@@ -197,3 +197,19 @@ def test_real_model_front_faces_plus_z_and_image_right_is_plus_x(tmp_path):
     left, right = front & (mesh.vertices[:, 0] < -0.05), front & (mesh.vertices[:, 0] > 0.05)
     assert left.sum() > 20 and right.sum() > 20
     assert redness[left].mean() > 50 and redness[right].mean() < -50
+
+
+def test_rembg_unavailable_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import rembg
+
+    def no_session(*args, **kwargs):
+        raise ConnectionError("offline: cannot download u2net.onnx")
+
+    monkeypatch.setattr(rembg, "new_session", no_session)
+    image = tmp_path / "rgb.png"
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(image)
+    argv = [str(image), "-o", str(tmp_path / "out"), "--resolution", "32", "--device", "cpu"]
+    monkeypatch.setattr(TSR, "from_pretrained", classmethod(lambda cls, *a, **k: TSR.tiny()))
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "background removal" in err and "--no-rembg" in err and "offline" in err

@@ -264,9 +264,17 @@ def main(argv: list[str] | None = None) -> int:
             with Image.open(f) as image:
                 needs_rembg.append(not has_alpha(image))
         if any(needs_rembg):
-            import rembg
+            try:
+                import rembg
 
-            session = rembg.new_session(REMBG_MODEL)  # one session for all images
+                session = rembg.new_session(REMBG_MODEL)  # one session for all images
+            except Exception as err:  # missing package, model not downloadable offline, onnxruntime errors
+                print(
+                    f"t2mv-mesh: error: background removal (rembg, {REMBG_MODEL}) is unavailable: {err}. Pass RGBA "
+                    "cut-outs, or --no-rembg with square images on a 0.5 grey background.",
+                    file=sys.stderr,
+                )
+                return 1
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     totals: dict[str, float] = {}
