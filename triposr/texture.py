@@ -233,7 +233,7 @@ def bake_texture_from_field(
 
     material = PBRMaterial(
         name="baked",
-        baseColorTexture=Image.fromarray(pixels, mode="RGB"),
+        baseColorTexture=Image.fromarray(pixels),  # (S, S, 3) uint8 -> RGB
         baseColorFactor=[255, 255, 255, 255],
         metallicFactor=0.0,
         roughnessFactor=1.0,
