@@ -241,7 +241,11 @@ def build_demo(chain: Any, *, output_dir: str | os.PathLike | None = None) -> An
     d = chain.defaults
     has_t2i = chain.text_to_image is not None
     has_mesh = chain.reconstructor is not None
-    theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS)  # local fonts: no Google Fonts request
+    # Fonts the browser already has: gr.themes.Font adds no @font-face (plain strings would become LocalFonts,
+    # fetched from /static/fonts, and the default theme loads Google Fonts).
+    theme = gr.themes.Default(
+        font=[gr.themes.Font(name) for name in SYSTEM_FONTS], font_mono=[gr.themes.Font(name) for name in MONO_FONTS]
+    )
     with gr.Blocks(title="t2mv: text to multiview and mesh", theme=theme, analytics_enabled=False) as demo:
         gr.Markdown(
             "# t2mv: text → image → multiview → mesh\n"
@@ -282,12 +286,13 @@ def build_demo(chain: Any, *, output_dir: str | os.PathLike | None = None) -> An
                     gr.Examples(examples=[[text] for text in EXAMPLES], inputs=[prompt], label="Examples")
             with gr.Column(scale=2):
                 with gr.Row():
-                    out_image = gr.Image(label="Generated image", type="filepath", interactive=False)
-                    out_mv_input = gr.Image(label="Multiview input", type="filepath", interactive=False)
-                    out_mesh_input = gr.Image(label="Mesh input", type="filepath", interactive=False)
-                normals = gr.Gallery(label="Normals", columns=6, height="auto", elem_id="normals")
-                colors = gr.Gallery(label="Colors", columns=6, height="auto", elem_id="colors")
-                viewer = gr.Model3D(label="Mesh (GLB)", visible=has_mesh, elem_id="viewer")
+                    out_image = gr.Image(label="Generated image", type="filepath", interactive=False, height=220)
+                    out_mv_input = gr.Image(label="Multiview input", type="filepath", interactive=False, height=220)
+                    out_mesh_input = gr.Image(label="Mesh input", type="filepath", interactive=False, height=220)
+                gallery = {"columns": 6, "rows": 1, "height": 190, "object_fit": "contain"}
+                normals = gr.Gallery(label="Normals", elem_id="normals", **gallery)
+                colors = gr.Gallery(label="Colors", elem_id="colors", **gallery)
+                viewer = gr.Model3D(label="Mesh (GLB)", visible=has_mesh, height=360, elem_id="viewer")
                 downloads = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
                 timings = gr.JSON(label="Timings (s) and memory (GiB)")
         inputs = [prompt, negative, seed, randomize, image, t2i_steps, t2i_cfg, mv_steps, mv_cfg, remove_bg]

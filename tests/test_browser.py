@@ -1,0 +1,95 @@
+"""The app as a person uses it: Debian Chromium (headless, via playwright) against the smoke-mode app on 127.0.0.1.
+
+Types a prompt, clicks Generate, waits for the galleries and the 3D viewer, downloads the GLB and loads it with
+trimesh, and saves docs/screenshot.png. Skipped when /usr/bin/chromium is not installed
+(``apt-get install -y chromium``).
+"""
+
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import trimesh
+
+CHROMIUM = Path("/usr/bin/chromium")
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOT = REPO / "docs" / "screenshot.png"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed (apt-get install chromium)"),
+]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    import app
+    from t2mv.chain import TextTo3D
+
+    demo = app.build_demo(TextTo3D.tiny(), output_dir=tmp_path_factory.mktemp("runs"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def _is_local(url):
+    return urlparse(url).hostname in ("127.0.0.1", "localhost", None)
+
+
+def test_generate_in_the_browser(app_url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    outside, failed = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1500}, accept_downloads=True)
+            # Offline, as on an air-gapped machine: anything not on 127.0.0.1 is refused (and recorded).
+            page.route(
+                lambda url: not _is_local(url), lambda route: (outside.append(route.request.url), route.abort())
+            )
+            page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+            page.goto(app_url, wait_until="domcontentloaded")
+            expect(page.get_by_text("SMOKE MODE")).to_be_visible(timeout=30_000)
+
+            page.get_by_label("Prompt", exact=True).fill("a red teapot")
+            page.locator("#generate").click()
+
+            # Six normals and six colors, the mesh viewer, and the downloads.
+            expect(page.locator("#normals img")).to_have_count(6, timeout=120_000)
+            expect(page.locator("#colors img")).to_have_count(6, timeout=30_000)
+            expect(page.locator("#viewer canvas")).to_be_visible(timeout=30_000)
+            rows = page.locator("#downloads tr")
+            for name in ("mesh.glb", "mesh_obj.zip", "mesh.ply", "multiview.zip"):
+                expect(rows.filter(has=page.locator(f'td[aria-label="{name}"]'))).to_have_count(1, timeout=30_000)
+            glb_link = rows.filter(has=page.locator('td[aria-label="mesh.glb"]')).locator("a")
+            with page.expect_download(timeout=30_000) as download_info:
+                glb_link.click()
+            glb = tmp_path / "mesh.glb"
+            download_info.value.save_as(glb)
+            mesh = trimesh.load(glb, force="mesh")
+            assert len(mesh.faces) > 0 and len(mesh.vertices) > 0
+
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.wait_for_timeout(500)  # let the viewer draw a frame
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+        finally:
+            browser.close()
+    assert SCREENSHOT.stat().st_size > 10_000
+    assert not failed, failed  # no missing assets (e.g. font files) on our own server
+    # No fonts, analytics or telemetry from outside; gradio 5.14's page only asks cdnjs for iframeResizer,
+    # which is optional (it sizes the app inside an iframe).
+    assert {urlparse(url).hostname for url in outside} <= {"cdnjs.cloudflare.com"}, outside
