@@ -401,6 +401,10 @@ class TextTo3D:
                 tsr = TSR.from_pretrained(str(triposr_model), local_files_only=local_files_only)
             model_ids.update(triposr_model=str(triposr_model))
         model_ids["delta_variant"] = delta_variant
+        if device.type == "cuda":  # xformers attention when it imports; both stages fall back to torch SDPA
+            for stage, method in ((t2i, "enable_xformers"), (mv, "enable_xformers_if_available")):
+                if stage is not None and hasattr(stage, method):
+                    getattr(stage, method)()
         return cls(t2i, mv, tsr, device=device, dtype=dtype, offload=offload, model_ids=model_ids)
 
     @classmethod

@@ -168,7 +168,19 @@ def test_two_processes_shard_the_batch_and_match_one_process(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('a red teapot\n{"prompt": "a blue mug", "seed": 42}\n')
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "T2MV_SMOKE": "1"}
-    common = ["batch", str(prompts), "--mesh", "--format", "glb", "ply", "--no-progress", "--seed", "3"]
+    common = [
+        "batch",
+        str(prompts),
+        "--mesh",
+        "--format",
+        "glb",
+        "ply",
+        "--no-progress",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+    ]
     single = subprocess.run(
         [sys.executable, "-m", "t2mv.cli", *common, "-o", str(tmp_path / "one")],
         env=env,
