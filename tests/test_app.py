@@ -239,3 +239,20 @@ def test_live_server_reports_bad_input_and_keeps_serving(tmp_path):
         assert out[7]["seconds"]["total"] > 0
     finally:
         demo.close()
+
+
+def test_baked_texture_download_holds_obj_mtl_and_texture(mesh_chain, tmp_path):
+    import zipfile
+
+    image = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(image)
+    with Image.open(image) as im:
+        im.paste((200, 30, 30), (16, 16, 48, 48))
+        im.save(image)
+    out = call(app.make_generate(mesh_chain, tmp_path / "runs"), image=str(image), prompt="", bake_texture=True)
+    obj_zip = next(p for p in out[6] if p.endswith("mesh_obj.zip"))
+    with zipfile.ZipFile(obj_zip) as archive:
+        names = set(archive.namelist())
+        assert names == {"mesh.obj", "mesh.mtl", "mesh.png"}
+        assert "map_Kd mesh.png" in archive.read("mesh.mtl").decode()
+    assert trimesh.load(out[5], force="mesh").visual.kind == "texture"

@@ -281,3 +281,34 @@ def test_open_image_converts_modes(tmp_path, mode, expected):
     assert out.mode == expected and out.size == (64, 64)
     if mode == "I;16":  # scaled to 8 bits, not clipped at 255
         assert np.asarray(out)[-1, -1, 0] == 255 and np.asarray(out)[0, 0, 0] == 0
+
+
+def test_from_pretrained_calls_each_stage_loader_with_its_own_signature(monkeypatch):
+    """The chain's loader matches the stages' from_pretrained signatures (real files are tested by each stage)."""
+    import inspect
+
+    from t2mv.text_to_image import TextToImage
+    from triposr import TSR
+    from wonder3d_perflow import MultiviewPipeline
+
+    calls = {}
+    for cls, tiny in ((TextToImage, TextToImage.tiny), (MultiviewPipeline, MultiviewPipeline.tiny), (TSR, TSR.tiny)):
+        signature = inspect.signature(cls.from_pretrained)
+
+        def fake(*args, _cls=cls, _signature=signature, _tiny=tiny, **kwargs):
+            calls[_cls.__name__] = _signature.bind(*args, **kwargs).arguments  # TypeError on a mismatch
+            return _tiny(seed=0)
+
+        monkeypatch.setattr(cls, "from_pretrained", fake)
+    chain = TextTo3D.from_pretrained(
+        "Lykon/dreamshaper-8", t2i_delta="hansyan/perflow-sd15-delta-weights", device="cpu", local_files_only=True
+    )
+    assert chain.stages == ("text_to_image", "multiview", "mesh") and not chain.smoke
+    t2i, mv, tsr = calls["TextToImage"], calls["MultiviewPipeline"], calls["TSR"]
+    assert t2i["model"] == "Lykon/dreamshaper-8" and t2i["delta"] == "hansyan/perflow-sd15-delta-weights"
+    assert mv["repo_or_path"] == "flamehaze1115/wonder3d-v1.0" and mv["delta"] == "hansyan/perflow-sd15-delta-weights"
+    assert tsr["repo_or_folder"] == "stabilityai/TripoSR"
+    assert t2i["torch_dtype"] == mv["torch_dtype"] == torch.float32
+    assert t2i["local_files_only"] is mv["local_files_only"] is tsr["local_files_only"] is True
+    assert chain.model_ids["t2i_model"] == "Lykon/dreamshaper-8"
+    assert chain.model_ids["triposr_model"] == "stabilityai/TripoSR"
