@@ -208,6 +208,10 @@ def run_batch(
             )
             result.save(folder, mesh_formats=mesh_formats if mesh else ())
         except Exception as e:  # one bad prompt (or an OOM) must not stop a long batch
+            if type(e).__name__ == "OutOfMemoryError":
+                import torch
+
+                torch.cuda.empty_cache()
             logger.error("prompt %d (%r) failed: %s: %s", spec.index, spec.prompt, type(e).__name__, e)
             summary.failed[spec.index] = f"{type(e).__name__}: {e}"
             continue

@@ -274,6 +274,22 @@ def _move(stage: Any, device: torch.device | str, dtype: torch.dtype | None = No
         pipe.to(device, dtype)
 
 
+def resolve_device_dtype(
+    device: str | torch.device | None, dtype: torch.dtype | None
+) -> tuple[torch.device, torch.dtype]:
+    """The chain's one device/dtype choice: CUDA + float16 when there is a GPU, else CPU + float32."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype if dtype is not None else (torch.float16 if device.type == "cuda" else torch.float32)
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ValueError("float16 is not supported on the CPU; use float32 (or bfloat16) there.")
+    return device, dtype
+
+
+def _check_stages(stages: Sequence[str]) -> None:
+    if not stages or set(stages) - set(STAGES):
+        raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {tuple(stages)}.")
+
+
 class TextTo3D:
     """The chain: text (or an image) → image → six normals + six colors, and a mesh.
 
@@ -312,10 +328,7 @@ class TextTo3D:
     ):
         if text_to_image is None and multiview is None and reconstructor is None:
             raise ValueError("TextTo3D needs at least one stage (text_to_image, multiview or reconstructor).")
-        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = dtype if dtype is not None else (torch.float16 if self.device.type == "cuda" else torch.float32)
-        if self.device.type == "cpu" and self.dtype == torch.float16:
-            raise ValueError("float16 is not supported on the CPU; use float32 (or bfloat16) there.")
+        self.device, self.dtype = resolve_device_dtype(device, dtype)
         self.offload = bool(offload) and self.device.type != "cpu"
         self.text_to_image = text_to_image
         self.multiview = multiview
@@ -357,11 +370,8 @@ class TextTo3D:
         ``Lykon/dreamshaper-8`` pass ``t2i_delta="hansyan/perflow-sd15-delta-weights"``.
         Missing weights raise `WeightsUnavailableError`, naming the repo, the fixes and smoke mode.
         """
-        unknown = set(stages) - set(STAGES)
-        if unknown or not stages:
-            raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {tuple(stages)}.")
-        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype if dtype is not None else (torch.float16 if device.type == "cuda" else torch.float32)
+        _check_stages(stages)
+        device, dtype = resolve_device_dtype(device, dtype)  # checked before gigabytes are loaded
         load_device = "cpu" if offload else device
         model_ids: dict[str, Any] = {}
         t2i = mv = tsr = None
@@ -423,9 +433,8 @@ class TextTo3D:
 
         from .text_to_image import TextToImage
 
-        unknown = set(stages) - set(STAGES)
-        if unknown or not stages:
-            raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {tuple(stages)}.")
+        _check_stages(stages)
+        resolve_device_dtype(device, dtype)
         t2i = TextToImage.tiny(seed=seed) if "text_to_image" in stages else None
         mv = MultiviewPipeline.tiny(seed=seed) if "multiview" in stages else None
         tsr = TSR.tiny(seed=seed) if "mesh" in stages else None

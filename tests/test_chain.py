@@ -312,3 +312,35 @@ def test_from_pretrained_calls_each_stage_loader_with_its_own_signature(monkeypa
     assert t2i["local_files_only"] is mv["local_files_only"] is tsr["local_files_only"] is True
     assert chain.model_ids["t2i_model"] == "Lykon/dreamshaper-8"
     assert chain.model_ids["triposr_model"] == "stabilityai/TripoSR"
+
+
+def test_device_and_dtype_are_chosen_once():
+    device, dtype = chain_module.resolve_device_dtype("cpu", None)
+    assert device == torch.device("cpu") and dtype == torch.float32
+    assert chain_module.resolve_device_dtype("cuda:1", None) == (torch.device("cuda:1"), torch.float16)
+    assert chain_module.resolve_device_dtype("cpu", torch.bfloat16)[1] == torch.bfloat16
+    with pytest.raises(ValueError, match="float16 is not supported on the CPU"):
+        TextTo3D.tiny(stages=("mesh",), dtype=torch.float16)
+
+
+@pytest.mark.slow
+def test_real_chain_end_to_end(tmp_path):
+    """Real weights (downloaded once, or HF_HUB_OFFLINE with a filled cache), on the GPU when there is one."""
+    try:
+        chain = TextTo3D.from_pretrained()
+    except WeightsUnavailableError as e:
+        pytest.skip(f"real weights unavailable: {e}")
+    try:
+        assert chain.rembg_session is not None  # loads u2net
+    except WeightsUnavailableError as e:
+        pytest.skip(f"u2net unavailable: {e}")
+    result = chain("a red teapot", seed=0, mc_resolution=128)
+    assert result.image.size == (512, 512) and len(result.normals) == 6 and len(result.mesh.faces) > 1000
+    # The object was cut out: the multiview input's border is white, the mesh input's is 0.5 grey.
+    mv = np.asarray(result.mv_input)
+    assert (mv[0] == 255).all() and (mv[-1] == 255).all()
+    assert abs(int(np.asarray(result.mesh_input)[0, 0, 0]) - 127) <= 1
+    again = chain("a red teapot", seed=0, mesh=False)
+    assert np.array_equal(np.asarray(again.image), np.asarray(result.image))
+    paths = result.save(tmp_path, mesh_formats=("glb", "obj", "ply"))
+    assert paths["mesh.glb"].stat().st_size > 10_000
