@@ -80,7 +80,7 @@ def make_generate(chain: Any, output_root: str | os.PathLike):
     import gradio as gr
     import torch
 
-    from t2mv.chain import LIMITS, WeightsUnavailableError
+    from t2mv.chain import LIMITS
     from t2mv.tiny import SMOKE_BANNER
 
     output_root = Path(output_root)
@@ -151,9 +151,7 @@ def make_generate(chain: Any, output_root: str | os.PathLike):
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             raise gr.Error(OOM_MESSAGE) from None
-        except WeightsUnavailableError as e:
-            raise gr.Error(str(e)) from None
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, FileNotFoundError) as e:  # bad input; missing weights (WeightsUnavailableError)
             raise gr.Error(str(e)) from None
         except Exception as e:  # unexpected: log it in full, tell the user briefly, keep serving
             logger.exception("generation failed")

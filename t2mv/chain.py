@@ -533,7 +533,8 @@ class TextTo3D:
                 depend on the device's RNG or on what ran before.
             t2i_steps, t2i_guidance, height, width: text-to-image settings (None: `self.defaults`).
             mv_steps, mv_guidance: multiview settings.
-            remove_background: run rembg on images without transparency (always for generated images).
+            remove_background: cut the object out with rembg when the image has no transparency (generated
+                images have none). False uses such an image whole; a transparent background is always used.
             mv_foreground_ratio, mesh_foreground_ratio: object size after recentring, per stage.
             mc_resolution, mc_threshold: marching cubes grid and density level.
             bake_texture, texture_size: bake a UV texture instead of vertex colours.
