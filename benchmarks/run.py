@@ -178,7 +178,9 @@ def run_variants(case: Case, variants: list[Variant], *, runs: int, warmup: int,
     return records
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, save=None) -> dict[str, Any]:
+    """Measure every case of ``args.stages``; ``save(report)`` is called after each case (partial results survive
+    an interrupted real-size run)."""
     stages = _csv(args.stages)
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
@@ -222,6 +224,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 except Exception as e:
                     record = _error_record(stage, case.name, e, params=case.params)
                 report["cases"].append(record)
+                if save is not None:
+                    save(report)
                 if not args.quiet:
                     print(_row(record), flush=True)
                 if j == 0 and variants and stage in _csv(args.variant_stages):
@@ -307,15 +311,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.runs < 1 or args.warmup < 0:
         raise SystemExit("--runs must be >= 1 and --warmup >= 0")
-    report = run(args)
-    if args.out:
+    previous = None
+    if args.out and args.append and Path(args.out).exists():
+        previous = json.loads(Path(args.out).read_text())
+
+    def save(report: dict[str, Any]) -> dict[str, Any]:
+        if not args.out:
+            return report
+        if previous is not None:
+            report = _merge(previous, report)
         out = Path(args.out)
-        if args.append and out.exists():
-            report = _merge(json.loads(out.read_text()), report)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(out.suffix + ".tmp")
         tmp.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
         os.replace(tmp, out)
+        return report
+
+    report = save(run(args, save=save))
     if not args.quiet:
         print()
         print(table(report))

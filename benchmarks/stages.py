@@ -199,17 +199,25 @@ class Builder:
                 torch.manual_seed(self.seed)
                 model = TSR(TSRConfig.from_dict(configs.TRIPOSR)).eval()
                 smooth_triplane_embeddings(model)
-            calibrate_density(model, object_image(model.config.cond_image_size, (127, 127, 127)))
         # TripoSR runs in float32 in the chain (density threshold and marching cubes are tuned for it).
-        return model.to(self.device)
+        model = model.to(self.device)
+        if self.mode == "real":
+            # Calibrating changes the decoder only, so the scene code it needs is kept for the mesh stages.
+            with torch.no_grad():
+                codes = model([object_image(model.config.cond_image_size, (127, 127, 127))], device=self.device)
+            calibrate_density(model, codes[0])
+            self._cache["scene_codes"] = codes
+        return model
 
     def tsr_image(self) -> Image.Image:
         return object_image(self.tsr().config.cond_image_size, (127, 127, 127))
 
     def scene_codes(self) -> torch.Tensor:
+        model = self.tsr()  # (real mode: builds and caches the scene code too)
+
         def build():
             with torch.no_grad():
-                return self.tsr()([self.tsr_image()], device=self.device)  # (1, 3, C, H, W)
+                return model([self.tsr_image()], device=self.device)  # (1, 3, C, H, W)
 
         return self._get("scene_codes", build)
 
@@ -250,13 +258,17 @@ def smooth_triplane_embeddings(model) -> None:
         field += torch.cos(fu * u + fv * v + phase[:, :, term, None, None])
     field += 1.5 * (1 - (u**2 + v**2))  # a common radial bump: the same "object" on every plane
     emb.copy_((field - field.mean()) / field.std().clamp_min(1e-6))
+    # The 2x upsampling transposed conv gives each of the 4 output pixels of a token its own random weights,
+    # a checkerboard at the plane's full resolution; sharing one tap makes it a smooth (nearest) upsampling.
+    for module in model.post_processor.modules():
+        if isinstance(module, torch.nn.ConvTranspose2d):
+            module.weight.copy_(module.weight[..., :1, :1].clone().expand_as(module.weight))
 
 
 @torch.no_grad()
-def calibrate_density(model, image: Image.Image, *, above_fraction: float = 0.08, grid: int = 24) -> None:
+def calibrate_density(model, scene_code: torch.Tensor, *, above_fraction: float = 0.08, grid: int = 24) -> None:
     """Rescale the density row of the decoder's last layer so that ``above_fraction`` of the box lies above the
-    mesh threshold for ``image`` (random weights give densities far below it, i.e. empty meshes)."""
-    scene_code = model([image])[0]  # (3, C, H, W)
+    mesh threshold for ``scene_code`` (3, C, H, W) (random weights give densities far below it: empty meshes)."""
     radius = float(model.renderer.cfg.radius)
     axis = torch.linspace(-radius, radius, grid)
     points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1)  # (g, g, g, 3)
@@ -470,6 +482,19 @@ def chain_cases(b: Builder, sizes: Sizes) -> list[Case]:
             "mc_resolution": sizes.chain_mc_resolution,
         }
     )
+    if b.mode == "real" and "forward" not in tsr.__dict__:
+        # Random weights: the density level depends on the input image, so the chain's own mesh input could give
+        # an empty (or full) grid at the fixed threshold. Re-calibrate the decoder on the scene code the chain
+        # produces (a 24³ query, milliseconds) so its mesh is object-sized like the mesh stage's.
+        forward = tsr.forward
+
+        def calibrated_forward(*args, **kwargs):
+            codes = forward(*args, **kwargs)
+            with torch.no_grad():
+                calibrate_density(tsr, codes[0])
+            return codes
+
+        tsr.forward = calibrated_forward
     chain = TextTo3D(t2i, mv, tsr, device=b.device, dtype=b.dtype, rembg_session=FakeRembgSession(), defaults=defaults)
     modules = {
         "text_encoder": t2i.pipe.text_encoder,
@@ -500,6 +525,7 @@ def chain_cases(b: Builder, sizes: Sizes) -> list[Case]:
                 "mc_resolution": sizes.chain_mc_resolution,
                 "texture": False,
                 "background_removal": "weightless stand-in (FakeRembgSession): rembg's u2net is not timed",
+                "density_recalibrated_per_run": b.mode == "real",
             },
             lambda: chain(PROMPT, seed=0),
             modules,
