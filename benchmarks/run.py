@@ -90,6 +90,14 @@ def _sizes(args: argparse.Namespace) -> Sizes:
     return sizes
 
 
+def _loadavg() -> list[float] | None:
+    """1/5/15-minute load averages: on a shared machine, how busy the CPU was around a measurement."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def _first_call_recorded(case: Case, recorder: CallRecorder):
     state = {"first": True}
 
@@ -108,8 +116,10 @@ def measure_case(case: Case, *, runs: int, warmup: int, device: torch.device) ->
     record: dict[str, Any] = {"stage": case.stage, "name": case.name, "params": case.params, "runs": runs}
     record["warmup"] = warmup
     recorder = CallRecorder(case.modules)
+    record["load_average_before"] = _loadavg()
     with PeakMemory(device) as mem:
         times, warm, result = time_runs(_first_call_recorded(case, recorder), runs=runs, warmup=warmup, device=device)
+    record["load_average_after"] = _loadavg()
     record["time_s"] = summarize(times)
     record["warmup_s"] = warm
     record["peak_gpu_bytes"] = mem.gpu_peak_bytes

@@ -100,6 +100,9 @@ class Builder:
         self._cache.clear()
         self._scratch.cleanup()
 
+    def keep(self, name: str, value: Any) -> None:
+        self._cache[name] = value
+
     def _get(self, name: str, build: Callable[[], Any]) -> Any:
         if name not in self._cache:
             self._cache[name] = build()
@@ -392,7 +395,9 @@ def mesh_cases(b: Builder, sizes: Sizes) -> list[Case]:
     for res in sizes.mc_resolutions:
 
         def run(res=res):
-            return model.extract_mesh(codes, resolution=res, threshold=MESH_THRESHOLD, has_vertex_color=True)[0]
+            mesh = model.extract_mesh(codes, resolution=res, threshold=MESH_THRESHOLD, has_vertex_color=True)[0]
+            b.keep(f"mesh{res}-None", mesh)  # the texture and export stages reuse it
+            return mesh
 
         cases.append(
             Case(
@@ -418,7 +423,9 @@ def texture_cases(b: Builder, sizes: Sizes) -> list[Case]:
 
         def run(tex=tex):
             with torch.no_grad():
-                return bake_texture(model, code, mesh, texture_size=tex)
+                textured = bake_texture(model, code, mesh, texture_size=tex)
+            b.keep(f"mesh{sizes.texture_mc_resolution}-{tex}", textured)  # the export stage reuses it
+            return textured
 
         cases.append(
             Case(
