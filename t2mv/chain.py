@@ -514,6 +514,7 @@ class TextTo3D:
         remove_background: bool = True,
         mv_foreground_ratio: float | None = None,
         mesh_foreground_ratio: float | None = None,
+        mv_preprocess: str = "wonder3d",
         mc_resolution: int | None = None,
         mc_threshold: float | None = None,
         bake_texture: bool = False,
@@ -536,6 +537,8 @@ class TextTo3D:
             remove_background: cut the object out with rembg when the image has no transparency (generated
                 images have none). False uses such an image whole; a transparent background is always used.
             mv_foreground_ratio, mesh_foreground_ratio: object size after recentring, per stage.
+            mv_preprocess: ``"wonder3d"`` (crop and recentre the object) or ``"perflow"`` (the PeRFlow demo's
+                resize and whiten, no recentring; `mv_foreground_ratio` is then unused).
             mc_resolution, mc_threshold: marching cubes grid and density level.
             bake_texture, texture_size: bake a UV texture instead of vertex colours.
             simplify_faces: decimate the mesh to about this many faces (None or 0: keep all).
@@ -563,6 +566,8 @@ class TextTo3D:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
             raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}.")
         self.check_inputs(prompt, image, **settings)
+        if mv_preprocess not in ("wonder3d", "perflow"):
+            raise ValueError(f"mv_preprocess must be 'wonder3d' or 'perflow', got {mv_preprocess!r}.")
         run_multiview = multiview and self.multiview is not None
         run_mesh = mesh and self.reconstructor is not None
         messages: list[str] = []
@@ -621,13 +626,14 @@ class TextTo3D:
         session = self.rembg_session if needs_rembg else None
         mv_input = mesh_input = None
         if run_multiview:
-            from wonder3d_perflow.preprocess import preprocess_image as mv_preprocess
+            from wonder3d_perflow.preprocess import preprocess_image as multiview_preprocess
 
-            mv_input = mv_preprocess(
+            mv_input = multiview_preprocess(
                 image,
                 session=session,
                 remove_background=remove_background,
                 size=self._multiview_size(),
+                mode=mv_preprocess,
                 foreground_ratio=settings["mv_foreground_ratio"],
             )
         if run_mesh:
@@ -697,6 +703,7 @@ class TextTo3D:
             "seed": seed,
             **settings,
             "mc_threshold": mc_threshold,
+            "mv_preprocess": mv_preprocess,
             "remove_background": remove_background,
             "bake_texture": bool(bake_texture and run_mesh),
             "stages": [s for s in stage_names if s not in ("preprocess", "texture")],

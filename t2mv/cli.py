@@ -78,6 +78,12 @@ def _image_input_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("background removal")
     group.add_argument("--no-remove-bg", action="store_true", help="do not run rembg on images without alpha")
     group.add_argument("--mv-foreground-ratio", type=float, default=D.mv_foreground_ratio, help="multiview")
+    group.add_argument(
+        "--mv-preprocess",
+        choices=("wonder3d", "perflow"),
+        default="wonder3d",
+        help="multiview input: crop + recentre (wonder3d) or the PeRFlow demo's resize + whiten (perflow)",
+    )
     group.add_argument("--mesh-foreground-ratio", type=float, default=D.mesh_foreground_ratio, help="TripoSR")
 
 
@@ -199,6 +205,7 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "mv_steps": "mv_steps",
         "mv_guidance": "mv_guidance",
         "mv_foreground_ratio": "mv_foreground_ratio",
+        "mv_preprocess": "mv_preprocess",
         "mesh_foreground_ratio": "mesh_foreground_ratio",
         "mc_resolution": "mc_resolution",
         "mc_threshold": "mc_threshold",

@@ -198,6 +198,7 @@ def test_missing_weights_offline_names_repo_and_smoke_mode(monkeypatch, tmp_path
         ({"prompt": "x", "height": 100}, "multiple of 8"),
         ({"prompt": "x", "texture_size": 16}, "texture_size"),
         ({"prompt": "x", "mesh_foreground_ratio": 1.5}, "mesh_foreground_ratio"),
+        ({"prompt": "x", "mv_preprocess": "center"}, "mv_preprocess"),
     ],
 )
 def test_bad_settings_raise_clear_errors(tiny_chain, kwargs, match):

@@ -45,9 +45,8 @@ def test_image_command_in_smoke_mode_from_the_environment(tmp_path, capsys, monk
 
 def test_text_to_mesh_writes_views_strips_and_meshes(tmp_path):
     out = tmp_path / "teapot"
-    code = main(
-        ["text-to-mesh", "a red teapot", "--tiny", "-o", str(out), "--format", "glb", "obj", "--mc-resolution", "32"]
-    )
+    args = ["--format", "glb", "obj", "--mc-resolution", "32", "--mv-preprocess", "perflow"]
+    code = main(["text-to-mesh", "a red teapot", "--tiny", "-o", str(out), *args])
     assert code == 0
     names = {p.name for p in out.iterdir()}
     assert {
@@ -61,6 +60,8 @@ def test_text_to_mesh_writes_views_strips_and_meshes(tmp_path):
     } <= names
     assert len([n for n in names if n.startswith(("normal_", "color_"))]) == 12
     assert "mesh.ply" not in names
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["mv_preprocess"] == "perflow" and settings["mc_resolution"] == 32
     loaded = trimesh.load(out / "mesh.glb", force="mesh")
     assert len(loaded.faces) > 0
 
