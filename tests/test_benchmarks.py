@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import SCHEMA, configs  # noqa: E402
 from benchmarks.harness import CallRecorder, PeakMemory, count_flops, max_diffs, summarize, time_runs  # noqa: E402
+from benchmarks.report import markdown  # noqa: E402
 from benchmarks.run import main  # noqa: E402
 
 ALL_STAGES = "t2i,multiview,triposr,mesh,texture,export,chain"
@@ -94,6 +95,8 @@ def test_tiny_run_variants(tmp_path):
         bf16 = by_key[(stage, "bf16")]
         assert bf16["error"] is None and math.isfinite(bf16["max_abs_diff"]) and bf16["max_abs_diff"] > 0
         assert "CPU" in by_key[(stage, "fp16")]["skipped"] and "CUDA" in by_key[(stage, "xformers")]["skipped"]
+    table = markdown(report)
+    assert "| t2i | sdpa-math |" in table and "unet 4×b2" in table
 
 
 def test_summarize_quartiles():
