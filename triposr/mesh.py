@@ -192,7 +192,9 @@ def scene_code_query_fn(model, scene_code: torch.Tensor) -> QueryFn:
     bias = float(cfg.density_bias)
 
     def query(points: torch.Tensor) -> dict:
-        out = model.query_triplane(scene_code, points.to(scene_code.dtype))
+        # float32 points: query_triplane casts to the triplane dtype only after scaling (fp16 grid positions would
+        # round first). chunk_size=0: extract_mesh / the baker already hand over large chunks.
+        out = model.query_triplane(scene_code, points, chunk_size=0)
         density_act = out["density_act"] if "density_act" in out else torch.exp(out["density"].float() + bias)
         return {"density_act": density_act, "color": out["color"]}
 

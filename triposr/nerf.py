@@ -71,7 +71,9 @@ class TriplaneNeRFRenderer(nn.Module):
             features = sampled.mean(dim=0).transpose(0, 1)  # (N, C)
         return decoder(features)  # (N, 4)
 
-    def query(self, decoder: NeRFMLP, triplane: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+    def query(
+        self, decoder: NeRFMLP, triplane: torch.Tensor, positions: torch.Tensor, chunk_size: int | None = None
+    ) -> dict[str, torch.Tensor]:
         """Field at world positions (..., 3) for one scene code (3, C, H, W).
 
         Returns ``density`` (..., 1) raw (before activation, as upstream), ``features`` (..., 3) raw,
@@ -86,11 +88,14 @@ class TriplaneNeRFRenderer(nn.Module):
         radius = self.cfg.radius
         points = positions.reshape(-1, 3).to(triplane.device)  # (N, 3)
         points = (points - (-radius)) / (2 * radius) * 2 + (-1)  # [-radius, radius] -> [-1, 1]
-        if self.chunk_size > 0:
+        # Callers that chunk already (mesh extraction, 2**18 points at a time) pass chunk_size=0: re-splitting their
+        # chunks into 8192-point pieces would cost thousands of small kernel launches per mesh on a GPU.
+        chunk = self.chunk_size if chunk_size is None else chunk_size
+        if chunk > 0:
             raw = torch.cat(
                 [
-                    self._decode_points(decoder, triplane, points[i : i + self.chunk_size])
-                    for i in range(0, points.shape[0], self.chunk_size)
+                    self._decode_points(decoder, triplane, points[i : i + chunk])
+                    for i in range(0, points.shape[0], chunk)
                 ]
             )  # (N, 4)
         else:

@@ -276,7 +276,9 @@ class TSR(nn.Module):
 
     # ------------------------------------------------------------------ field queries
 
-    def query_triplane(self, scene_code: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+    def query_triplane(
+        self, scene_code: torch.Tensor, positions: torch.Tensor, chunk_size: int | None = None
+    ) -> dict[str, torch.Tensor]:
         """Density and colour at world positions in TripoSR's native frame (+z up, input view from +x).
 
         ``scene_code`` (3, C, H, W) with ``positions`` (..., 3), or a batch (B, 3, C, H, W) with positions
@@ -284,17 +286,20 @@ class TSR(nn.Module):
         features. Returns a dict of (..., k) tensors on the scene code's device:
         ``density`` (..., 1) raw, before activation (as upstream); ``density_act`` (..., 1) = exp(density - 1),
         float32, the quantity thresholded at 25 for meshes; ``features`` (..., 3) raw; ``color`` (..., 3) in [0, 1].
+        ``chunk_size`` overrides the renderer's points per decoder call (0 = all at once; None = the renderer's).
         Not wrapped in no_grad: callers' entry points decide.
         """
         if scene_code.ndim == 4:
-            return self.renderer.query(self.decoder, scene_code, positions)
+            return self.renderer.query(self.decoder, scene_code, positions, chunk_size)
         if scene_code.ndim == 5:
             if positions.ndim < 2 or positions.shape[0] != scene_code.shape[0]:
                 raise ValueError(
                     f"batched scene codes {tuple(scene_code.shape)} need positions (B, ..., 3) with the same B, "
                     f"got {tuple(positions.shape)}"
                 )
-            outs = [self.renderer.query(self.decoder, code, pos) for code, pos in zip(scene_code, positions)]
+            outs = [
+                self.renderer.query(self.decoder, code, pos, chunk_size) for code, pos in zip(scene_code, positions)
+            ]
             return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
         raise ValueError(f"scene_code must be (3, C, H, W) or (B, 3, C, H, W), got {tuple(scene_code.shape)}")
 
