@@ -3,21 +3,13 @@
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from wonder3d_perflow import cli
 from wonder3d_perflow.cameras import VIEW_NAMES
 from wonder3d_perflow.cli import main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared cores: more than one intra-op thread makes these tiny models ~10x slower under load.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -24,13 +24,7 @@ CASES = {
 COMPONENTS = ("unet", "vae", "image_encoder", "feature_extractor")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared cores: more than one intra-op thread makes these tiny models ~10x slower under load.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,7 @@ from wonder3d_perflow.unet_mv2d import MVTransformerBlock, UNetMV2DConditionMode
 CASES = ("b12_t1000", "b12_t250", "b24_cfg_t500")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared cores: more than one intra-op thread makes these tiny models ~10x slower under load.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
