@@ -158,9 +158,10 @@ class Builder:
             pipe = MultiviewPipeline.tiny(seed=self.seed)
         else:
             from diffusers import AutoencoderKL
-            from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+            from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
             from t2mv.perflow.scheduler import PeRFlowScheduler
+            from wonder3d_perflow.pipeline import clip_feature_extractor
             from wonder3d_perflow.unet_mv2d import UNetMV2DConditionModel
 
             with torch.random.fork_rng(devices=[]):
@@ -168,13 +169,7 @@ class Builder:
                 unet = UNetMV2DConditionModel.from_config(configs.WONDER3D_UNET).eval()
                 vae = AutoencoderKL(**{**configs.SD_VAE, "sample_size": 256}).eval()
                 image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**configs.CLIP_L_VISION)).eval()
-            feature_extractor = CLIPImageProcessor(
-                size={"shortest_edge": 224},
-                crop_size={"height": 224, "width": 224},
-                resample=3,
-                image_mean=[0.48145466, 0.4578275, 0.40821073],
-                image_std=[0.26862954, 0.26130258, 0.27577711],
-            )
+            feature_extractor = clip_feature_extractor(224)
             pipe = MultiviewPipeline(
                 vae=vae,
                 image_encoder=image_encoder,

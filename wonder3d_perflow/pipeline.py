@@ -243,13 +243,7 @@ class MultiviewPipeline(DiffusionPipeline):
                     hidden_act="quick_gelu",
                 )
             )
-        feature_extractor = CLIPImageProcessor(
-            size={"shortest_edge": 32},
-            crop_size={"height": 32, "width": 32},
-            resample=3,
-            image_mean=[0.48145466, 0.4578275, 0.40821073],
-            image_std=[0.26862954, 0.26130258, 0.27577711],
-        )
+        feature_extractor = clip_feature_extractor(32)
         ddim = DDIMScheduler(
             beta_start=0.00085,
             beta_end=0.012,
@@ -429,6 +423,18 @@ class MultiviewPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}.")
         if latents is not None and tuple(latents.shape) != latent_shape:
             raise ValueError(f"latents must have shape {latent_shape}, got {tuple(latents.shape)}.")
+
+
+def clip_feature_extractor(size: int = 224) -> CLIPImageProcessor:
+    """The checkpoint's `feature_extractor` settings (bicubic resize + centre crop to `size`, OpenAI CLIP mean/std),
+    for models built in code (tiny, benchmarks); real checkpoints load theirs from `feature_extractor/`."""
+    return CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        resample=3,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
 
 
 def _perflow_from(ddim_config, num_time_windows: int) -> PeRFlowScheduler:
