@@ -1,4 +1,5 @@
-"""Texture baking: UV atlas (xatlas) + a PyTorch rasteriser in UV space + colours queried from the field.
+"""Texture baking: UV atlas (xatlas) + a PyTorch rasteriser in UV space + colours queried from the field; the same
+rasteriser with a z-buffer in screen space (`rasterize_screen`) for depth renders of a mesh.
 
 No OpenGL context and no compiled CUDA extension: the rasteriser is plain tensor code, so baking runs on whatever
 device the model is on (CPU or CUDA). Import this module lazily (xatlas is only needed here).
@@ -8,6 +9,8 @@ its centre at u = (c + 0.5) / S, v = 1 - (r + 0.5) / S, as samplers in glTF/Open
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -61,6 +64,73 @@ def _closest_on_triangle(px, py, a, b, c, bary):
     return torch.where(inside, torch.zeros_like(best_d), best_d), torch.where(inside[:, None], bary, best_w)
 
 
+def _triangle_candidates(
+    pix: torch.Tensor, faces: torch.Tensor, height: int, width: int, margin: float, max_candidates: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Pixel candidates of each triangle: the pixels of its bounding box (grown by `margin`) that lie within
+    `margin` of every edge line, in batches of consecutive triangles.
+
+    Args:
+        pix: (V, 2) float64 vertex positions in pixel units with pixel centres at integers (x = column, y = row).
+        faces: (F, 3) long. height, width: the grid. margin: band width in pixels (0: interiors and edges only).
+        max_candidates: bounding-box pixels tested per batch (a larger triangle alone); bounds memory.
+
+    Yields:
+        px, py (T,) float64 pixel centres, face (T,) long, bary (T, 3) float64 barycentrics (negative outside).
+    """
+    device = pix.device
+    tri = pix[faces]  # (F, 3, 2)
+    a, b, c = tri[:, 0], tri[:, 1], tri[:, 2]  # (F, 2) each
+    det = (b[:, 1] - c[:, 1]) * (a[:, 0] - c[:, 0]) + (c[:, 0] - b[:, 0]) * (a[:, 1] - c[:, 1])  # (F,) 2 x signed area
+    limit = torch.tensor([width - 1, height - 1], device=device)
+    lo = torch.minimum((tri.amin(dim=1) - margin).ceil().clamp(min=0), limit).long()  # (F, 2)
+    hi = torch.minimum((tri.amax(dim=1) + margin).floor().clamp(min=-1), limit).long()  # (F, 2)
+    extent = (hi - lo + 1).clamp(min=0)  # (F, 2) pixels per axis in the bounding box
+    extent[det.abs() < 1e-12] = 0  # degenerate on the grid: covers nothing
+    counts = extent[:, 0] * extent[:, 1]  # (F,)
+    edge_len = torch.stack([(b - c).norm(dim=-1), (c - a).norm(dim=-1), (a - b).norm(dim=-1)], dim=-1)  # (F, 3)
+    heights = det.abs()[:, None] / edge_len.clamp(min=1e-12)  # (F, 3) from each vertex to the opposite edge
+
+    # Batches of consecutive triangles with at most max_candidates bounding-box pixels (a larger triangle alone).
+    counts_host = counts.cpu().numpy()
+    ends = np.cumsum(counts_host)
+    start = 0
+    while start < len(counts_host):
+        base = ends[start - 1] if start else 0
+        stop = max(int(np.searchsorted(ends, base + max_candidates, side="right")), start + 1)
+        idx = torch.arange(start, stop, device=device)  # (f,)
+        n = counts[start:stop]
+        total = int(ends[stop - 1] - base)
+        start = stop
+        if total == 0:
+            continue
+        face = torch.repeat_interleave(idx, n, output_size=total)  # (T,)
+        first = torch.cumsum(n, 0) - n  # (f,) offset of each triangle's first candidate
+        local = torch.arange(total, device=device) - first[face - idx[0]]  # (T,)
+        span = extent[face, 0]
+        px = (lo[face, 0] + local % span).double()  # (T,)
+        py = (lo[face, 1] + local // span).double()
+        fa, fb, fc, fdet = a[face], b[face], c[face], det[face]
+        l0 = ((fb[:, 1] - fc[:, 1]) * (px - fc[:, 0]) + (fc[:, 0] - fb[:, 0]) * (py - fc[:, 1])) / fdet
+        l1 = ((fc[:, 1] - fa[:, 1]) * (px - fc[:, 0]) + (fa[:, 0] - fc[:, 0]) * (py - fc[:, 1])) / fdet
+        bary = torch.stack([l0, l1, 1.0 - l0 - l1], dim=-1)  # (T, 3)
+        # bary_i * height_i is the signed distance to the edge opposite vertex i; a pixel more than `margin` outside
+        # any edge line is out of the band.
+        near = (bary * heights[face] >= -margin).all(dim=-1)  # (T,)
+        yield px[near], py[near], face[near], bary[near]
+
+
+def _first_best(pixel: torch.Tensor, score: torch.Tensor, num_pixels: int) -> torch.Tensor:
+    """Indices of the candidates that win their pixel: the smallest score, among equals the first candidate.
+    pixel (T,) flat pixel indices, score (T,). Returns (N,) candidate indices, one per covered pixel."""
+    best = torch.full((num_pixels,), float("inf"), dtype=score.dtype, device=score.device)
+    best.scatter_reduce_(0, pixel, score, reduce="amin")
+    candidates = torch.nonzero(score <= best[pixel]).squeeze(1)  # (M,)
+    owner = torch.full((num_pixels,), pixel.numel(), dtype=torch.long, device=pixel.device)
+    owner.scatter_reduce_(0, pixel[candidates], candidates, reduce="amin")
+    return owner[owner < pixel.numel()]  # (N,)
+
+
 def rasterize_uv(
     uvs: torch.Tensor, faces: torch.Tensor, texture_size: int, *, margin: float = 1.5, max_candidates: int = 2**22
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,45 +153,9 @@ def rasterize_uv(
     device = uvs.device
     pix = torch.stack([uvs[:, 0] * size - 0.5, (1.0 - uvs[:, 1]) * size - 0.5], dim=-1).double()  # (V, 2) x, y
     tri = pix[faces]  # (F, 3, 2)
-    a, b, c = tri[:, 0], tri[:, 1], tri[:, 2]  # (F, 2) each
-    det = (b[:, 1] - c[:, 1]) * (a[:, 0] - c[:, 0]) + (c[:, 0] - b[:, 0]) * (a[:, 1] - c[:, 1])  # (F,) 2 x signed area
-    lo = (tri.amin(dim=1) - margin).ceil().clamp(0, size - 1).long()  # (F, 2)
-    hi = (tri.amax(dim=1) + margin).floor().clamp(-1, size - 1).long()  # (F, 2)
-    extent = (hi - lo + 1).clamp(min=0)  # (F, 2) texels per axis in the bounding box
-    extent[det.abs() < 1e-12] = 0  # degenerate in UV: covers nothing
-    counts = extent[:, 0] * extent[:, 1]  # (F,)
-    edge_len = torch.stack([(b - c).norm(dim=-1), (c - a).norm(dim=-1), (a - b).norm(dim=-1)], dim=-1)  # (F, 3)
-    heights = det.abs()[:, None] / edge_len.clamp(min=1e-12)  # (F, 3) from each vertex to the opposite edge
-
-    # Batches of consecutive triangles with at most max_candidates bounding-box texels (a larger triangle alone).
-    counts_host = counts.cpu().numpy()
-    ends = np.cumsum(counts_host)
     texels, faces_out, barys, dists = [], [], [], []
-    start = 0
-    while start < len(counts_host):
-        base = ends[start - 1] if start else 0
-        stop = max(int(np.searchsorted(ends, base + max_candidates, side="right")), start + 1)
-        idx = torch.arange(start, stop, device=device)  # (f,)
-        n = counts[start:stop]
-        total = int(ends[stop - 1] - base)
-        start = stop
-        if total == 0:
-            continue
-        face = torch.repeat_interleave(idx, n, output_size=total)  # (T,)
-        first = torch.cumsum(n, 0) - n  # (f,) offset of each triangle's first candidate
-        local = torch.arange(total, device=device) - first[face - idx[0]]  # (T,)
-        width = extent[face, 0]
-        px = (lo[face, 0] + local % width).double()  # (T,)
-        py = (lo[face, 1] + local // width).double()
-        fa, fb, fc, fdet = a[face], b[face], c[face], det[face]
-        l0 = ((fb[:, 1] - fc[:, 1]) * (px - fc[:, 0]) + (fc[:, 0] - fb[:, 0]) * (py - fc[:, 1])) / fdet
-        l1 = ((fc[:, 1] - fa[:, 1]) * (px - fc[:, 0]) + (fa[:, 0] - fc[:, 0]) * (py - fc[:, 1])) / fdet
-        bary = torch.stack([l0, l1, 1.0 - l0 - l1], dim=-1)  # (T, 3)
-        # Cheap pre-filter: bary_i * height_i is the signed distance to the edge opposite vertex i; a texel more
-        # than `margin` outside any edge line is out of the band.
-        near = (bary * heights[face] >= -margin).all(dim=-1)  # (T,)
-        px, py, face, bary = px[near], py[near], face[near], bary[near]
-        dist, bary = _closest_on_triangle(px, py, a[face], b[face], c[face], bary)
+    for px, py, face, bary in _triangle_candidates(pix, faces, size, size, margin, max_candidates):
+        dist, bary = _closest_on_triangle(px, py, tri[face, 0], tri[face, 1], tri[face, 2], bary)
         keep = dist <= margin
         texels.append((py.long() * size + px.long())[keep])
         faces_out.append(face[keep])
@@ -131,15 +165,50 @@ def rasterize_uv(
         empty = torch.empty(0, dtype=torch.long, device=device)
         return empty, empty, torch.empty(0, 3, device=device)
     texel, face, bary, dist = torch.cat(texels), torch.cat(faces_out), torch.cat(barys), torch.cat(dists)
-
     # Nearest triangle per texel: the smallest distance wins; among equals (shared edges) the first does.
-    nearest = torch.full((size * size,), float("inf"), dtype=dist.dtype, device=device)
-    nearest.scatter_reduce_(0, texel, dist, reduce="amin")
-    candidates = torch.nonzero(dist <= nearest[texel]).squeeze(1)  # (M,)
-    owner = torch.full((size * size,), texel.numel(), dtype=torch.long, device=device)
-    owner.scatter_reduce_(0, texel[candidates], candidates, reduce="amin")
-    chosen = owner[owner < texel.numel()]  # (N,) one candidate per covered texel
+    chosen = _first_best(texel, dist, size * size)  # (N,)
     return texel[chosen], face[chosen], bary[chosen]
+
+
+def rasterize_screen(
+    xy: torch.Tensor,
+    depth: torch.Tensor,
+    faces: torch.Tensor,
+    height: int,
+    width: int,
+    *,
+    max_candidates: int = 2**22,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Depth-tested rasterisation of triangles in screen space (an orthographic or already-projected view).
+
+    Args:
+        xy: (V, 2) continuous pixel coordinates (x = column, y = row; pixel (r, c) has its centre at
+            (c + 0.5, r + 0.5)).
+        depth: (V,) larger = closer to the camera.
+        faces: (F, 3) long.
+        height, width: the image size in pixels.
+        max_candidates: bounding-box pixels tested per batch of triangles; bounds memory.
+
+    Returns:
+        pixel (N,) flat indices row * width + col, face (N,) and bary (N, 3) (float32) of the nearest triangle
+        covering each pixel centre (z-buffer on the interpolated depth; edges count as inside, ties go to the
+        lower face index). Each pixel appears at most once. Runs on the inputs' device.
+    """
+    device = xy.device
+    pix = xy.detach().double() - 0.5  # (V, 2) pixel centres at integers; coverage has no gradient
+    depth = depth.detach().double()
+    pixels, faces_out, barys, depths = [], [], [], []
+    for px, py, face, bary in _triangle_candidates(pix, faces, height, width, 0.0, max_candidates):
+        pixels.append(py.long() * width + px.long())
+        faces_out.append(face)
+        barys.append(bary)
+        depths.append((depth[faces[face]] * bary).sum(dim=-1))  # (T,) interpolated depth
+    if not pixels:
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return empty, empty, torch.empty(0, 3, device=device)
+    pixel, face, bary, z = torch.cat(pixels), torch.cat(faces_out), torch.cat(barys), torch.cat(depths)
+    chosen = _first_best(pixel, -z, height * width)  # (N,) the closest candidate per pixel
+    return pixel[chosen], face[chosen], bary[chosen].float()
 
 
 def dilate(image: torch.Tensor, mask: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
