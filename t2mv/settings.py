@@ -1,0 +1,486 @@
+"""GenerationSettings: every generation option of the chain, its default, its bounds, checked once.
+
+One frozen dataclass owns each option's default, its smoke-mode default, its allowed range and its help text.
+The command lines (``t2mv``, ``t2mv-multiview``, ``t2mv-mesh``), the batch tool and the app build a
+`GenerationSettings`, call `validate()` once (before any model loads), and hand it to `TextTo3D`; nothing
+downstream re-checks it.
+
+Adding an option is a one-place change: declare the field below with `option(...)`. Its default, bounds, smoke
+default, help text, command-line flag and slider step come from that declaration; `validate()`, `to_dict()`,
+`bounds()`, the CLI flags (`add_arguments`, `from_namespace`) and the app's sliders all read it from there.
+
+The bounds come from the stages' own constants: PeRFlow needs at least one step per time window (both stages;
+fewer is an error here, never a silent raise), the marching-cubes range is `triposr.mesh`'s range intersected
+with what the chain supports, the texture range is `triposr.texture`'s, the seed fits every generator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from typing import Any
+
+from triposr.mesh import MAX_RESOLUTION as TRIPOSR_MAX_RESOLUTION
+from triposr.mesh import MIN_RESOLUTION as TRIPOSR_MIN_RESOLUTION
+from triposr.texture import MAX_TEXTURE_SIZE, MIN_TEXTURE_SIZE
+
+from .errors import BadInputError
+from .text_to_image import CHAIN_PRESET, PERFLOW_SD15_SCHEDULER
+
+# PeRFlow runs one UNet pass per time window at least; both PeRFlow stages were trained with 4 windows
+# (text-to-image: `PERFLOW_SD15_SCHEDULER`; multiview: `wonder3d_perflow.pipeline.TRAINED_TIME_WINDOWS`, kept
+# equal by tests/test_chain.py without importing the multiview pipeline here, which costs seconds).
+T2I_TIME_WINDOWS: int = int(PERFLOW_SD15_SCHEDULER["num_time_windows"])
+MV_TIME_WINDOWS: int = 4
+MAX_STEPS = 100  # beyond this PeRFlow gains nothing; the bound only stops runaway requests
+MAX_SEED = 2**32 - 1  # numpy / CUDA generators and the app's seed box take 32-bit seeds
+# The chain keeps three models resident; at 1024³ the density grid alone is 4 GiB (float32) on top of them,
+# so the chain stops at 512 (1 GiB). triposr.mesh allows 32..1024 on its own.
+CHAIN_MAX_MC_RESOLUTION = 512
+MIN_MC_RESOLUTION = max(TRIPOSR_MIN_RESOLUTION, 32)
+MAX_MC_RESOLUTION = min(TRIPOSR_MAX_RESOLUTION, CHAIN_MAX_MC_RESOLUTION)
+MAX_SIMPLIFY_FACES = 10_000_000
+MV_PREPROCESS_MODES = ("wonder3d", "perflow")
+GROUPS = ("seed", "text_to_image", "preprocess", "multiview", "mesh")
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """What the UI and the command line need to know about one option.
+
+    Attributes:
+        name: the field name (``t2i_steps``).
+        kind: ``int``, ``float``, ``bool`` or ``str``.
+        default: the real-weights default; `smoke_default` the smoke-mode one.
+        low, high: inclusive bounds (None: unbounded; floats must still be finite).
+        choices: allowed values of a ``str`` option.
+        multiple_of: ints only: the value must be a multiple of it.
+        zero_allowed: ints only: 0 is allowed besides [low, high] (``simplify_faces``: 0 = keep all faces).
+        group: ``seed``, ``text_to_image``, ``preprocess``, ``multiview`` or ``mesh`` (which commands show it).
+        label: a short label for the UI; `help` the longer text for ``--help``.
+        flag: the command-line flag (a bool option with default True gets a ``--no-...`` flag).
+        step: the UI slider step.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    smoke_default: Any
+    low: float | None
+    high: float | None
+    choices: tuple[str, ...] | None
+    multiple_of: int | None
+    zero_allowed: bool
+    group: str
+    label: str
+    help: str
+    flag: str
+    step: float | None
+
+    def describe_range(self) -> str:
+        """The allowed values in words, for messages: ``an integer in [4, 100]``."""
+        if self.kind == "bool":
+            return "true or false"
+        if self.kind == "str":
+            return "one of " + ", ".join(repr(c) for c in self.choices or ())
+        what = "an integer" if self.kind == "int" else "a finite number"
+        if self.low is None and self.high is None:
+            text = what
+        else:
+            text = f"{what} in [{_number(self.low)}, {_number(self.high)}]"
+        if self.multiple_of:
+            text += f", a multiple of {self.multiple_of}"
+        if self.zero_allowed:
+            text = f"0 or {text}"
+        return text
+
+
+def _number(value: float | None) -> str:
+    """``4294967295`` (not ``4.29497e+09``) for whole numbers, ``0.3`` for the rest."""
+    if value is None:
+        return "?"
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def option(
+    default: Any,
+    *,
+    group: str,
+    label: str,
+    help: str,
+    low: float | None = None,
+    high: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    multiple_of: int | None = None,
+    zero_allowed: bool = False,
+    smoke: Any = MISSING,
+    flag: str | None = None,
+    step: float | None = None,
+) -> Any:
+    """Declare one option of `GenerationSettings` (a dataclass field carrying its `OptionSpec` pieces)."""
+    assert group in GROUPS, group
+    meta = {
+        "group": group,
+        "label": label,
+        "help": help,
+        "low": low,
+        "high": high,
+        "choices": choices,
+        "multiple_of": multiple_of,
+        "zero_allowed": zero_allowed,
+        "smoke": default if smoke is MISSING else smoke,
+        "flag": flag,
+        "step": step,
+    }
+    return field(default=default, metadata={"t2mv": meta})
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Every generation option of the chain. Build it, `validate()` it once, hand it to `TextTo3D`.
+
+    ``GenerationSettings()`` holds the real-weights defaults, `GenerationSettings.smoke()` the smoke-mode ones
+    (small image, coarse mesh). Change options with `with_changes(**values)`; read the bounds with `bounds()`.
+    """
+
+    seed: int = option(0, group="seed", label="Seed", help="seed of every stage's noise", low=0, high=MAX_SEED, step=1)
+    # text to image (PeRFlow SD1.5)
+    t2i_steps: int = option(
+        int(CHAIN_PRESET["num_inference_steps"]),
+        group="text_to_image",
+        label="Text-to-image steps",
+        help=f"PeRFlow steps (at least {T2I_TIME_WINDOWS}: one per time window)",
+        low=T2I_TIME_WINDOWS,
+        high=MAX_STEPS,
+        step=1,
+    )
+    t2i_guidance: float = option(
+        float(CHAIN_PRESET["guidance_scale"]),
+        group="text_to_image",
+        label="Text-to-image CFG",
+        help="classifier-free guidance (1 or less: off)",
+        low=0.0,
+        high=30.0,
+        step=0.5,
+    )
+    height: int = option(
+        512, group="text_to_image", label="Height", help="image height", low=64, high=1024, multiple_of=8, smoke=64
+    )
+    width: int = option(
+        512, group="text_to_image", label="Width", help="image width", low=64, high=1024, multiple_of=8, smoke=64
+    )
+    # background removal and the two stages' inputs
+    remove_background: bool = option(
+        True,
+        group="preprocess",
+        label="Remove background",
+        help="cut the object out with rembg (u2net) when the image has no transparency",
+        flag="--no-remove-bg",
+    )
+    mv_preprocess: str = option(
+        "wonder3d",
+        group="preprocess",
+        label="Multiview input",
+        help="multiview input: crop + recentre (wonder3d) or the PeRFlow demo's resize + whiten (perflow)",
+        choices=MV_PREPROCESS_MODES,
+    )
+    mv_foreground_ratio: float = option(
+        0.75,  # Wonder3D's recentring ratio
+        group="preprocess",
+        label="Foreground ratio (multiview)",
+        help="object size in the multiview input",
+        low=0.3,
+        high=1.0,
+        step=0.05,
+    )
+    mesh_foreground_ratio: float = option(
+        0.85,  # TripoSR's
+        group="preprocess",
+        label="Foreground ratio (mesh)",
+        help="object size in the TripoSR input",
+        low=0.3,
+        high=1.0,
+        step=0.05,
+    )
+    # multiview (Wonder3D + PeRFlow)
+    mv_steps: int = option(
+        4,  # upstream asks for 1 step but its scheduler runs 4 (one per window); we say so instead
+        group="multiview",
+        label="Multiview steps",
+        help=f"PeRFlow steps (at least {MV_TIME_WINDOWS}: one per time window)",
+        low=MV_TIME_WINDOWS,
+        high=MAX_STEPS,
+        step=1,
+    )
+    mv_guidance: float = option(
+        1.0,
+        group="multiview",
+        label="Multiview CFG (1 = off)",
+        help="classifier-free guidance; 1.0 = none, as upstream",
+        low=1.0,
+        high=30.0,
+        step=0.5,
+    )
+    # mesh (TripoSR)
+    mc_resolution: int = option(
+        256,
+        group="mesh",
+        label="Marching-cubes resolution",
+        help="marching cubes grid",
+        low=MIN_MC_RESOLUTION,
+        high=MAX_MC_RESOLUTION,
+        smoke=32,
+        step=32,
+    )
+    mc_threshold: float = option(
+        25.0, group="mesh", label="Density threshold", help="density level of the surface", step=0.5
+    )
+    bake_texture: bool = option(
+        False, group="mesh", label="Bake a UV texture", help="bake a UV texture instead of vertex colours"
+    )
+    texture_size: int = option(
+        1024,
+        group="mesh",
+        label="Texture size",
+        help="baked texture side in texels",
+        low=MIN_TEXTURE_SIZE,
+        high=MAX_TEXTURE_SIZE,
+        smoke=512,
+        step=512,
+    )
+    simplify_faces: int = option(
+        0,
+        group="mesh",
+        label="Simplify to about N faces (0 = keep all)",
+        help="decimate the mesh to about this many faces (0: keep all)",
+        low=4,
+        high=MAX_SIMPLIFY_FACES,
+        zero_allowed=True,
+        flag="--simplify",
+    )
+
+    # ------------------------------------------------------------------------------------------ building
+    @classmethod
+    def smoke(cls, **changes: Any) -> GenerationSettings:
+        """The smoke-mode defaults (tiny random models: 64² image, 32³ marching cubes), with `changes` applied."""
+        base = cls(**{spec.name: spec.smoke_default for spec in cls.bounds().values()})
+        return base.with_changes(**changes)
+
+    @classmethod
+    def defaults(cls, smoke: bool = False) -> GenerationSettings:
+        """`GenerationSettings()` or, for smoke mode, `GenerationSettings.smoke()`."""
+        return cls.smoke() if smoke else cls()
+
+    def with_changes(self, **changes: Any) -> GenerationSettings:
+        """A copy with `changes` applied (None values are ignored: "keep the default"). Not validated.
+
+        Raises:
+            BadInputError: an unknown option name (the message lists the known ones).
+        """
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise BadInputError(f"unknown setting(s) {unknown}; known: {sorted(known)}.")
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def from_mapping(
+        cls, values: Mapping[str, Any], *, base: GenerationSettings | None = None, coerce: bool = False
+    ) -> GenerationSettings:
+        """Settings from a mapping of option names (None: keep `base`'s value), validated.
+
+        Args:
+            values: option name → value; keys that are not options raise `BadInputError`.
+            base: the settings to start from (default: `GenerationSettings()`).
+            coerce: accept UI values: whole floats (``4.0``) and numeric strings for numbers. A slider's float
+                that is not whole is still an error for an integer option.
+
+        Returns:
+            The validated settings.
+        """
+        base = base if base is not None else cls()
+        changes = dict(values)
+        if coerce:
+            specs = cls.bounds()
+            changes = {k: _coerce(specs[k], v) if k in specs else v for k, v in changes.items()}
+        return base.with_changes(**changes).validate()
+
+    # ------------------------------------------------------------------------------------------ checking
+    def problems(self) -> list[str]:
+        """Every option that breaks its bounds, as one message each (empty when all are fine)."""
+        found = []
+        for spec in self.bounds().values():
+            message = _check(spec, getattr(self, spec.name))
+            if message:
+                found.append(message)
+        return found
+
+    def validate(self) -> GenerationSettings:
+        """Check every option; return self so calls chain (``GenerationSettings(...).validate()``).
+
+        Raises:
+            BadInputError: one line naming each bad option, its value and what is allowed.
+        """
+        found = self.problems()
+        if found:
+            raise BadInputError(" ".join(found))
+        return self
+
+    # ------------------------------------------------------------------------------------------ reading
+    @classmethod
+    def bounds(cls) -> dict[str, OptionSpec]:
+        """name → `OptionSpec` for every option, in declaration order (for sliders, ``--help`` and messages)."""
+        table: dict[str, OptionSpec] = {}
+        for f in fields(cls):
+            meta = f.metadata["t2mv"]
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            table[f.name] = OptionSpec(
+                name=f.name,
+                kind=kind,
+                default=f.default,
+                smoke_default=meta["smoke"],
+                low=meta["low"],
+                high=meta["high"],
+                choices=meta["choices"],
+                multiple_of=meta["multiple_of"],
+                zero_allowed=meta["zero_allowed"],
+                group=meta["group"],
+                label=meta["label"],
+                help=meta["help"],
+                flag=meta["flag"] or _default_flag(f.name, kind, f.default),
+                step=meta["step"],
+            )
+        return table
+
+    @classmethod
+    def spec(cls, name: str) -> OptionSpec:
+        """The `OptionSpec` of one option (KeyError for an unknown name)."""
+        return cls.bounds()[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values, for settings.json."""
+        return asdict(self)
+
+
+def _default_flag(name: str, kind: str, default: Any) -> str:
+    dashed = name.replace("_", "-")
+    if kind == "bool" and default is True:
+        return f"--no-{dashed}"
+    return f"--{dashed}"
+
+
+def _check(spec: OptionSpec, value: Any) -> str | None:
+    """One message when `value` breaks `spec`, else None."""
+    bad = f"{spec.name} must be {spec.describe_range()}, got {value!r}."
+    if spec.kind == "bool":
+        return None if isinstance(value, bool) else bad
+    if spec.kind == "str":
+        return None if isinstance(value, str) and value in (spec.choices or (value,)) else bad
+    if isinstance(value, bool):
+        return bad
+    if spec.kind == "int" and not isinstance(value, int):
+        return bad
+    if spec.kind == "float":
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            return bad
+    if spec.zero_allowed and value == 0:
+        return None
+    if spec.low is not None and value < spec.low or spec.high is not None and value > spec.high:
+        return bad
+    if spec.multiple_of and value % spec.multiple_of:
+        return bad
+    return None
+
+
+def _coerce(spec: OptionSpec, value: Any) -> Any:
+    """A UI value as the option's type where that is exact (``4.0`` → 4, ``"2.5"`` → 2.5); else unchanged."""
+    if value is None or isinstance(value, bool) or spec.kind in ("bool", "str"):
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return value
+    if spec.kind == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if spec.kind == "float" and isinstance(value, int):
+        return float(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    groups: Iterable[str],
+    *,
+    exclude: Iterable[str] = (),
+    names: Mapping[str, str] | None = None,
+) -> None:
+    """Add a flag for every option of `groups` to `parser` (argument groups named after the option groups).
+
+    Every flag defaults to None ("the settings' default"), so a smoke-mode run keeps its own defaults; the help
+    text shows both defaults where they differ.
+
+    Args:
+        parser: the (sub)command's parser.
+        groups: which option groups (see `GROUPS`) this command takes.
+        exclude: option names to leave out.
+        names: option name → another flag for it (``{"mv_steps": "--steps"}`` for a stage command).
+    """
+    groups, exclude, names = list(groups), set(exclude), dict(names or {})
+    titles = {
+        "seed": "seed",
+        "text_to_image": "text to image",
+        "preprocess": "background removal and stage inputs",
+        "multiview": "multiview",
+        "mesh": "mesh",
+    }
+    for group_name in groups:
+        specs = [s for s in GenerationSettings.bounds().values() if s.group == group_name and s.name not in exclude]
+        if not specs:
+            continue
+        group = parser.add_argument_group(titles[group_name])
+        for spec in specs:
+            flag = names.get(spec.name, spec.flag)
+            default_text = f"default: {spec.default}" + (
+                f"; smoke mode: {spec.smoke_default}" if spec.smoke_default != spec.default else ""
+            )
+            if spec.kind == "bool":
+                group.add_argument(
+                    flag,
+                    dest=spec.name,
+                    action="store_const",
+                    const=not spec.default,
+                    default=None,
+                    help=f"do not {spec.help}" if spec.default else spec.help,
+                )
+                continue
+            kwargs: dict[str, Any] = {"dest": spec.name, "default": None}
+            if spec.kind == "str":
+                kwargs["choices"] = spec.choices
+            else:
+                kwargs["type"] = int if spec.kind == "int" else float
+                kwargs["metavar"] = "N" if spec.kind == "int" else "X"
+            range_text = "" if spec.kind == "str" else f"; {spec.describe_range()}"
+            group.add_argument(flag, help=f"{spec.help} ({default_text}{range_text})", **kwargs)
+
+
+def from_namespace(args: argparse.Namespace, *, smoke: bool = False, **overrides: Any) -> GenerationSettings:
+    """The validated settings of a parsed command line (flags left unset keep the smoke or real defaults).
+
+    Args:
+        args: the namespace `add_arguments` filled (other attributes are ignored).
+        smoke: start from the smoke-mode defaults.
+        overrides: values that win over the flags (None: ignored).
+
+    Raises:
+        BadInputError: an option out of its bounds.
+    """
+    values = {name: getattr(args, name) for name in GenerationSettings.bounds() if hasattr(args, name)}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return GenerationSettings.from_mapping(values, base=GenerationSettings.defaults(smoke))
+
+
+SMOKE_SETTINGS = GenerationSettings.smoke()
