@@ -170,3 +170,20 @@ def test_missing_delta_repo_raises_missing_weights(tmp_path, monkeypatch):
 def test_report_defaults():
     report = DeltaReport()
     assert report.complete and report.summary().startswith("ΔW merge (strict, alpha=1): 0 applied")
+
+
+def test_lazy_delta_merges_like_the_eager_one(tiny):
+    """Low-memory mode reads the ΔW one tensor at a time; the merge must not change."""
+    from t2mv.perflow.delta import LazySafetensors
+
+    eager = load_delta_weights(tiny / "delta_merge_delta.safetensors")
+    lazy = load_delta_weights(tiny / "delta_merge_delta.safetensors", lazy=True)
+    assert isinstance(lazy, LazySafetensors)
+    assert set(lazy) == set(eager) and len(lazy) == len(eager)
+    assert "not-a-key" not in lazy
+    base = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(0)) for k, v in eager.items()}
+    a = {k: v.clone() for k, v in base.items()}
+    b = {k: v.clone() for k, v in base.items()}
+    merge_delta_weights(a, eager)
+    merge_delta_weights(b, lazy)
+    assert all(torch.equal(a[k], b[k]) for k in a)
