@@ -8,6 +8,12 @@ runs once per image.
 The chain is the one place that picks device and dtype (CUDA float16, CPU float32), can offload stages
 (each moves to the GPU only while it runs), seeds every stage from one seed, and measures per-stage time and
 peak memory. The app, the command line and the batch tool are thin shells over ``TextTo3D.__call__``.
+
+Where things live: the options and their bounds in `t2mv.settings` (`GenerationSettings`, validated once before
+any stage runs), the input-image and output-path checks in `t2mv.inputs`, error classes and exit codes in
+`t2mv.errors`; this module only composes and runs the stages. Given an ``output_dir``, a run writes each stage's
+files as soon as the stage ends, so a late failure (no surface at the threshold, out of memory) keeps the image and
+the views, with a ``FAILED.json`` marker naming the stage.
 """
 
 from __future__ import annotations
@@ -18,15 +24,26 @@ import logging
 import os
 import platform
 import time
-import warnings as warnings_module
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from .errors import SMOKE_HINT, BadInputError, StageFailedError, WeightsUnavailableError, is_missing_weights
+from .inputs import (
+    MAX_IMAGE_PIXELS,
+    MIN_IMAGE_SIDE,
+    check_output_folder,
+    has_alpha,
+    new_rembg_session,
+    open_image,
+    write_image,
+    write_text,
+)
+from .settings import MAX_SEED, SMOKE_SETTINGS, GenerationSettings
 from .tiny import SMOKE_BANNER, FakeRembgSession, warn_smoke
 
 logger = logging.getLogger(__name__)
@@ -36,56 +53,32 @@ DEFAULT_MULTIVIEW_MODEL = "flamehaze1115/wonder3d-v1.0"
 DEFAULT_MULTIVIEW_DELTA = "hansyan/perflow-sd15-delta-weights"  # the SD1.5 ΔW, merged into Wonder3D's UNet
 DEFAULT_TRIPOSR_MODEL = "stabilityai/TripoSR"
 STAGES = ("text_to_image", "multiview", "mesh")
+MESH_FORMATS = ("glb", "obj", "ply")
+FAILED_MARKER = "FAILED.json"
 
-# Input images: large enough to hold an object, small enough to decode without exhausting memory. PIL's own
-# decompression-bomb guard only fires at 179 M pixels; this limit is checked from the header, before decoding.
-MIN_IMAGE_SIDE = 16
-MAX_IMAGE_PIXELS = 8192 * 8192
-MAX_SEED = 2**63 - 1
-
-SMOKE_HINT = (
-    "To try the program without any weights, run it in smoke mode (`--tiny`, or T2MV_SMOKE=1): tiny random "
-    "models whose output is noise."
-)
-
-
-class WeightsUnavailableError(FileNotFoundError):
-    """A model of the chain could not be loaded: the message names the stage, the repo and the fixes."""
-
-
-@dataclass(frozen=True)
-class ChainDefaults:
-    """Default generation settings; the UI and the command line show these. Smoke mode uses smaller ones."""
-
-    height: int = 512
-    width: int = 512
-    t2i_steps: int = 4  # PeRFlow's four time windows
-    t2i_guidance: float = 4.5  # the PeRFlow text-to-multiview demo
-    mv_steps: int = 4  # upstream asks for 1 step but its scheduler runs 4 (one per time window)
-    mv_guidance: float = 1.0  # no classifier-free guidance, as the demo
-    mv_foreground_ratio: float = 0.75  # Wonder3D's recentring ratio
-    mesh_foreground_ratio: float = 0.85  # TripoSR's
-    mc_resolution: int = 256
-    mc_threshold: float = 25.0
-    texture_size: int = 1024
-
-
-TINY_DEFAULTS = ChainDefaults(height=64, width=64, mc_resolution=32, texture_size=512)
-
-# Allowed ranges, checked once in TextTo3D.check_inputs (the UI sliders use the same numbers).
+# Kept only so existing callers (benchmarks/stages.py) run unchanged; new code uses GenerationSettings.
+ChainDefaults = GenerationSettings
+TINY_DEFAULTS = SMOKE_SETTINGS
+# Read by app.py until it reads GenerationSettings.bounds() itself; derived, so it cannot disagree.
 LIMITS: dict[str, tuple[float, float]] = {
-    "t2i_steps": (1, 100),
-    "t2i_guidance": (0.0, 30.0),
-    "mv_steps": (1, 100),
-    "mv_guidance": (0.0, 30.0),
-    "height": (64, 1024),
-    "width": (64, 1024),
-    "mv_foreground_ratio": (0.3, 1.0),
-    "mesh_foreground_ratio": (0.3, 1.0),
-    "mc_resolution": (32, 512),
-    "texture_size": (512, 4096),
-    "simplify_faces": (100, 10_000_000),
+    spec.name: (spec.low, spec.high) for spec in GenerationSettings.bounds().values() if spec.low is not None
 }
+
+__all__ = [
+    "FAILED_MARKER",
+    "MAX_IMAGE_PIXELS",
+    "MAX_SEED",
+    "MIN_IMAGE_SIDE",
+    "STAGES",
+    "ChainResult",
+    "GenerationSettings",
+    "StageFailedError",
+    "TextTo3D",
+    "WeightsUnavailableError",
+    "horizontal_strip",
+    "open_image",
+    "resolve_device_dtype",
+]
 
 
 @dataclass
@@ -104,9 +97,10 @@ class ChainResult:
             ``<stage>.host_rss`` (resident set size after the stage), and ``host_peak_rss`` for the process.
         settings: everything needed to reproduce the run (prompt, seed, steps, models, device, versions).
         warnings: messages for the user (e.g. a prompt longer than CLIP's 77 tokens was truncated).
+        finished: the stages that finished, in order (``text_to_image``/``input``, ``preprocess``, ...).
     """
 
-    image: Image.Image
+    image: Image.Image | None = None
     mv_input: Image.Image | None = None
     mesh_input: Image.Image | None = None
     normals: list[Image.Image] = field(default_factory=list)
@@ -117,117 +111,84 @@ class ChainResult:
     memory: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
 
-    def save(self, folder: str | os.PathLike, *, mesh_formats: Sequence[str] = ("glb",)) -> dict[str, Path]:
-        """Write the result into `folder` (created) and return {name: path}.
+    def save_stage(
+        self, stage: str, folder: str | os.PathLike, *, mesh_formats: Sequence[str] = ("glb",)
+    ) -> dict[str, Path]:
+        """Write one finished stage's files into `folder` (created), each atomically; return {name: path}.
 
-        Files: ``image.png``; ``mv_input.png``, ``normal_<i>_<view>.png`` and ``color_<i>_<view>.png`` (12 views),
-        ``normals.png`` / ``colors.png`` (the six views side by side); ``mesh_input.png`` and ``mesh.<fmt>`` for
-        each of `mesh_formats` (``glb``, ``obj`` (+ ``.mtl`` and texture when baked), ``ply``);
-        ``settings.json`` (deterministic: same settings, same file) and ``timings.json`` (timings, memory).
+        Stages and their files: ``text_to_image`` / ``input``: ``image.png``; ``preprocess``: ``mv_input.png``,
+        ``mesh_input.png``; ``multiview``: ``normal_<i>_<view>.png``, ``color_<i>_<view>.png`` and the strips
+        ``normals.png`` / ``colors.png``; ``mesh`` / ``texture``: ``mesh.<fmt>`` for each of `mesh_formats`
+        (``.obj`` also writes ``.mtl`` and the texture when baked); ``record``: ``settings.json`` (deterministic:
+        same settings, same file) and ``timings.json``.
         """
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         paths: dict[str, Path] = {}
 
         def put(name: str, image: Image.Image) -> None:
-            paths[name] = folder / f"{name}.png"
-            image.save(paths[name])
+            paths[name] = write_image(image, folder / f"{name}.png")
 
-        put("image", self.image)
-        if self.mv_input is not None:
-            put("mv_input", self.mv_input)
-        for kind, views in (("normal", self.normals), ("color", self.colors)):
-            for i, (view, name) in enumerate(zip(views, self.view_names)):
-                put(f"{kind}_{i}_{name}", view)
-            if views:
-                put(f"{kind}s", horizontal_strip(views))
-        if self.mesh_input is not None:
-            put("mesh_input", self.mesh_input)
-        if self.mesh is not None:
+        if stage in ("text_to_image", "input") and self.image is not None:
+            put("image", self.image)
+        elif stage == "preprocess":
+            if self.mv_input is not None:
+                put("mv_input", self.mv_input)
+            if self.mesh_input is not None:
+                put("mesh_input", self.mesh_input)
+        elif stage == "multiview":
+            for kind, views in (("normal", self.normals), ("color", self.colors)):
+                for i, (view, name) in enumerate(zip(views, self.view_names)):
+                    put(f"{kind}_{i}_{name}", view)
+                if views:
+                    put(f"{kind}s", horizontal_strip(views))
+        elif stage in ("mesh", "texture") and self.mesh is not None:
             from triposr.export import export_mesh
 
-            for fmt in mesh_formats:
-                fmt = fmt.lower().lstrip(".")
-                if fmt not in ("glb", "obj", "ply"):
-                    raise ValueError(f"mesh format must be glb, obj or ply, got {fmt!r}.")
-                for written in export_mesh(self.mesh, folder / f"mesh.{fmt}"):  # .obj also writes .mtl (+ .png)
+            folder.mkdir(parents=True, exist_ok=True)
+            for fmt in check_mesh_formats(mesh_formats):
+                for written in export_mesh(self.mesh, folder / f"mesh.{fmt}"):  # atomic; .obj also .mtl (+ .png)
                     paths[written.name] = written
-        paths["settings"] = folder / "settings.json"
-        paths["settings"].write_text(json.dumps(self.settings, indent=2, sort_keys=True, default=str) + "\n")
-        paths["timings"] = folder / "timings.json"
-        record = {"timings": self.timings, "memory": self.memory, "warnings": self.warnings}
-        paths["timings"].write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        elif stage == "record":
+            paths["settings"] = write_text(_json(self.settings), folder / "settings.json")
+            record = {"timings": self.timings, "memory": self.memory, "warnings": self.warnings}
+            paths["timings"] = write_text(_json(record), folder / "timings.json")
+        return paths
+
+    def save(self, folder: str | os.PathLike, *, mesh_formats: Sequence[str] = ("glb",)) -> dict[str, Path]:
+        """Write the whole result into `folder` (created) and return {name: path} (see `save_stage` for the files).
+
+        A ``FAILED.json`` left in `folder` by an earlier failed run is removed: the folder is now complete.
+        """
+        check_mesh_formats(mesh_formats)
+        paths: dict[str, Path] = {}
+        for stage in ("input", "preprocess", "multiview", "mesh", "record"):
+            paths.update(self.save_stage(stage, folder, mesh_formats=mesh_formats))
+        (Path(folder) / FAILED_MARKER).unlink(missing_ok=True)
         return paths
 
 
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=str) + "\n"
+
+
+def check_mesh_formats(formats: Sequence[str]) -> list[str]:
+    """Normalised mesh formats (``"GLB"``, ``".obj"`` → ``"glb"``, ``"obj"``); BadInputError for unknown ones."""
+    names = [str(fmt).lower().lstrip(".") for fmt in formats]
+    unknown = [name for name in names if name not in MESH_FORMATS]
+    if unknown:
+        raise BadInputError(f"mesh format must be glb, obj or ply, got {', '.join(map(repr, unknown))}.")
+    return list(dict.fromkeys(names))
+
+
 def horizontal_strip(images: Sequence[Image.Image]) -> Image.Image:
-    """The images side by side, left to right (all of the first image's size)."""
+    """The images side by side, left to right, all at the first image's size: six 256² views → 1536×256 RGB."""
     width, height = images[0].size
     strip = Image.new("RGB", (width * len(images), height), (255, 255, 255))
     for i, image in enumerate(images):
         strip.paste(image.convert("RGB").resize((width, height)), (i * width, 0))
     return strip
-
-
-def open_image(source: str | os.PathLike | Image.Image) -> Image.Image:
-    """Open and check an input image; return it as RGB, or RGBA when it carries transparency.
-
-    Raises ValueError with what to do for: a file that is not an image, fewer than ``MIN_IMAGE_SIDE`` pixels
-    on a side, more than ``MAX_IMAGE_PIXELS`` pixels (checked from the header before decoding), and modes that
-    cannot be converted. Greyscale, palette, CMYK, 16-bit and LA/RGBA inputs are converted.
-    """
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        try:
-            with warnings_module.catch_warnings():
-                # Our own pixel limit below is lower than PIL's; its DecompressionBombWarning would only repeat it.
-                warnings_module.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(source)
-        except Image.DecompressionBombError as e:
-            raise ValueError(
-                f"The image is too large ({e}). Use an image of at most {MAX_IMAGE_PIXELS:,} pixels "
-                f"(e.g. {int(MAX_IMAGE_PIXELS**0.5)}×{int(MAX_IMAGE_PIXELS**0.5)})."
-            ) from e
-        except (OSError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
-            raise ValueError(
-                f"{Path(source).name} is not an image PIL can read ({e}). Upload a PNG, JPEG or WebP image."
-            ) from e
-    width, height = image.size
-    if min(width, height) < MIN_IMAGE_SIDE:
-        raise ValueError(
-            f"The image is {width}×{height} pixels; it needs at least {MIN_IMAGE_SIDE} pixels on each side. "
-            "Use a larger image (256×256 or more works best)."
-        )
-    if width * height > MAX_IMAGE_PIXELS:
-        raise ValueError(
-            f"The image is {width}×{height} = {width * height:,} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed. "
-            "Downscale it (1024×1024 is plenty: the models see 256² and 512²)."
-        )
-    try:
-        image.load()
-    except (OSError, SyntaxError) as e:
-        raise ValueError(f"The image file is damaged or truncated ({e}). Re-export it and upload it again.") from e
-    return _normalise_mode(image)
-
-
-def _normalise_mode(image: Image.Image) -> Image.Image:
-    import numpy as np
-
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        return image.convert("RGBA")
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16-bit / float greyscale: PIL's convert("RGB") clips at 255, so scale to 8 bits first.
-        pixels = np.asarray(image, dtype=np.float64)  # (H, W)
-        top = pixels.max() if pixels.max() > 255 else 255.0
-        pixels = np.clip(pixels / top * 255.0, 0, 255).astype(np.uint8)
-        return Image.fromarray(pixels).convert("RGB")
-    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGB
-
-
-def _has_transparency(image: Image.Image) -> bool:
-    return image.mode == "RGBA" and image.getchannel("A").getextrema()[0] < 255
 
 
 class _MemoSession:
@@ -309,7 +270,8 @@ class TextTo3D:
             on first use (smoke mode: a weightless fake).
         smoke: smoke mode (tiny random weights); logged loudly and recorded in every result.
         model_ids: recorded in the results' settings.
-        defaults: the generation settings the UI and command line start from.
+        defaults: the `GenerationSettings` a call without `settings` uses (and the UI starts from); default
+            `GenerationSettings()`, or `GenerationSettings.smoke()` in smoke mode.
     """
 
     def __init__(
@@ -324,7 +286,7 @@ class TextTo3D:
         rembg_session: Any = None,
         smoke: bool = False,
         model_ids: dict[str, Any] | None = None,
-        defaults: ChainDefaults | None = None,
+        defaults: GenerationSettings | None = None,
     ):
         if text_to_image is None and multiview is None and reconstructor is None:
             raise ValueError("TextTo3D needs at least one stage (text_to_image, multiview or reconstructor).")
@@ -335,7 +297,7 @@ class TextTo3D:
         self.reconstructor = reconstructor
         self.smoke = smoke
         self.model_ids = dict(model_ids or {})
-        self.defaults = defaults or (TINY_DEFAULTS if smoke else ChainDefaults())
+        self.defaults = defaults if defaults is not None else GenerationSettings.defaults(smoke)
         self._rembg_session = None if rembg_session is None else _MemoSession(rembg_session)
         if smoke:
             warn_smoke()
@@ -453,24 +415,13 @@ class TextTo3D:
 
     @property
     def rembg_session(self) -> Any:
-        """The chain's one background-removal session, created on first use (u2net, or a fake in smoke mode)."""
-        if self._rembg_session is None:
-            if self.smoke:
-                session: Any = FakeRembgSession()
-            else:
-                try:
-                    import rembg
+        """The chain's one background-removal session, created on first use (u2net, or a fake in smoke mode).
 
-                    session = rembg.new_session("u2net")
-                except Exception as e:  # rembg downloads u2net.onnx on first use; offline that fails
-                    u2net_home = os.environ.get("U2NET_HOME", os.path.expanduser("~/.u2net"))
-                    raise WeightsUnavailableError(
-                        f"The background-removal model u2net could not be loaded ({type(e).__name__}: {e}). "
-                        f"rembg looks for {u2net_home}/u2net.onnx and downloads it when missing. Fix: run once "
-                        "with network access, or copy u2net.onnx into that folder (or set U2NET_HOME); or turn "
-                        "background removal off, or give an image with a transparent background (RGBA)."
-                    ) from e
-            self._rembg_session = _MemoSession(session)
+        Raises:
+            WeightsUnavailableError: u2net cannot be loaded (offline and not in ``$U2NET_HOME``), with the fixes.
+        """
+        if self._rembg_session is None:
+            self._rembg_session = _MemoSession(FakeRembgSession() if self.smoke else new_rembg_session())
         return self._rembg_session
 
     @property
@@ -479,95 +430,81 @@ class TextTo3D:
         return tuple(name for name, stage in zip(STAGES, present) if stage is not None)
 
     # ------------------------------------------------------------------------------------------ running
-    def check_inputs(self, prompt: str | None, image: Any, **numbers: Any) -> None:
-        """Raise ValueError (saying what is allowed) for a missing prompt/image or an out-of-range setting."""
+    def settings_for(self, settings: GenerationSettings | None = None, **options: Any) -> GenerationSettings:
+        """`settings` (default: `self.defaults`) with `options` applied (None values ignored), validated.
+
+        Raises:
+            BadInputError: an unknown option, or an option out of its bounds (the message says what is allowed).
+        """
+        base = self.defaults if settings is None else settings
+        if not isinstance(base, GenerationSettings):
+            raise BadInputError(f"settings must be a GenerationSettings, got {type(base).__name__}.")
+        return base.with_changes(**options).validate()
+
+    def check_request(self, prompt: str | None, image: Any) -> None:
+        """Raise BadInputError when there is neither a prompt nor an image, or text for a chain without that stage."""
         if image is None:
             if prompt is None or not str(prompt).strip():
-                raise ValueError("Enter a prompt (or give an image instead of a prompt).")
+                raise BadInputError("Enter a prompt (or give an image instead of a prompt).")
             if self.text_to_image is None:
-                raise ValueError("This chain was built without the text-to-image stage: give an image instead.")
-        for name, value in numbers.items():
-            if value is None:
-                continue
-            low, high = LIMITS[name]
-            if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-                raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}.")
-            if not low <= value <= high:
-                raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value:g}.")
-        for name in ("height", "width"):
-            if numbers.get(name) is not None and numbers[name] % 8:
-                raise ValueError(f"{name} must be a multiple of 8, got {numbers[name]}.")
+                raise BadInputError("This chain was built without the text-to-image stage: give an image instead.")
+
+    def needs_background_removal(
+        self, image: Image.Image | None, settings: GenerationSettings, *, multiview: bool = True, mesh: bool = True
+    ) -> bool:
+        """Whether a run will call rembg: a preprocessing stage runs, removal is on, and the image has no alpha
+        (a generated image, `image=None`, never has)."""
+        preprocessing = (multiview and self.multiview is not None) or (mesh and self.reconstructor is not None)
+        return preprocessing and settings.remove_background and (image is None or not has_alpha(image))
 
     def __call__(
         self,
         prompt: str | None = None,
         *,
         image: Image.Image | str | os.PathLike | None = None,
+        settings: GenerationSettings | None = None,
         negative_prompt: str | None = None,
-        seed: int = 0,
-        t2i_steps: int | None = None,
-        t2i_guidance: float | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        mv_steps: int | None = None,
-        mv_guidance: float | None = None,
-        remove_background: bool = True,
-        mv_foreground_ratio: float | None = None,
-        mesh_foreground_ratio: float | None = None,
-        mv_preprocess: str = "wonder3d",
-        mc_resolution: int | None = None,
-        mc_threshold: float | None = None,
-        bake_texture: bool = False,
-        texture_size: int | None = None,
-        simplify_faces: int | None = None,
         multiview: bool = True,
         mesh: bool = True,
         callback: Callable[[str, int, int], None] | None = None,
+        output_dir: str | os.PathLike | None = None,
+        mesh_formats: Sequence[str] = ("glb",),
+        on_stage_done: Callable[[str, ChainResult], None] | None = None,
+        **options: Any,
     ) -> ChainResult:
         """Run the chain: prompt (or `image`) → image → multiview and mesh.
 
         Args:
             prompt: the text; ignored (with a warning) when `image` is given.
-            image: a PIL image or a path, used instead of the text-to-image stage.
+            image: a PIL image or a path, used instead of the text-to-image stage (checked by `open_image`).
+            settings: the generation settings (default: `self.defaults`); validated here, before any stage runs.
+                Every stage draws its noise from its own CPU generator seeded with ``settings.seed``, so results do
+                not depend on the device's RNG or on what ran before.
             negative_prompt: for the text-to-image stage.
-            seed: every stage draws its noise from its own CPU generator seeded with this, so results do not
-                depend on the device's RNG or on what ran before.
-            t2i_steps, t2i_guidance, height, width: text-to-image settings (None: `self.defaults`).
-            mv_steps, mv_guidance: multiview settings.
-            remove_background: cut the object out with rembg when the image has no transparency (generated
-                images have none). False uses such an image whole; a transparent background is always used.
-            mv_foreground_ratio, mesh_foreground_ratio: object size after recentring, per stage.
-            mv_preprocess: ``"wonder3d"`` (crop and recentre the object) or ``"perflow"`` (the PeRFlow demo's
-                resize and whiten, no recentring; `mv_foreground_ratio` is then unused).
-            mc_resolution, mc_threshold: marching cubes grid and density level.
-            bake_texture, texture_size: bake a UV texture instead of vertex colours.
-            simplify_faces: decimate the mesh to about this many faces (None or 0: keep all).
             multiview, mesh: run these stages (when the chain has them).
             callback: called as ``callback(stage_name, index, total)`` before each stage (for progress bars).
+            output_dir: write each stage's files here as soon as the stage ends (`ChainResult.save_stage`), and
+                ``settings.json`` / ``timings.json`` at the end. When a stage fails after others finished, their
+                files stay, ``FAILED.json`` names the stage and the error, and `StageFailedError` is raised.
+            mesh_formats: the mesh files written into `output_dir` (``glb``, ``obj``, ``ply``).
+            on_stage_done: called as ``on_stage_done(stage_name, partial_result)`` after each stage.
+            **options: `GenerationSettings` fields overriding `settings` (``seed=3, mc_resolution=128``): a shim
+                for keyword callers; unknown names raise `BadInputError`.
+
+        Returns:
+            The `ChainResult` (``settings`` holds everything needed to reproduce it).
+
+        Raises:
+            BadInputError: bad settings, no prompt/image, an unusable image or output folder (before any stage).
+            WeightsUnavailableError: background removal is needed and u2net is missing (before any stage).
+            StageFailedError: a stage failed after earlier ones were written to `output_dir` (its ``cause`` is the
+                original error). Without `output_dir` the original error is raised.
         """
-        d = self.defaults
-        settings = {
-            "t2i_steps": d.t2i_steps if t2i_steps is None else t2i_steps,
-            "t2i_guidance": d.t2i_guidance if t2i_guidance is None else t2i_guidance,
-            "height": d.height if height is None else height,
-            "width": d.width if width is None else width,
-            "mv_steps": d.mv_steps if mv_steps is None else mv_steps,
-            "mv_guidance": d.mv_guidance if mv_guidance is None else mv_guidance,
-            "mv_foreground_ratio": d.mv_foreground_ratio if mv_foreground_ratio is None else mv_foreground_ratio,
-            "mesh_foreground_ratio": d.mesh_foreground_ratio
-            if mesh_foreground_ratio is None
-            else mesh_foreground_ratio,
-            "mc_resolution": d.mc_resolution if mc_resolution is None else mc_resolution,
-            "texture_size": d.texture_size if texture_size is None else texture_size,
-            "simplify_faces": simplify_faces or None,
-        }
-        mc_threshold = d.mc_threshold if mc_threshold is None else mc_threshold
-        # 1. Check inputs.
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}.")
-        self.check_inputs(prompt, image, **settings)
-        if mv_preprocess not in ("wonder3d", "perflow"):
-            raise ValueError(f"mv_preprocess must be 'wonder3d' or 'perflow', got {mv_preprocess!r}.")
+        # 1. Check everything before the first stage: settings, request, image, output folder, background removal.
+        settings = self.settings_for(settings, **options)
+        self.check_request(prompt, image)
+        formats = check_mesh_formats(mesh_formats)
+        folder = None if output_dir is None else check_output_folder(output_dir)
         run_multiview = multiview and self.multiview is not None
         run_mesh = mesh and self.reconstructor is not None
         messages: list[str] = []
@@ -575,137 +512,27 @@ class TextTo3D:
             messages.append("An image was given, so the prompt was not used.")
         if image is not None:
             image = open_image(image)
-        stage_names = (["text_to_image"] if image is None else []) + (
-            ["preprocess"] if run_multiview or run_mesh else []
-        )
+        use_rembg = self.needs_background_removal(image, settings, multiview=run_multiview, mesh=run_mesh)
+        session = self.rembg_session if use_rembg else None  # loads u2net now, not after minutes of work
+
+        text_input = image is None
+        stage_names = (["text_to_image"] if text_input else []) + (["preprocess"] if run_multiview or run_mesh else [])
         stage_names += (["multiview"] if run_multiview else []) + (["mesh"] if run_mesh else [])
-        stage_names += ["texture"] if run_mesh and bake_texture else []
-
-        timings: dict[str, float] = {}
-        memory: dict[str, float] = {}
-        started = time.perf_counter()
-
-        def enter(name: str) -> None:
-            if callback is not None:
-                callback(name, stage_names.index(name), len(stage_names))
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
-
-        def leave(name: str, start: float) -> None:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-                memory[f"{name}.gpu_peak"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            timings[name] = time.perf_counter() - start
-            memory[f"{name}.host_rss"] = _host_rss_gib()
-
-        # 2. Text to image.
-        if image is None:
-            enter("text_to_image")
-            start = time.perf_counter()
-            with self._on_device(self.text_to_image, self.dtype):
-                out = self.text_to_image(
-                    str(prompt),
-                    negative_prompt=negative_prompt,
-                    num_inference_steps=settings["t2i_steps"],
-                    guidance_scale=settings["t2i_guidance"],
-                    height=settings["height"],
-                    width=settings["width"],
-                    generator=torch.Generator("cpu").manual_seed(seed),
-                )
-            image = out.images[0]
-            messages += list(getattr(out, "warnings", []))
-            timings.update({f"text_to_image.{k}": v for k, v in getattr(out, "timings", {}).items()})
-            leave("text_to_image", start)
-
-        # 3. Preprocess for both stages (one rembg pass, shared through the memo session).
-        if run_multiview or run_mesh:
-            enter("preprocess")
-            start = time.perf_counter()
-        # The session (u2net, downloaded on first use) is only needed when rembg will actually run.
-        needs_rembg = (run_multiview or run_mesh) and remove_background and not _has_transparency(image)
-        session = self.rembg_session if needs_rembg else None
-        mv_input = mesh_input = None
-        if run_multiview:
-            from wonder3d_perflow.preprocess import preprocess_image as multiview_preprocess
-
-            mv_input = multiview_preprocess(
-                image,
-                session=session,
-                remove_background=remove_background,
-                size=self._multiview_size(),
-                mode=mv_preprocess,
-                foreground_ratio=settings["mv_foreground_ratio"],
-            )
-        if run_mesh:
-            from triposr.preprocess import preprocess_image as mesh_preprocess
-
-            mesh_input = mesh_preprocess(
-                image,
-                session=session,
-                remove_background=remove_background,
-                foreground_ratio=settings["mesh_foreground_ratio"],
-            )
-        if run_multiview or run_mesh:
-            leave("preprocess", start)
-
-        # 4. Six normals and six colors.
-        normals: list[Image.Image] = []
-        colors: list[Image.Image] = []
-        view_names: tuple[str, ...] = ()
-        if run_multiview:
-            enter("multiview")
-            start = time.perf_counter()
-            with self._on_device(self.multiview, self.dtype):
-                mv_out = self.multiview(
-                    mv_input,
-                    num_inference_steps=settings["mv_steps"],
-                    guidance_scale=settings["mv_guidance"],
-                    generator=torch.Generator("cpu").manual_seed(seed),
-                )
-            normals, colors, view_names = list(mv_out.normals), list(mv_out.colors), tuple(mv_out.view_names)
-            timings.update({f"multiview.{k}": v for k, v in getattr(mv_out, "timings", {}).items()})
-            leave("multiview", start)
-
-        # 5. Mesh (and texture, while TripoSR is on the device).
-        result_mesh = None
-        if run_mesh:
-            enter("mesh")
-            start = time.perf_counter()
-            with self._on_device(self.reconstructor, torch.float32):
-                scene_codes = self.reconstructor([mesh_input], device=self.device)  # (1, 3, C, H, W)
-                result_mesh = self.reconstructor.extract_mesh(
-                    scene_codes,
-                    resolution=settings["mc_resolution"],
-                    threshold=mc_threshold,
-                    has_vertex_color=True,
-                )[0]
-                if settings["simplify_faces"]:
-                    from triposr.mesh import simplify
-
-                    result_mesh = simplify(result_mesh, int(settings["simplify_faces"]))
-                leave("mesh", start)
-                if bake_texture:
-                    from triposr.texture import bake_texture as bake
-
-                    enter("texture")
-                    start = time.perf_counter()
-                    result_mesh = bake(
-                        self.reconstructor, scene_codes[0], result_mesh, texture_size=settings["texture_size"]
-                    )
-                    leave("texture", start)
-        timings["total"] = time.perf_counter() - started
-        memory["host_peak_rss"] = _host_peak_rss_gib()
-
-        record = {
-            "prompt": None if "text_to_image" not in stage_names else str(prompt),
-            "negative_prompt": negative_prompt if "text_to_image" in stage_names else None,
-            "input": "text" if "text_to_image" in stage_names else "image",
-            "seed": seed,
-            **settings,
-            "mc_threshold": mc_threshold,
-            "mv_preprocess": mv_preprocess,
-            "remove_background": remove_background,
-            "bake_texture": bool(bake_texture and run_mesh),
+        stage_names += ["texture"] if run_mesh and settings.bake_texture else []
+        if (run_multiview or run_mesh) and settings.remove_background and not use_rembg:
+            object_mask = "input alpha"  # the cut-out the user gave; rembg did not run
+        else:
+            object_mask = "rembg u2net" if use_rembg else "none (whole image)"
+        result = ChainResult(image=image, warnings=messages)
+        result.settings = {
+            "prompt": str(prompt) if text_input else None,
+            "negative_prompt": negative_prompt if text_input else None,
+            "input": "text" if text_input else "image",
+            **settings.to_dict(),
+            "remove_background": use_rembg,  # what happened: False when the input's alpha was used
+            "object_mask": object_mask,
+            "simplify_faces": settings.simplify_faces or None,
+            "bake_texture": bool(settings.bake_texture and run_mesh),
             "stages": [s for s in stage_names if s not in ("preprocess", "texture")],
             "models": self.model_ids,
             "device": self.device.type,
@@ -714,21 +541,148 @@ class TextTo3D:
             "smoke": self.smoke,
             "versions": _versions(),
         }
+        timings, memory = result.timings, result.memory
+        started = time.perf_counter()
+        current = "input"
+
+        def enter(name: str) -> float:
+            nonlocal current
+            current = name
+            if callback is not None:
+                callback(name, stage_names.index(name), len(stage_names))
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            return time.perf_counter()
+
+        def leave(name: str, start: float) -> None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                memory[f"{name}.gpu_peak"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            timings[name] = time.perf_counter() - start
+            memory[f"{name}.host_rss"] = _host_rss_gib()
+            done(name)
+
+        def done(name: str) -> None:
+            result.finished.append(name)
+            if folder is not None:
+                result.save_stage(name, folder, mesh_formats=formats)
+            if on_stage_done is not None:
+                on_stage_done(name, result)
+
+        try:
+            if not text_input:
+                done("input")
+            else:  # 2. Text to image.
+                start = enter("text_to_image")
+                with self._on_device(self.text_to_image, self.dtype):
+                    out = self.text_to_image(
+                        str(prompt),
+                        negative_prompt=negative_prompt,
+                        num_inference_steps=settings.t2i_steps,
+                        guidance_scale=settings.t2i_guidance,
+                        height=settings.height,
+                        width=settings.width,
+                        generator=torch.Generator("cpu").manual_seed(settings.seed),
+                    )
+                result.image = out.images[0]
+                messages += list(getattr(out, "warnings", []))
+                timings.update({f"text_to_image.{k}": v for k, v in getattr(out, "timings", {}).items()})
+                leave("text_to_image", start)
+
+            # 3. Preprocess for both stages (one rembg pass, shared through the memo session).
+            if run_multiview or run_mesh:
+                start = enter("preprocess")
+                if run_multiview:
+                    from wonder3d_perflow.preprocess import preprocess_image as multiview_preprocess
+
+                    result.mv_input = multiview_preprocess(
+                        result.image,
+                        session=session,
+                        remove_background=settings.remove_background,
+                        size=self._multiview_size(),
+                        mode=settings.mv_preprocess,
+                        foreground_ratio=settings.mv_foreground_ratio,
+                    )
+                if run_mesh:
+                    from triposr.preprocess import preprocess_image as mesh_preprocess
+
+                    result.mesh_input = mesh_preprocess(
+                        result.image,
+                        session=session,
+                        remove_background=settings.remove_background,
+                        foreground_ratio=settings.mesh_foreground_ratio,
+                    )
+                leave("preprocess", start)
+
+            # 4. Six normals and six colors.
+            if run_multiview:
+                start = enter("multiview")
+                with self._on_device(self.multiview, self.dtype):
+                    mv_out = self.multiview(
+                        result.mv_input,
+                        num_inference_steps=settings.mv_steps,
+                        guidance_scale=settings.mv_guidance,
+                        generator=torch.Generator("cpu").manual_seed(settings.seed),
+                    )
+                result.normals, result.colors = list(mv_out.normals), list(mv_out.colors)
+                result.view_names = tuple(mv_out.view_names)
+                timings.update({f"multiview.{k}": v for k, v in getattr(mv_out, "timings", {}).items()})
+                leave("multiview", start)
+
+            # 5. Mesh (and texture, while TripoSR is on the device).
+            if run_mesh:
+                start = enter("mesh")
+                with self._on_device(self.reconstructor, torch.float32):
+                    scene_codes = self.reconstructor([result.mesh_input], device=self.device)  # (1, 3, C, H, W)
+                    result_mesh = self.reconstructor.extract_mesh(
+                        scene_codes, resolution=settings.mc_resolution, threshold=settings.mc_threshold
+                    )[0]
+                    if settings.simplify_faces:
+                        from triposr.mesh import simplify
+
+                        result_mesh = simplify(result_mesh, settings.simplify_faces)
+                    result.mesh = result_mesh
+                    leave("mesh", start)
+                    if settings.bake_texture:
+                        from triposr.texture import bake_texture
+
+                        start = enter("texture")
+                        result.mesh = bake_texture(
+                            self.reconstructor, scene_codes[0], result_mesh, texture_size=settings.texture_size
+                        )
+                        leave("texture", start)
+        except BaseException as error:
+            if folder is None or not result.finished:
+                raise
+            self._mark_failed(folder, current, error, result)
+            if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit: files kept, marker written
+                raise
+            raise StageFailedError(current, folder, error) from error
+
+        timings["total"] = time.perf_counter() - started
+        memory["host_peak_rss"] = _host_peak_rss_gib()
         if self.smoke:
             messages.insert(0, SMOKE_BANNER)
-        return ChainResult(
-            image=image,
-            mv_input=mv_input,
-            mesh_input=mesh_input,
-            normals=normals,
-            colors=colors,
-            mesh=result_mesh,
-            view_names=view_names,
-            timings=timings,
-            memory=memory,
-            settings=record,
-            warnings=messages,
-        )
+        if folder is not None:
+            result.save_stage("record", folder)
+            (folder / FAILED_MARKER).unlink(missing_ok=True)  # an earlier failed run's marker: the folder is whole now
+        return result
+
+    @staticmethod
+    def _mark_failed(folder: Path, stage: str, error: BaseException, result: ChainResult) -> None:
+        """Write FAILED.json (which stage failed, why, what finished) and the settings next to the kept files."""
+        marker = {
+            "failed_stage": stage,
+            "error_type": type(error).__name__,
+            "error": " ".join(str(error).split()),
+            "finished_stages": list(result.finished),
+            "timings": result.timings,
+        }
+        try:
+            write_text(_json(marker), folder / FAILED_MARKER)
+            result.save_stage("record", folder)
+        except OSError:  # the disk itself failed: the original error matters more than the marker
+            logger.exception("could not write %s", folder / FAILED_MARKER)
 
     def _multiview_size(self) -> int:
         unet_config = self.multiview.unet.config
@@ -738,12 +692,8 @@ class TextTo3D:
         return _Placement(stage, self.device, dtype, self.offload)
 
     def with_defaults(self, **changes: Any) -> TextTo3D:
-        """Change the default settings (e.g. ``chain.with_defaults(mc_resolution=128)``); returns self."""
-        names = {f.name for f in fields(ChainDefaults)}
-        unknown = set(changes) - names
-        if unknown:
-            raise ValueError(f"unknown default(s) {sorted(unknown)}; known: {sorted(names)}.")
-        self.defaults = replace(self.defaults, **changes)
+        """Change the default settings (e.g. ``chain.with_defaults(mc_resolution=128)``), validated; returns self."""
+        self.defaults = self.defaults.with_changes(**changes).validate()
         return self
 
 
@@ -764,7 +714,12 @@ class _Placement:
 
 
 class _naming_stage:
-    """Re-raise a stage's missing-weights error with the stage's name and the smoke-mode hint added."""
+    """Re-raise a stage loader's missing-weights error with the stage's name and the smoke-mode hint added.
+
+    Only real missing-weights errors are renamed: the stages' own `MissingWeightsError`s, and a FileNotFoundError
+    raised while loading (a model folder without a file). Anything else (a damaged file, out of memory) keeps its
+    type, so it is not reported as "missing weights".
+    """
 
     def __init__(self, stage: str, repo: Any):
         self.stage, self.repo = stage, str(repo)
@@ -773,9 +728,9 @@ class _naming_stage:
         return None
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if exc is not None and isinstance(exc, OSError) and not isinstance(exc, PermissionError):
+        if exc is not None and (is_missing_weights(exc) or isinstance(exc, FileNotFoundError)):
             raise WeightsUnavailableError(
-                f"Could not load the {self.stage} model {self.repo!r}: {exc}\n{SMOKE_HINT}"
+                f"Could not load the {self.stage} model {self.repo!r}: {exc} {SMOKE_HINT}", repo=self.repo
             ) from exc
         return False
 
