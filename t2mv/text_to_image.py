@@ -103,7 +103,8 @@ class TextToImageOutput:
         images: ``list[PIL.Image]`` (``"pil"``), a ``(B, H, W, 3)`` array (``"np"``), a ``(B, 3, H, W)`` tensor in
             [0, 1] (``"pt"``) or the ``(B, 4, H/8, W/8)`` latents (``"latent"``); B = prompts × images per prompt.
         warnings: messages about the input (e.g. prompt text cut at CLIP's 77 tokens); also logged.
-        timings: seconds, ``{"text_to_image": ...}``.
+        timings: seconds, ``{"text_to_image": ...}``, plus ``"compile"`` on a compiled pipeline's first call at new
+            shapes (the untimed warm-up call that compiled; see [`TextToImage.enable_compile`]).
         settings: everything needed to reproduce the call (model, ΔW, scheduler, steps, CFG, size, seed...).
     """
 
@@ -126,15 +127,22 @@ def check_prompt(prompt: str, tokenizer) -> list[str]:
     return _truncation_warnings(prompt, tokenizer, what="Prompt")
 
 
+#: How much of the cut end of a long prompt the warning quotes (a 2000-word prompt must not give a 12 KB warning).
+CUT_QUOTE_CHARS = 60
+
+
 def _truncation_warnings(text: str, tokenizer, what: str) -> list[str]:
     ids = tokenizer(text, truncation=False, verbose=False).input_ids  # with start and end tokens
     limit = tokenizer.model_max_length
     if len(ids) <= limit:
         return []
     # The pipeline keeps the start token, the first limit - 2 text tokens and an end token.
-    cut = tokenizer.decode(ids[limit - 1 : -1])
+    cut_ids = ids[limit - 1 : -1]
+    cut = tokenizer.decode(cut_ids)
+    quote = repr(cut) if len(cut) <= CUT_QUOTE_CHARS else repr(cut[:CUT_QUOTE_CHARS]) + "…"
     return [
-        f"{what} is {len(ids) - 2} tokens but CLIP reads at most {limit - 2}; this end was cut and ignored: {cut!r}"
+        f"{what} is {len(ids) - 2} tokens but CLIP reads at most {limit - 2}; the last {len(cut_ids)} tokens were "
+        f"cut and ignored: {quote}"
     ]
 
 
@@ -248,6 +256,7 @@ class TextToImage:
         self.pipe = pipe
         self.settings = dict(settings or {})
         self.default_size = default_size
+        self._compiled: CompiledRun | None = None
 
     @property
     def device(self) -> torch.device:
@@ -428,6 +437,56 @@ class TextToImage:
         self.settings["attention"] = "xformers"
         return True
 
+    def enable_compile(self, *, mode: str | None = None, backend: str = "inductor") -> bool:
+        """Opt-in compiled mode: ``torch.compile`` the UNet and the VAE decoder with static shapes.
+
+        Compiled once per process and shape: the first call at a new (batch, height, width, guidance on/off)
+        runs an untimed warm-up call that compiles (reported as ``timings["compile"]``); later calls reuse it.
+        Without a compiler (CPU inductor needs g++, CUDA needs Triton) or when compilation fails, one warning
+        is logged and the pipeline runs eagerly.
+
+        Args:
+            mode: torch.compile mode (None = inductor's default; ``"reduce-overhead"`` adds CUDA graphs on CUDA,
+                ``"max-autotune"`` tunes kernels at a much longer compile).
+            backend: torch.compile backend (``"inductor"``; ``"aot_eager"`` traces without generating code).
+
+        Returns:
+            True when compiled mode is on.
+        """
+        modules = {"unet": self.pipe.unet, "vae.decoder": self.pipe.vae.decoder}
+        self._compiled = enable_compile_on(self, modules, self.device, backend=backend, mode=mode, logger_=logger)
+        self.settings["compile"] = None if self._compiled is None else self._compiled.describe()
+        return self._compiled is not None
+
+    def disable_compile(self) -> None:
+        """Back to eager calls (compiled code stays cached in this process for a later `enable_compile`)."""
+        if self._compiled is not None:
+            self._compiled.undo()
+        self._compiled = None
+        self.settings["compile"] = None
+
+    def encode_prompts(
+        self, prompts: list[str], negatives: list[str], do_classifier_free_guidance: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """CLIP embeddings of the prompts and, with guidance, their negatives: one text-encoder batch of the
+        distinct texts (diffusers encodes prompt and negative in two calls; the numbers are the same).
+
+        Returns:
+            ``(prompt_embeds (P, 77, D), negative_embeds (P, 77, D) or None)``.
+        """
+        tokenizer, encoder = self.pipe.tokenizer, self.pipe.text_encoder
+        texts = list(dict.fromkeys([*negatives, *prompts] if do_classifier_free_guidance else prompts))
+        tokens = tokenizer(
+            texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        )
+        mask = tokens.attention_mask.to(self.device) if getattr(encoder.config, "use_attention_mask", False) else None
+        embeds = encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]  # (T, 77, D)
+        row = {text: i for i, text in enumerate(texts)}
+        prompt_embeds = embeds[[row[text] for text in prompts]]  # (P, 77, D)
+        if not do_classifier_free_guidance:
+            return prompt_embeds, None
+        return prompt_embeds, embeds[[row[text] for text in negatives]]  # (P, 77, D)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -498,23 +557,43 @@ class TextToImage:
         for message in warnings:
             logger.warning(message)
 
-        # 2-6. Encode, prepare latents, denoise, decode: diffusers' StableDiffusionPipeline with the PeRFlow scheduler.
-        started = time.perf_counter()
-        result = self.pipe(
-            prompt=prompts,
-            negative_prompt=negatives,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=height,
-            width=width,
-            num_images_per_prompt=num_images_per_prompt,
-            generator=generator,
-            latents=latents,
-            output_type=output_type,
-        )
-        if _is_cuda(self.device):
-            torch.cuda.synchronize(self.device)
-        elapsed = time.perf_counter() - started
+        # 2-6. Encode (ours: one text-encoder batch), prepare latents, denoise, decode: diffusers'
+        # StableDiffusionPipeline with the PeRFlow scheduler. Prompts go in as embeddings, so diffusers neither
+        # re-tokenizes nor repeats the truncation warning.
+        do_cfg = guidance_scale > 1.0  # diffusers' rule
+
+        def generate(generator, latents):
+            prompt_embeds, negative_embeds = self.encode_prompts(prompts, negatives, do_cfg)
+            return self.pipe(
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_embeds,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                height=height,
+                width=width,
+                num_images_per_prompt=num_images_per_prompt,
+                generator=generator,
+                latents=latents,
+                output_type=output_type,
+            )
+
+        timings = {}
+        with preferred_sdpa(self.device):
+            if self._compiled is not None:
+                # Untimed warm-up at this call's shapes; its own noise, so the caller's generator is not consumed.
+                rows = len(prompts) * num_images_per_prompt * (2 if do_cfg else 1)
+                shape = (rows, height, width, output_type != "latent")
+                warm_latents = None if latents is None else latents.clone()
+                seconds = run_compile_warm_up(
+                    self, shape, lambda: generate(torch.Generator("cpu").manual_seed(0), warm_latents), logger
+                )
+                if seconds is not None:
+                    timings["compile"] = seconds
+            started = time.perf_counter()
+            result = generate(generator, latents)
+            if _is_cuda(self.device):
+                torch.cuda.synchronize(self.device)
+            elapsed = time.perf_counter() - started
 
         # 7. Output.
         settings = {
@@ -529,9 +608,10 @@ class TextToImage:
             "num_images_per_prompt": num_images_per_prompt,
             "seed": seed,
             "output_type": output_type,
+            "compiled": self._compiled is not None,
         }
         return TextToImageOutput(
-            images=result.images, warnings=warnings, timings={"text_to_image": elapsed}, settings=settings
+            images=result.images, warnings=warnings, timings={"text_to_image": elapsed, **timings}, settings=settings
         )
 
 
@@ -541,3 +621,176 @@ def _use_sdpa(pipe) -> None:
 
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.vae.set_attn_processor(AttnProcessor2_0())
+
+
+# --------------------------------------------------------------------------------------------- speed levers
+# Shared by TextToImage and wonder3d_perflow.MultiviewPipeline (both are SD1.5-family UNet + VAE pipelines).
+
+#: SDPA kernel order on CUDA: flash first wherever its shape rules allow (fp16/bf16, head dim ≤ 256, no mask),
+#: then memory-efficient (e.g. the VAE's single 512-wide head), then cuDNN and math.
+SDPA_PRIORITY = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+
+# Profiler op name → kernel; the ops SDPA dispatches to on CPU and CUDA.
+_SDPA_OPS = {
+    "aten::_scaled_dot_product_flash_attention": "flash",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "flash (cpu)",
+    "aten::_scaled_dot_product_efficient_attention": "efficient",
+    "aten::_scaled_dot_product_cudnn_attention": "cudnn",
+    "aten::_scaled_dot_product_attention_math": "math",
+    "aten::_scaled_dot_product_fused_attention_overrideable": "overrideable",
+}
+
+
+def compile_unavailable_reason(device: str | torch.device, backend: str = "inductor") -> str | None:
+    """Why ``torch.compile`` with `backend` cannot run on `device` here (None when it can).
+
+    Inductor needs a C++ compiler for CPU code and Triton for CUDA code; the other backends (``"eager"``,
+    ``"aot_eager"``) only trace, and need neither.
+    """
+    import importlib.util
+    import shutil
+
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile does not support this Python version"
+    if backend != "inductor":
+        return None
+    if torch.device(device).type == "cuda":
+        return None if importlib.util.find_spec("triton") is not None else "Triton is not installed"
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        compiler = get_cpp_compiler()
+    except Exception as error:  # no compiler found, or an inductor without this helper
+        return f"no C++ compiler for inductor's CPU code ({error})"
+    if shutil.which(compiler) is None and not Path(compiler).is_file():
+        return f"no C++ compiler for inductor's CPU code ({compiler!r} not found; install g++)"
+    return None
+
+
+def compile_module(module: torch.nn.Module, *, backend: str = "inductor", mode: str | None = None) -> None:
+    """``torch.compile`` `module` in place with static shapes (``dynamic=False``): the module keeps its class,
+    attributes and weights (pipelines read ``unet.config``, ``.dtype``), only its call goes through the compiled
+    code. A new input shape compiles once more (up to dynamo's cache limit); undo with `uncompile_module`."""
+    module.compile(backend=backend, mode=mode, dynamic=False)
+
+
+def uncompile_module(module: torch.nn.Module) -> None:
+    """Back to the eager call of `module` (the compiled code stays in dynamo's cache for this process)."""
+    module._compiled_call_impl = None
+
+
+def is_compiled(module: torch.nn.Module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def preferred_sdpa(device: str | torch.device):
+    """Context manager: on CUDA, SDPA tries the kernels in `SDPA_PRIORITY` order (flash first); elsewhere nothing
+    changes (the CPU has its own flash kernel, which PyTorch already picks)."""
+    import contextlib
+
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, name) for name in SDPA_PRIORITY], set_priority=True)
+
+
+def sdpa_choice(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str:
+    """The SDPA kernel PyTorch picks for these (B, heads, L, head_dim) tensors on their device, without running it.
+
+    Returns:
+        ``"FLASH_ATTENTION"``, ``"EFFICIENT_ATTENTION"``, ``"CUDNN_ATTENTION"``, ``"MATH"``, ...
+    """
+    from torch.nn.attention import SDPBackend
+
+    return SDPBackend(torch._fused_sdp_choice(query, key, value)).name
+
+
+def sdpa_kernels(fn, *args, **kwargs) -> dict[str, int]:
+    """Run ``fn(*args, **kwargs)`` under the profiler and count the attention kernels that ran.
+
+    Returns:
+        kernel → calls, e.g. ``{"flash": 40, "efficient": 2}`` (CUDA fp16 SD1.5: the UNet's heads are 40-160 wide,
+        flash; the VAE's one 512-wide head is not); ``{"flash (cpu)": n}`` on CPU; xformers ops as ``xformers``.
+    """
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn(*args, **kwargs)
+    counts: Counter[str] = Counter()
+    for event in prof.events():
+        if event.name in _SDPA_OPS:
+            counts[_SDPA_OPS[event.name]] += 1
+        elif event.name.startswith("xformers::"):
+            counts["xformers"] += 1
+    return dict(counts)
+
+
+class CompiledRun:
+    """Bookkeeping of a pipeline's compiled mode: which modules, which static call shapes have been compiled.
+
+    The first call with a new shape runs an untimed warm-up call first (compilation + one run); its seconds are
+    reported as ``timings["compile"]`` so that the call's own timing is the steady-state one.
+    """
+
+    def __init__(self, modules: dict[str, torch.nn.Module], *, backend: str, mode: str | None):
+        self.modules = modules
+        self.backend = backend
+        self.mode = mode
+        self.shapes: set[tuple] = set()
+        for module in modules.values():
+            compile_module(module, backend=backend, mode=mode)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend, "mode": self.mode, "modules": sorted(self.modules), "dynamic": False}
+
+    def undo(self) -> None:
+        for module in self.modules.values():
+            uncompile_module(module)
+
+    def warm_up(self, shape: tuple, run) -> float | None:
+        """Call ``run()`` once when `shape` is new; returns its seconds (None when the shape was compiled before).
+
+        Raises:
+            Exception: whatever compilation raised (the caller falls back to eager).
+        """
+        if shape in self.shapes:
+            return None
+        started = time.perf_counter()
+        run()
+        self.shapes.add(shape)
+        return time.perf_counter() - started
+
+
+def enable_compile_on(
+    owner: Any, modules: dict[str, torch.nn.Module], device, *, backend: str, mode: str | None, logger_
+) -> CompiledRun | None:
+    """Compile `modules` for `owner` (a pipeline) or say once, clearly, why not; returns the bookkeeping or None."""
+    reason = compile_unavailable_reason(device, backend)
+    if reason is not None:
+        logger_.warning("Compiled mode is off, running eagerly: %s.", reason)
+        return None
+    previous = getattr(owner, "_compiled", None)
+    if previous is not None:
+        previous.undo()
+    return CompiledRun(modules, backend=backend, mode=mode)
+
+
+def run_compile_warm_up(owner: Any, shape: tuple, run, logger_) -> float | None:
+    """`CompiledRun.warm_up` for `owner._compiled`; on a compile error: one warning, back to eager, None."""
+    compiled = owner._compiled
+    if compiled is None:
+        return None
+    try:
+        return compiled.warm_up(shape, run)
+    except Exception as error:  # inductor/dynamo failures are many kinds; any of them means: run eagerly
+        compiled.undo()
+        owner._compiled = None
+        logger_.warning(
+            "Compiled mode is off, running eagerly: compilation failed (%s: %s).",
+            type(error).__name__,
+            str(error).splitlines()[0][:200] if str(error) else "",
+        )
+        return None
