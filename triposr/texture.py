@@ -29,17 +29,26 @@ def default_padding(texture_size: int) -> int:
     return max(2, round(texture_size / 256))
 
 
-def uv_atlas(vertices: np.ndarray, faces: np.ndarray, texture_size: int, padding: int):
-    """xatlas parametrisation. Returns (vmapping (V',) into the input vertices, faces (F, 3), uvs (V', 2) in [0, 1])."""
+def uv_atlas(
+    vertices: np.ndarray, faces: np.ndarray, texture_size: int, padding: int, *, max_cost: float | None = None
+):
+    """xatlas parametrisation. Returns (vmapping (V',) into the input vertices, faces (F, 3), uvs (V', 2) in [0, 1]).
+
+    `max_cost` is xatlas' chart-growing cost limit (default 2.0): lower values stop charts earlier, giving a few
+    more, flatter charts and a much faster atlas on large meshes (chart growing dominates xatlas' time).
+    """
     import xatlas
 
     atlas = xatlas.Atlas()
     atlas.add_mesh(np.ascontiguousarray(vertices, dtype=np.float32), np.ascontiguousarray(faces, dtype=np.uint32))
+    charts = xatlas.ChartOptions()
+    if max_cost is not None:
+        charts.max_cost = float(max_cost)
     pack = xatlas.PackOptions()
     pack.resolution = texture_size
     pack.padding = padding
     pack.bilinear = True  # leave room around charts for bilinear filtering
-    atlas.generate(pack_options=pack)
+    atlas.generate(chart_options=charts, pack_options=pack)
     vmapping, new_faces, uvs = atlas[0]
     return vmapping.astype(np.int64), new_faces.astype(np.int64), uvs.astype(np.float32)
 
@@ -228,6 +237,69 @@ def dilate(image: torch.Tensor, mask: torch.Tensor, iterations: int) -> tuple[to
     return img[0].permute(1, 2, 0), m[0, 0] > 0
 
 
+def check_texture_size(texture_size: int) -> int:
+    """The texture size as an int, or a ValueError naming the allowed range."""
+    if isinstance(texture_size, bool) or not isinstance(texture_size, int | np.integer):
+        raise ValueError(f"texture_size must be an integer between {MIN_TEXTURE_SIZE} and {MAX_TEXTURE_SIZE}")
+    if not MIN_TEXTURE_SIZE <= texture_size <= MAX_TEXTURE_SIZE:
+        raise ValueError(
+            f"texture_size {texture_size} is outside {MIN_TEXTURE_SIZE}..{MAX_TEXTURE_SIZE}; 1024 or 2048 are typical"
+        )
+    return int(texture_size)
+
+
+def mesh_atlas(
+    mesh: trimesh.Trimesh, texture_size: int, padding: int, *, max_cost: float | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """UV atlas of `mesh` (same surface): vmapping (V',) into mesh.vertices, faces (F', 3) into the split vertices,
+    uvs (V', 2). Seams split vertices; faces xatlas could not chart are dropped (see below)."""
+    if len(mesh.faces) == 0:
+        raise ValueError("cannot bake a texture for an empty mesh")
+    vmapping, faces, uvs = uv_atlas(
+        np.asarray(mesh.vertices), np.asarray(mesh.faces), texture_size, padding, max_cost=max_cost
+    )
+    # xatlas leaves faces below its area epsilon (~1e-7; marching cubes makes a few slivers where vertices nearly
+    # coincide) out of every chart, all at UV (0, 0). They are far below a texel and would show a wrong colour, so
+    # they are dropped, with the vertices only they used.
+    tri_uv = uvs[faces]  # (F, 3, 2)
+    e1, e2 = tri_uv[:, 1] - tri_uv[:, 0], tri_uv[:, 2] - tri_uv[:, 0]  # (F, 2)
+    uv_area = np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0])  # (F,) 2 x area
+    faces = faces[uv_area > 1e-12]
+    if len(faces) == 0:
+        raise ValueError("cannot bake a texture: every face of the mesh is degenerate")
+    used, faces = np.unique(faces, return_inverse=True)
+    return vmapping[used], faces.reshape(-1, 3), uvs[used]
+
+
+def textured_mesh(
+    vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray, image: torch.Tensor, mask: torch.Tensor, padding: int
+) -> trimesh.Trimesh:
+    """A UV-textured trimesh from texel colours: edge padding, a neutral fill elsewhere, a matte PBR material.
+
+    Args:
+        vertices (V', 3), faces (F', 3), uvs (V', 2): the atlas mesh (`mesh_atlas`).
+        image: (S, S, 3) colours in [0, 1], row 0 = top; mask: (S, S) bool, the texels that were written.
+        padding: texels of edge padding (dilation) around the charts.
+    """
+    # Beyond the rasteriser's band: colour dilation fills the rest of the gutter.
+    image, mask = dilate(image, mask, padding)
+    if mask.any():  # texels no chart reaches: a neutral fill (the mean colour) keeps mipmaps clean
+        image[~mask] = image[mask].mean(dim=0)
+    pixels = (image * 255.0).round().clamp(0, 255).to(torch.uint8).cpu().numpy()  # (S, S, 3), row 0 = top
+
+    from trimesh.visual.material import PBRMaterial
+
+    material = PBRMaterial(
+        name="baked",
+        baseColorTexture=Image.fromarray(pixels),  # (S, S, 3) uint8 -> RGB
+        baseColorFactor=[255, 255, 255, 255],
+        metallicFactor=0.0,
+        roughnessFactor=1.0,
+    )
+    visual = trimesh.visual.TextureVisuals(uv=uvs, material=material)
+    return trimesh.Trimesh(vertices=vertices, faces=faces, visual=visual, process=False)
+
+
 @torch.no_grad()
 def bake_texture_from_field(
     query_fn: QueryFn,
@@ -250,34 +322,14 @@ def bake_texture_from_field(
         A new mesh (vertices split along UV seams, same positions) with UVs and a PBR material (matte, white factor)
         whose base colour texture is an RGB PIL image.
     """
-    if isinstance(texture_size, bool) or not isinstance(texture_size, int | np.integer):
-        raise ValueError(f"texture_size must be an integer between {MIN_TEXTURE_SIZE} and {MAX_TEXTURE_SIZE}")
-    if not MIN_TEXTURE_SIZE <= texture_size <= MAX_TEXTURE_SIZE:
-        raise ValueError(
-            f"texture_size {texture_size} is outside {MIN_TEXTURE_SIZE}..{MAX_TEXTURE_SIZE}; 1024 or 2048 are typical"
-        )
-    if len(mesh.faces) == 0:
-        raise ValueError("cannot bake a texture for an empty mesh")
-    size = int(texture_size)
+    size = check_texture_size(texture_size)
     padding = default_padding(size) if padding is None else int(padding)
     if padding < 0:
         raise ValueError(f"padding must be >= 0, got {padding}")
     device = torch.device("cpu") if device is None else torch.device(device)
 
     # 1. UV atlas on the host (xatlas); seams split vertices, vmapping points back to the input ones.
-    vmapping, faces, uvs = uv_atlas(np.asarray(mesh.vertices), np.asarray(mesh.faces), size, padding)
-    # xatlas leaves faces below its area epsilon (~1e-7; marching cubes makes a few slivers where vertices nearly
-    # coincide) out of every chart, all at UV (0, 0). They are far below a texel and would show a wrong colour, so
-    # they are dropped, with the vertices only they used.
-    tri_uv = uvs[faces]  # (F, 3, 2)
-    e1, e2 = tri_uv[:, 1] - tri_uv[:, 0], tri_uv[:, 2] - tri_uv[:, 0]  # (F, 2)
-    uv_area = np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0])  # (F,) 2 x area
-    faces = faces[uv_area > 1e-12]
-    if len(faces) == 0:
-        raise ValueError("cannot bake a texture: every face of the mesh is degenerate")
-    used, faces = np.unique(faces, return_inverse=True)
-    faces = faces.reshape(-1, 3)
-    vmapping, uvs = vmapping[used], uvs[used]
+    vmapping, faces, uvs = mesh_atlas(mesh, size, padding)
     vertices = np.asarray(mesh.vertices, dtype=np.float32)[vmapping]  # (V', 3) export frame
 
     # 2. Rasterise in UV space on the device: which surface point each texel centre shows.
@@ -292,23 +344,7 @@ def bake_texture_from_field(
     mask = torch.zeros(size * size, dtype=torch.bool, device=device)
     image[texel] = colors
     mask[texel] = True
-    # Beyond the rasteriser's band: colour dilation fills the rest of the gutter.
-    image, mask = dilate(image.reshape(size, size, 3), mask.reshape(size, size), padding)
-    if mask.any():  # texels no chart reaches: a neutral fill (the mean colour) keeps mipmaps clean
-        image[~mask] = image[mask].mean(dim=0)
-    pixels = (image * 255.0).round().clamp(0, 255).to(torch.uint8).cpu().numpy()  # (S, S, 3), row 0 = top
-
-    from trimesh.visual.material import PBRMaterial
-
-    material = PBRMaterial(
-        name="baked",
-        baseColorTexture=Image.fromarray(pixels),  # (S, S, 3) uint8 -> RGB
-        baseColorFactor=[255, 255, 255, 255],
-        metallicFactor=0.0,
-        roughnessFactor=1.0,
-    )
-    visual = trimesh.visual.TextureVisuals(uv=uvs, material=material)
-    return trimesh.Trimesh(vertices=vertices, faces=faces, visual=visual, process=False)
+    return textured_mesh(vertices, faces, uvs, image.reshape(size, size, 3), mask.reshape(size, size), padding)
 
 
 def bake_texture(
