@@ -7,8 +7,14 @@ on how the file is split across processes.
 
 Each prompt's folder is named from the prompt (a slug plus a short hash of prompt, negative prompt and seed),
 so names are stable, file-system safe and unique. A folder is finished when its completion marker
-(``COMPLETE_MARKER``) exists; the marker is written last, so a run that was interrupted leaves a folder without
-one, and the next run redoes it while skipping finished ones.
+(``COMPLETE_MARKER``) exists; the marker is written last (atomically), so a run that was interrupted leaves a
+folder without one, and the next run redoes it while skipping finished ones.
+
+Several runs on one output folder at once (two terminals, two machines on a shared disk, a re-run started while
+the first is still going) share the work: a process works on a prompt only while it holds that prompt's claim,
+an OS file lock (``filelock``) on ``<output>/.claims/<folder>.lock``. A prompt claimed by another process is
+passed over, never redone or deleted; a folder is only cleared when its claim is free and it has no marker, i.e.
+its process died. The OS drops a dead process's locks, so nothing needs cleaning up after a crash.
 
 Several GPUs or nodes: run the same command under ``accelerate launch`` or ``torchrun``; process ``k`` of ``n``
 takes prompts ``k, k + n, k + 2n, ...`` (each prompt exactly once), and the main process writes the summary.
@@ -19,8 +25,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
+import socket
 import sys
 import time
 import unicodedata
@@ -29,10 +37,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE.json"
 SUMMARY_NAME = "summary.json"
+CLAIMS_DIR = ".claims"
 PROMPT_KEYS = ("prompt", "negative_prompt", "seed")
 MAX_SLUG = 48
 
@@ -50,12 +61,17 @@ class PromptSpec:
 
 @dataclass
 class BatchSummary:
-    """What a batch run did. `done` counts prompts finished by this run, `skipped` those finished before."""
+    """What a batch run did, by prompt index.
+
+    `done`: finished by this run; `skipped`: finished before (or by another process meanwhile); `elsewhere`:
+    claimed by another process that was still working on it; `failed`: index → error message.
+    """
 
     total: int = 0
     done: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
+    elsewhere: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
     def merge(self, other: BatchSummary) -> BatchSummary:
@@ -64,13 +80,15 @@ class BatchSummary:
             done=sorted(self.done + other.done),
             skipped=sorted(self.skipped + other.skipped),
             failed={**self.failed, **other.failed},
+            elsewhere=sorted(self.elsewhere + other.elsewhere),
             seconds=max(self.seconds, other.seconds),
         )
 
     def line(self) -> str:
+        busy = f"{len(self.elsewhere)} being made by another process, " if self.elsewhere else ""
         return (
             f"{self.total} prompts: {len(self.done)} generated, {len(self.skipped)} already finished (skipped), "
-            f"{len(self.failed)} failed, in {self.seconds:.1f} s"
+            f"{busy}{len(self.failed)} failed, in {self.seconds:.1f} s"
         )
 
 
@@ -151,6 +169,39 @@ def is_complete(folder: Path) -> bool:
     return (folder / COMPLETE_MARKER).is_file()
 
 
+def claim(output_dir: str | Path, spec: PromptSpec) -> FileLock | None:
+    """Take `spec`'s claim in `output_dir` without waiting: the held lock, or None when another process has it.
+
+    Release it with ``lock.release()``. The lock lives as long as the process: a crash frees it.
+    """
+    claims = Path(output_dir) / CLAIMS_DIR
+    claims.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(claims / f"{spec.folder}.lock", blocking=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        return None
+    return lock
+
+
+def is_claimed(output_dir: str | Path, spec: PromptSpec) -> bool:
+    """True when another process holds `spec`'s claim right now (i.e. is making that prompt)."""
+    if not (Path(output_dir) / CLAIMS_DIR / f"{spec.folder}.lock").exists():
+        return False
+    lock = claim(output_dir, spec)
+    if lock is None:
+        return True
+    lock.release()
+    return False
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` in one step (temp file + rename): readers see the old file or the whole new one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
 def run_batch(
     chain: Any,
     specs: Sequence[PromptSpec],
@@ -165,6 +216,9 @@ def run_batch(
 ) -> BatchSummary:
     """Generate this process's share of `specs` into `output_dir/<spec.folder>/`, skipping finished folders.
 
+    Safe to run in several processes on one `output_dir` at once: each prompt is made by whichever process claims
+    it first (see `claim`); the others pass over it.
+
     Args:
         chain: a `t2mv.chain.TextTo3D`.
         specs: all prompts of the batch (every process passes the same list).
@@ -173,7 +227,11 @@ def run_batch(
         progress: show a progress bar (on the main process).
         generation: passed to the chain (steps, guidance, sizes, ...).
 
-    A prompt that fails is logged and counted in the summary; the rest of the batch goes on.
+    Returns:
+        What this process did (`BatchSummary`).
+
+    A prompt that fails is logged and counted in the summary; the rest of the batch goes on. Its folder keeps
+    whatever was written, without a completion marker, so the next run tries it again.
     """
     started = time.perf_counter()
     output_dir = Path(output_dir)
@@ -194,57 +252,94 @@ def run_batch(
         if is_complete(folder):
             summary.skipped.append(spec.index)
             continue
-        if folder.exists():  # an interrupted earlier run: start this prompt again from nothing
-            shutil.rmtree(folder)
-        prompt_start = time.perf_counter()
-        try:
-            result = chain(
-                spec.prompt,
-                negative_prompt=spec.negative_prompt,
-                seed=spec.seed,
-                multiview=True,
-                mesh=mesh,
-                **generation,
-            )
-            result.save(folder, mesh_formats=mesh_formats if mesh else ())
-        except Exception as e:  # one bad prompt (or an OOM) must not stop a long batch
-            if type(e).__name__ == "OutOfMemoryError":
-                import torch
-
-                torch.cuda.empty_cache()
-            logger.error("prompt %d (%r) failed: %s: %s", spec.index, spec.prompt, type(e).__name__, e)
-            summary.failed[spec.index] = f"{type(e).__name__}: {e}"
+        lock = claim(output_dir, spec)
+        if lock is None:  # another process is making it: leave its folder alone
+            summary.elsewhere.append(spec.index)
             continue
-        marker = {
-            **asdict(spec),
-            "process": f"{process_index}/{num_processes}",
-            "seconds": time.perf_counter() - prompt_start,
-            "warnings": result.warnings,
-        }
-        (folder / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # last: marks the folder done
-        summary.done.append(spec.index)
+        try:
+            if is_complete(folder):  # finished by another process between the first look and the claim
+                summary.skipped.append(spec.index)
+                continue
+            if folder.exists():  # no marker and nobody holds the claim: its process died; start again from nothing
+                shutil.rmtree(folder)
+            error = _make_one(chain, spec, folder, mesh, mesh_formats, f"{process_index}/{num_processes}", generation)
+        finally:
+            lock.release()
+        if error is None:
+            summary.done.append(spec.index)
+        else:
+            summary.failed[spec.index] = error
     summary.seconds = time.perf_counter() - started
     return summary
 
 
+def _make_one(
+    chain: Any,
+    spec: PromptSpec,
+    folder: Path,
+    mesh: bool,
+    mesh_formats: Sequence[str],
+    process: str,
+    generation: dict[str, Any],
+) -> str | None:
+    """Generate one claimed prompt into `folder` and mark it complete; the error message, or None on success."""
+    started = time.perf_counter()
+    try:
+        result = chain(
+            spec.prompt,
+            negative_prompt=spec.negative_prompt,
+            seed=spec.seed,
+            multiview=True,
+            mesh=mesh,
+            **generation,
+        )
+        result.save(folder, mesh_formats=mesh_formats if mesh else ())
+        marker = {
+            **asdict(spec),
+            "process": process,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "seconds": time.perf_counter() - started,
+            "warnings": result.warnings,
+        }
+        # Last, and in one step: a folder with a marker is whole (a failed marker write leaves it to be redone).
+        write_text_atomic(folder / COMPLETE_MARKER, json.dumps(marker, indent=2) + "\n")
+    except Exception as e:  # one bad prompt (or an OOM, or a full disk) must not stop a long batch
+        if type(e).__name__ == "OutOfMemoryError":
+            import torch
+
+            torch.cuda.empty_cache()
+        logger.error("prompt %d (%r) failed: %s: %s", spec.index, spec.prompt, type(e).__name__, e)
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def write_summary(specs: Sequence[PromptSpec], output_dir: str | Path, summary: BatchSummary) -> Path:
-    """Write ``summary.json``: every prompt's folder and status (from the completion markers on disk)."""
+    """Write ``summary.json``: every prompt's folder and status, from the markers and claims on disk.
+
+    Statuses: ``complete``, ``failed`` (in this run), ``in_progress`` (another process holds its claim),
+    ``missing``. Written atomically: several processes may write it, and the last one to finish has the last word.
+    """
     output_dir = Path(output_dir)
     rows = []
     for spec in specs:
-        status = "complete" if is_complete(output_dir / spec.folder) else "missing"
-        if spec.index in summary.failed:
+        if is_complete(output_dir / spec.folder):
+            status = "complete"
+        elif spec.index in summary.failed:
             status = "failed"
+        else:
+            status = "in_progress" if is_claimed(output_dir, spec) else "missing"
         rows.append({**asdict(spec), "status": status, "error": summary.failed.get(spec.index)})
     record = {
         "total": len(specs),
         "complete": sum(row["status"] == "complete" for row in rows),
         "failed": sum(row["status"] == "failed" for row in rows),
+        "in_progress": sum(row["status"] == "in_progress" for row in rows),
         "generated_this_run": len(summary.done),
         "skipped_this_run": len(summary.skipped),
         "seconds": summary.seconds,
         "prompts": rows,
     }
     path = output_dir / SUMMARY_NAME
-    path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return path

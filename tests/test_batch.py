@@ -1,4 +1,5 @@
-"""Batch: prompt files, folder names, sharding, resume, summaries; and a 2-process sharded run equal to 1 process."""
+"""Batch: prompt files, folder names, sharding, resume, summaries, claims (two runs on one folder share the work);
+a 2-process sharded run equal to 1 process, and two independent processes on one folder doing each prompt once."""
 
 import json
 import os
@@ -11,10 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import t2mv.batch
 from t2mv.batch import (
+    CLAIMS_DIR,
     COMPLETE_MARKER,
     SUMMARY_NAME,
     BatchSummary,
+    claim,
     folder_name,
     parse_prompts,
     read_prompts,
@@ -151,6 +155,78 @@ def test_a_failing_prompt_is_reported_and_the_rest_goes_on(tmp_path):
     assert merged.done == [0, 2] and merged.skipped == [1] and "3 prompts: 2 generated" in merged.line()
 
 
+class InterleavingChain(FakeChain):
+    """On its first prompt, with that prompt's folder half-written, runs `during()` (another batch on the folder)."""
+
+    def __init__(self, folder, during):
+        super().__init__()
+        self.folder, self.during = folder, during
+
+    def __call__(self, prompt, **kwargs):
+        if not self.calls:
+            self.folder.mkdir(parents=True)
+            (self.folder / "partial.png").write_bytes(b"written by the first process, still working")
+            self.during()
+        return super().__call__(prompt, **kwargs)
+
+
+def test_a_second_run_passes_over_claimed_prompts_and_keeps_their_folders(tmp_path):
+    """While run A makes prompt 0, run B on the same folder makes 1 and 2, and neither redoes nor deletes."""
+    specs = parse_prompts(["a red teapot", "a blue mug", "a chair"])
+    second, seen = FakeChain(), {}
+
+    def run_second():
+        seen["summary"] = run_batch(second, specs, tmp_path, progress=False)
+        seen["partial_kept"] = (tmp_path / specs[0].folder / "partial.png").exists()
+        seen["record"] = json.loads(write_summary(specs, tmp_path, seen["summary"]).read_text())
+
+    first = InterleavingChain(tmp_path / specs[0].folder, run_second)
+    summary = run_batch(first, specs, tmp_path, progress=False)
+
+    b = seen["summary"]
+    assert b.elsewhere == [0] and b.done == [1, 2] and not b.failed and "1 being made by another process" in b.line()
+    assert seen["partial_kept"], "the second run deleted the first run's unfinished folder"
+    assert [row["status"] for row in seen["record"]["prompts"]] == ["in_progress", "complete", "complete"]
+    assert summary.done == [0] and summary.skipped == [1, 2]  # found finished once the first prompt was done
+    assert [c[0] for c in first.calls] == ["a red teapot"]
+    assert [c[0] for c in second.calls] == ["a blue mug", "a chair"]
+    assert all((tmp_path / s.folder / COMPLETE_MARKER).is_file() for s in specs)
+    assert (tmp_path / specs[0].folder / "partial.png").exists()
+    record = json.loads(write_summary(specs, tmp_path, summary.merge(b)).read_text())
+    assert record["complete"] == 3 and record["in_progress"] == 0
+
+
+def test_a_claim_is_free_again_after_release_and_a_dead_runs_folder_is_redone(tmp_path):
+    specs = parse_prompts(["a red teapot"])
+    lock = claim(tmp_path, specs[0])
+    assert lock is not None and claim(tmp_path, specs[0]) is None  # held: a second claim fails at once
+    held = run_batch(FakeChain(), specs, tmp_path, progress=False)
+    assert held.elsewhere == [0] and not held.done
+    lock.release()
+    (tmp_path / specs[0].folder).mkdir()
+    (tmp_path / specs[0].folder / "stale.png").write_text("left by a process that died")
+    again = run_batch(FakeChain(), specs, tmp_path, progress=False)
+    assert again.done == [0] and not (tmp_path / specs[0].folder / "stale.png").exists()
+
+
+def test_a_failed_completion_marker_fails_that_prompt_only(tmp_path, monkeypatch):
+    """Writing COMPLETE.json can fail (full disk): that prompt is reported failed, unmarked; the batch goes on."""
+    specs = parse_prompts(["a red teapot", "a blue mug"])
+    real = t2mv.batch.write_text_atomic
+
+    def full_disk_for_the_first(path, text):
+        if path.name == COMPLETE_MARKER and specs[0].folder in str(path):
+            raise OSError(28, "No space left on device")
+        real(path, text)
+
+    monkeypatch.setattr(t2mv.batch, "write_text_atomic", full_disk_for_the_first)
+    summary = run_batch(FakeChain(), specs, tmp_path, progress=False)
+    assert list(summary.failed) == [0] and "No space left" in summary.failed[0] and summary.done == [1]
+    assert not (tmp_path / specs[0].folder / COMPLETE_MARKER).exists()
+    assert (tmp_path / specs[1].folder / COMPLETE_MARKER).exists()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -159,8 +235,10 @@ def _free_port():
 
 def _files(root):
     # Everything but the run-dependent records (wall-clock timings, the completion marker's seconds, summary).
+    # The claims' lock files are empty and belong to no prompt's output.
     skip = {"timings.json", COMPLETE_MARKER, SUMMARY_NAME}
-    return {p.relative_to(root): p for p in sorted(root.rglob("*")) if p.is_file() and p.name not in skip}
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in skip)
+    return {p.relative_to(root): p for p in files if p.relative_to(root).parts[0] != CLAIMS_DIR}
 
 
 def test_two_processes_shard_the_batch_and_match_one_process(tmp_path):
@@ -226,3 +304,31 @@ def test_two_processes_shard_the_batch_and_match_one_process(tmp_path):
         for row in summary["prompts"]
     ]
     assert processes == ["0/2", "1/2"]  # prompt 0 went to process 0, prompt 1 to process 1
+
+
+def test_two_independent_processes_on_one_folder_make_each_prompt_once(tmp_path):
+    """Smoke mode, CPU: two `t2mv batch` processes started together on one output folder share the prompts."""
+    prompts = tmp_path / "prompts.txt"
+    names = ["a red teapot", "a blue mug", "a chair", "a dog"]
+    prompts.write_text("\n".join(names) + "\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "T2MV_SMOKE": "1"}
+    command = [sys.executable, "-m", "t2mv.cli", "batch", str(prompts), "-o", str(tmp_path / "out")]
+    command += ["--no-progress", "--device", "cpu"]
+    runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    runs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [run.communicate(timeout=300) for run in runs]
+    for run, (_, err) in zip(runs, outputs):
+        assert run.returncode == 0 and "Traceback" not in err, err[-3000:]
+    generated = [int(out.split("prompts: ", 1)[1].split(" generated")[0]) for out, _ in outputs]
+    assert sum(generated) == len(names), outputs  # every prompt made exactly once, by one of the two
+
+    specs = read_prompts(prompts)
+    markers = [json.loads((tmp_path / "out" / s.folder / COMPLETE_MARKER).read_text()) for s in specs]
+    assert [m["prompt"] for m in markers] == names
+    makers = {run.pid: sum(m["pid"] == run.pid for m in markers) for run in runs}
+    assert sorted(makers.values()) == sorted(generated), makers  # each marker names the process that made it
+    for spec in specs:  # whole folders: nothing of one process's work deleted by the other
+        files = {p.name for p in (tmp_path / "out" / spec.folder).iterdir()}
+        assert {"image.png", "normals.png", "colors.png", "settings.json", COMPLETE_MARKER} <= files
+        assert len([n for n in files if n.startswith(("normal_", "color_"))]) == 12
+    assert json.loads((tmp_path / "out" / SUMMARY_NAME).read_text())["complete"] == len(names)
