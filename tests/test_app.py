@@ -1,10 +1,15 @@
-"""The Gradio app in smoke mode: bad input gives clear messages (handler and live server) and it keeps serving."""
+"""The Gradio app (`t2mv.app`) in smoke mode: clear messages for bad input (handler and live server), uploads keep
+their alpha, sliders read the settings' bounds, --share needs a login, request folders are cleaned, files are
+readable, uploads are size-limited, and late failures keep the finished stages."""
 
+import ast
 import os
 import socket
+import stat
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -13,10 +18,14 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+from gradio.data_classes import FileData
 from PIL import Image
 
-import app
+import t2mv.app as app
 from t2mv.chain import TextTo3D
+from t2mv.settings import GenerationSettings
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on 2 shared cores: 1 thread is ~10x faster
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULTS = {
@@ -33,10 +42,12 @@ DEFAULTS = {
     "mv_foreground_ratio": 0.75,
     "mesh_foreground_ratio": 0.85,
     "mc_resolution": 32,
+    "mc_threshold": 25.0,
     "bake_texture": False,
     "texture_size": 512,
     "simplify_faces": 0,
 }
+OUT = {name: i for i, name in enumerate(app.OUTPUTS)}
 
 
 def forged_png(path, width, height):
@@ -50,8 +61,23 @@ def forged_png(path, width, height):
     return str(path)
 
 
+def cut_out(path, size=80):
+    """An RGBA cut-out: a red square on a fully transparent background."""
+    image = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    image.paste((200, 40, 40, 255), (size // 4, size // 5, 3 * size // 4, 4 * size // 5))
+    image.save(path)
+    return str(path)
+
+
 def call(generate, **overrides):
     return generate(**{**DEFAULTS, **overrides})
+
+
+class NoRembg:
+    """A background remover that must not run (the upload's alpha is the mask)."""
+
+    def predict(self, *args, **kwargs):
+        raise AssertionError("rembg ran on an image that has its own alpha")
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +90,11 @@ def t2i_chain():
     return TextTo3D.tiny(stages=("text_to_image",))
 
 
+@pytest.fixture(scope="module")
+def views_and_mesh_chain():
+    return TextTo3D.tiny(stages=("multiview", "mesh"))
+
+
 @pytest.fixture
 def toasts(monkeypatch):
     shown = []
@@ -73,13 +104,33 @@ def toasts(monkeypatch):
 
 def test_import_has_no_side_effects(tmp_path):
     code = (
-        "import sys, os, app; assert 'gradio' not in sys.modules; assert 'GRADIO_ANALYTICS_ENABLED' not in os.environ"
+        "import sys, os, app, t2mv.app; assert 'gradio' not in sys.modules; "
+        "assert 'GRADIO_ANALYTICS_ENABLED' not in os.environ; assert app.main is t2mv.app.main"
     )
     env = {k: v for k, v in os.environ.items() if k != "GRADIO_ANALYTICS_ENABLED"}
     env["PYTHONPATH"] = str(REPO)
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert not (REPO / "app.pyi").exists()
+    assert not (REPO / "app.pyi").exists() and not (REPO / "t2mv" / "app.pyi").exists()
+
+
+def _imports(path):
+    """Every module a file imports, at any depth (function-level imports included), relative ones resolved."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ("t2mv." if node.level else "") + (node.module or "")
+            found.add(base.rstrip("."))
+    return found
+
+
+def test_the_package_never_imports_the_top_level_app_script():
+    """The UI is `t2mv.app`; app.py is a shell over it, so nothing in the package reaches back up to app.py."""
+    assert _imports(REPO / "app.py") == {"sys", "t2mv.app"}
+    for module in sorted((REPO / "t2mv").rglob("*.py")):
+        assert "app" not in _imports(module), f"{module.relative_to(REPO)} imports the top-level app.py"
 
 
 def test_prompt_checks(t2i_chain, tmp_path, toasts):
@@ -90,8 +141,8 @@ def test_prompt_checks(t2i_chain, tmp_path, toasts):
     with pytest.raises(gr.Error, match="at most 2000"):
         call(generate, prompt="a" * 2001)
     out = call(generate, prompt=" ".join(["teapot"] * 60))  # > 77 CLIP tokens: generated, with a warning
-    assert Image.open(out[0]).size == (64, 64)
-    assert out[3] == [] and out[5] is None and out[6] == []  # no multiview or mesh stage in this chain
+    assert Image.open(out[OUT["image"]]).size == (64, 64)
+    assert out[OUT["normals"]] == [] and out[OUT["mesh"]] is None and out[OUT["downloads"]] == []
     assert any("tokens" in message and "CLIP" in message for message in toasts)
     assert all("SMOKE MODE" not in message for message in toasts)  # the page shows that one permanently
 
@@ -99,53 +150,117 @@ def test_prompt_checks(t2i_chain, tmp_path, toasts):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"seed": -1}, "Seed"),
-        ({"seed": 2**40}, "Seed"),
+        ({"seed": -1}, r"Seed must be an integer in \[0, 4294967295\], got -1"),
+        ({"seed": 2**40}, "Seed must be"),
         ({"seed": None}, "Seed is missing"),
-        ({"t2i_steps": 2.5}, "Text-to-image steps"),
-        ({"mv_steps": 1000}, "Multiview steps"),
-        ({"t2i_guidance": float("nan")}, "finite"),
-        ({"mv_guidance": "lots"}, "must be a number"),
-        ({"mc_resolution": 9999}, "Marching-cubes resolution"),
+        ({"t2i_steps": 2.5}, "Text-to-image steps must be an integer"),
+        ({"mv_steps": 1000}, r"Multiview steps must be an integer in \[4, 100\]"),
+        ({"mv_steps": 2}, r"Multiview steps must be an integer in \[4, 100\]"),  # no silent raise to 4
+        ({"t2i_guidance": float("nan")}, "Text-to-image CFG must be a finite number"),
+        ({"mv_guidance": "lots"}, "Multiview CFG"),
+        ({"mc_resolution": 9999}, r"Marching-cubes resolution must be an integer in \[32, 512\]"),
+        ({"mc_threshold": float("inf")}, "Density threshold must be a finite number"),
         ({"texture_size": 8}, "Texture size"),
         ({"simplify_faces": -5}, "Simplify"),
-        ({"mesh_foreground_ratio": 3.0}, "mesh_foreground_ratio must be in"),
-        ({"t2i_guidance": 99.0}, "t2i_guidance must be in"),
+        ({"mesh_foreground_ratio": 3.0}, r"Foreground ratio \(mesh\)"),
+        ({"t2i_guidance": 99.0}, r"Text-to-image CFG must be a finite number in \[0, 30\]"),
     ],
 )
-def test_out_of_range_numbers(t2i_chain, tmp_path, overrides, match):
+def test_out_of_range_numbers_name_the_control(t2i_chain, tmp_path, overrides, match):
     with pytest.raises(gr.Error, match=match):
         call(app.make_generate(t2i_chain, tmp_path), **overrides)
+    assert not list(tmp_path.iterdir())  # rejected before any request folder was made
+
+
+def test_sliders_allow_exactly_what_the_settings_allow(mesh_chain, tmp_path):
+    demo = app.build_demo(mesh_chain, output_dir=tmp_path)
+    specs = GenerationSettings.bounds()
+    assert list(demo.t2mv_controls) == list(app.SETTING_CONTROLS)
+    sliders = 0
+    for name, control in demo.t2mv_controls.items():
+        spec = specs[name]
+        assert control.label == spec.label and control.value == getattr(mesh_chain.defaults, name)
+        if isinstance(control, gr.Slider):
+            sliders += 1
+            assert (control.minimum, control.maximum) == (spec.low, spec.high), name
+        elif isinstance(control, gr.Number) and spec.low is not None:
+            assert control.minimum == (0 if spec.zero_allowed else spec.low), name
+    assert sliders >= 8
+    assert demo.t2mv_controls["mc_resolution"].maximum == 512 and demo.t2mv_controls["mv_steps"].minimum == 4
 
 
 def test_bad_uploads(mesh_chain, tmp_path):
-    generate = app.make_generate(mesh_chain, tmp_path)
-
+    generate = app.make_generate(mesh_chain, tmp_path / "runs")
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.raises(gr.Error, match="not an image"):
         call(generate, image=str(tmp_path / "notes.png"), prompt="")
     Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
     with pytest.raises(gr.Error, match="at least 16 pixels"):
         call(generate, image=str(tmp_path / "dot.png"), prompt="")
-    with pytest.raises(gr.Error, match="too large"):
+    with pytest.raises(gr.Error, match="pixels"):
         call(generate, image=forged_png(tmp_path / "huge.png", 20000, 20000), prompt="")
+    Image.new("RGBA", (64, 64), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    with pytest.raises(gr.Error, match="fully transparent"):
+        call(generate, image=str(tmp_path / "clear.png"), prompt="")
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
-@pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P"])
+def test_the_upload_component_keeps_alpha_and_the_original_file(tmp_path):
+    """gradio's Image in RGB mode re-encodes uploads without alpha; ours passes the file on untouched."""
+    component = app._checked_image(label="in")
+    path = cut_out(tmp_path / "cut.png")
+    received = component.preprocess(FileData(path=path, orig_name="cut.png"))
+    with Image.open(received) as image:
+        assert image.mode == "RGBA" and image.getchannel("A").getextrema() == (0, 255)
+    bomb = forged_png(tmp_path / "bomb.png", 30000, 30000)  # beyond what PIL opens at all
+    with pytest.raises(gr.Error, match="too large"):
+        component.preprocess(FileData(path=bomb, orig_name="bomb.png"))
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(gr.Error, match="not an image"):
+        component.preprocess(FileData(path=str(tmp_path / "notes.png"), orig_name="notes.png"))
+
+
+def test_a_cut_out_skips_background_removal(views_and_mesh_chain, tmp_path, monkeypatch, toasts):
+    monkeypatch.setattr(views_and_mesh_chain, "_rembg_session", NoRembg())
+    out = call(app.make_generate(views_and_mesh_chain, tmp_path), image=cut_out(tmp_path / "cut.png"), prompt="")
+    status = out[OUT["status"]]
+    assert "transparency was used" in status and "background removal skipped" in status
+    settings = (Path(out[OUT["mesh"]]).parent / "settings.json").read_text()
+    assert '"object_mask": "input alpha"' in settings and '"remove_background": false' in settings
+    with Image.open(out[OUT["image"]]) as kept:
+        assert kept.mode == "RGBA"  # the input image is shown (and saved) with its alpha
+    assert len(out[OUT["normals"]]) == 6 and len(trimesh.load(out[OUT["mesh"]], force="mesh").faces) > 0
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "P"])
 def test_uploads_in_other_modes_are_converted(mesh_chain, tmp_path, toasts, mode):
     image = Image.new("RGB", (80, 80), (255, 255, 255))
     image.paste((200, 40, 40), (20, 15, 60, 70))
-    if mode == "RGBA":
-        image.putalpha(Image.fromarray((np.asarray(image)[..., 1] < 200).astype(np.uint8) * 255))
     image = image.convert(mode)
     path = tmp_path / ("in.jpg" if mode == "CMYK" else "in.png")
     image.save(path)
     out = call(app.make_generate(mesh_chain, tmp_path / "runs"), image=str(path), prompt="")
-    assert Image.open(out[2]).size == (512, 512)  # the mesh input
-    assert len(trimesh.load(out[5], force="mesh").faces) > 0
-    assert {Path(p).name for p in out[6]} == {"mesh.glb", "mesh_obj.zip", "mesh.ply"}
-    assert out[7]["seed"] == 1 and out[8] == 1
+    assert Image.open(out[OUT["mesh_input"]]).size == (512, 512)
+    assert len(trimesh.load(out[OUT["mesh"]], force="mesh").faces) > 0
+    assert {Path(p).name for p in out[OUT["downloads"]]} == {"mesh.glb", "mesh_obj.zip", "mesh.ply"}
+    assert out[OUT["seed"]] == 1 and "Background: background removed" in out[OUT["status"]]
     assert not toasts
+
+
+def test_timings_are_a_table_and_files_are_readable(mesh_chain, tmp_path, toasts):
+    image = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), (90, 90, 200)).save(image)
+    out = call(app.make_generate(mesh_chain, tmp_path / "runs"), image=str(image), prompt="")
+    table = out[OUT["timings"]]
+    assert table["headers"] == app.TIMING_HEADERS
+    stages = [row[0] for row in table["data"]]
+    assert stages == ["preprocess", "mesh", "total"] and all(row[1] >= 0 for row in table["data"])
+    assert table["data"][-1][1] > 0
+    folder = Path(out[OUT["mesh"]]).parent
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*")}
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert {"mesh.glb", "mesh.ply", "mesh.obj", "mesh_obj.zip", "image.png", "settings.json"} <= set(modes)
+    assert all(mode == 0o644 for mode in modes.values()), modes
 
 
 def test_each_request_gets_its_own_folder_and_random_seeds(mesh_chain, tmp_path, toasts):
@@ -154,27 +269,66 @@ def test_each_request_gets_its_own_folder_and_random_seeds(mesh_chain, tmp_path,
     Image.new("RGB", (64, 64), (90, 90, 200)).save(image)
     first = call(generate, image=str(image), randomize_seed=True)
     second = call(generate, image=str(image), randomize_seed=True)
-    assert Path(first[5]).parent != Path(second[5]).parent
-    assert Path(first[5]).parent.parent == tmp_path
-    assert 0 <= first[8] <= app.MAX_UI_SEED and isinstance(first[8], int)
+    assert Path(first[OUT["mesh"]]).parent != Path(second[OUT["mesh"]]).parent
+    assert Path(first[OUT["mesh"]]).parent.parent == tmp_path
+    assert 0 <= first[OUT["seed"]] <= 2**32 - 1 and isinstance(first[OUT["seed"]], int)
     assert toasts[0].startswith("An image was uploaded, so the prompt is not used")
 
 
-def test_out_of_gpu_memory_and_failures_become_messages(mesh_chain, tmp_path, monkeypatch):
-    class OutOfMemoryChain:
-        def __call__(self, *args, **kwargs):
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+def test_old_request_folders_are_cleaned_and_nothing_else(mesh_chain, tmp_path, toasts):
+    root = tmp_path / "runs"
+    mine = [app.new_request_folder(root) for _ in range(3)]
+    old = time.time() - 3 * 3600
+    os.utime(mine[0], (old, old))
+    (root / "user-notes").mkdir()  # not made by the app: never touched
+    (root / "run-by-hand").mkdir()
+    deleted = app.clean_request_folders(root, max_age_s=3600, max_count=10)
+    assert deleted == [mine[0]] and not mine[0].exists() and mine[1].exists()
 
+    image = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), (90, 90, 200)).save(image)
+    generate = app.make_generate(mesh_chain, root, keep_requests=2, keep_hours=1.0)
+    for _ in range(3):
+        out = call(generate, image=str(image), prompt="")
+    kept = sorted(p.name for p in root.iterdir() if (p / app.REQUEST_MARKER).exists())
+    assert len(kept) == 2 and Path(out[OUT["mesh"]]).parent.name in kept
+    assert (root / "user-notes").is_dir() and (root / "run-by-hand").is_dir()
+
+
+class _Raising:
+    defaults = GenerationSettings.smoke()
+
+    def __init__(self, error):
+        self.error = error
+
+    def __call__(self, *args, **kwargs):
+        raise self.error
+
+
+def test_out_of_gpu_memory_and_failures_become_one_message(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     with pytest.raises(gr.Error, match="--offload"):
-        call(app.make_generate(OutOfMemoryChain(), tmp_path))
+        call(app.make_generate(_Raising(oom), tmp_path))
+    with pytest.raises(gr.Error, match="Generation failed .*something unexpected") as info:
+        call(app.make_generate(_Raising(RuntimeError("something unexpected")), tmp_path))
+    assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
+    assert not list(tmp_path.iterdir())  # the empty request folders are gone
 
-    class BrokenChain:
-        def __call__(self, *args, **kwargs):
-            raise RuntimeError("something unexpected")
 
-    with pytest.raises(gr.Error, match="Generation failed .*something unexpected"):
-        call(app.make_generate(BrokenChain(), tmp_path))
+def test_a_late_failure_keeps_the_finished_stages(views_and_mesh_chain, tmp_path, monkeypatch, toasts):
+    def no_surface(*args, **kwargs):
+        raise ValueError("no surface found at threshold 25.0; lower the density threshold")
+
+    monkeypatch.setattr(views_and_mesh_chain.reconstructor, "extract_mesh", no_surface)
+    image = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), (90, 90, 200)).save(image)
+    out = call(app.make_generate(views_and_mesh_chain, tmp_path / "runs"), image=str(image), prompt="")
+    assert "The mesh stage failed" in out[OUT["status"]] and "no surface" in out[OUT["status"]]
+    assert len(out[OUT["normals"]]) == 6 and len(out[OUT["colors"]]) == 6 and out[OUT["mesh"]] is None
+    assert [Path(p).name for p in out[OUT["downloads"]]] == ["multiview.zip"]
+    assert (Path(out[OUT["image"]]).parent / "FAILED.json").is_file()
+    assert toasts and "mesh stage failed" in toasts[-1]
 
 
 def test_missing_background_removal_weights_offline(tmp_path, monkeypatch):
@@ -201,7 +355,49 @@ def test_main_without_weights_says_how_to_fix_it(tmp_path, monkeypatch, capsys):
         app.main(["--port", "0"])
     assert info.value.code == 3
     err = capsys.readouterr().err
-    assert "hansyan/perflow-sd15-dreamshaper" in err and "--tiny" in err
+    assert "hansyan/perflow-sd15-dreamshaper" in err and "--tiny" in err and "Traceback" not in err
+
+
+@pytest.fixture
+def launched(monkeypatch, mesh_chain):
+    """Runs `main` up to `launch` with the smoke chain; records launch's keyword arguments instead of serving."""
+    import t2mv.cli
+
+    calls = {}
+    monkeypatch.setattr(t2mv.cli, "load_chain", lambda args, stages: calls.setdefault("chain", mesh_chain))
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: calls.update(launch=kwargs))
+    monkeypatch.delenv(app.AUTH_ENV, raising=False)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--share"], "--auth USER:PASSWORD"),
+        (["--share", "--auth", "nocolon"], "USER:PASSWORD"),
+        (["--auth", ":secret"], "USER:PASSWORD"),
+        (["--keep-requests", "0"], "--keep-requests"),
+        (["--max-upload-mb", "-1"], "--max-upload-mb"),
+    ],
+)
+def test_bad_app_flags_are_refused_before_loading(launched, capsys, argv, match):
+    with pytest.raises(SystemExit) as info:
+        app.main(["--tiny", *argv])
+    assert info.value.code == 2 and "chain" not in launched and "launch" not in launched
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("t2mv app: error: ") and match in err[0]
+
+
+def test_share_with_a_login_and_the_upload_limit_reach_launch(launched, capsys, tmp_path, monkeypatch):
+    assert app.main(["--tiny", "--share", "--auth", "ann:pa:ss", "--max-upload-mb", "2", "--output-dir", "o"]) == 0
+    options = launched["launch"]
+    assert options["share"] is True and options["auth"] == ("ann", "pa:ss")
+    assert options["max_file_size"] == 2 * 1024 * 1024 and options["allowed_paths"] == ["o"]
+    monkeypatch.setenv(app.AUTH_ENV, "bob:secret")  # the password kept out of the process list
+    assert app.main(["--tiny", "--share"]) == 0 and launched["launch"]["auth"] == ("bob", "secret")
+    monkeypatch.delenv(app.AUTH_ENV)
+    assert app.main(["--tiny", "--share", "--i-know"]) == 0 and launched["launch"]["auth"] is None
+    assert "WITHOUT a login" in capsys.readouterr().err
 
 
 def _free_port():
@@ -210,33 +406,47 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_live_server_reports_bad_input_and_keeps_serving(tmp_path):
+def test_live_server_reports_bad_input_keeps_alpha_and_keeps_serving(tmp_path):
     from gradio_client import Client, handle_file
 
     chain = TextTo3D.tiny(stages=("text_to_image", "mesh"))
+    chain._rembg_session = NoRembg()  # every upload below that reaches the chain has its own alpha
     demo = app.build_demo(chain, output_dir=tmp_path / "runs")
     config = str(demo.config)
     assert "SMOKE MODE" in config and "Source Sans" not in config
     assert "fonts.googleapis" not in demo.theme._get_theme_css()
     port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, max_file_size=200_000)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         args = list(DEFAULTS.values())
+        image_at = list(DEFAULTS).index("image")
+
+        def with_upload(path):
+            return [*args[:image_at], handle_file(str(path)), *args[image_at + 1 :]]
+
         with pytest.raises(Exception, match="Enter a prompt"):
             client.predict(*(["", *args[1:]]), api_name="/generate")
         (tmp_path / "notes.png").write_text("not an image")
-        bad_upload = [*args[:4], handle_file(str(tmp_path / "notes.png")), *args[5:]]
         with pytest.raises(Exception, match="not an image"):
-            client.predict(*bad_upload, api_name="/generate")
-        bomb = [*args[:4], handle_file(forged_png(tmp_path / "bomb.png", 20000, 20000)), *args[5:]]
-        with pytest.raises(Exception, match="too many pixels"):
-            client.predict(*bomb, api_name="/generate")
+            client.predict(*with_upload(tmp_path / "notes.png"), api_name="/generate")
+        with pytest.raises(Exception, match="pixels"):
+            client.predict(*with_upload(forged_png(tmp_path / "bomb.png", 20000, 20000)), api_name="/generate")
+        Image.new("RGBA", (64, 64), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+        with pytest.raises(Exception, match="fully transparent"):
+            client.predict(*with_upload(tmp_path / "clear.png"), api_name="/generate")
+        big = tmp_path / "big.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)).save(big)
+        assert big.stat().st_size > 200_000
+        with pytest.raises(Exception, match="(?i)size"):
+            client.predict(*with_upload(big), api_name="/generate")
+        mc = list(DEFAULTS).index("mc_resolution")
         with pytest.raises(Exception, match="Marching-cubes"):
-            client.predict(*args[:12], 5000, *args[13:], api_name="/generate")
-        out = client.predict(*args, api_name="/generate")  # still serving after all of that
-        assert len(trimesh.load(out[5], force="mesh").faces) > 0
-        assert out[7]["seconds"]["total"] > 0
+            client.predict(*args[:mc], 5000, *args[mc + 1 :], api_name="/generate")
+        out = client.predict(*with_upload(cut_out(tmp_path / "cut.png")), api_name="/generate")  # still serving
+        assert len(trimesh.load(out[OUT["mesh"]], force="mesh").faces) > 0
+        assert "transparency was used" in out[OUT["status"]]
+        assert out[OUT["timings"]]["data"][-1][0] == "total"
     finally:
         demo.close()
 
@@ -250,9 +460,9 @@ def test_baked_texture_download_holds_obj_mtl_and_texture(mesh_chain, tmp_path):
         im.paste((200, 30, 30), (16, 16, 48, 48))
         im.save(image)
     out = call(app.make_generate(mesh_chain, tmp_path / "runs"), image=str(image), prompt="", bake_texture=True)
-    obj_zip = next(p for p in out[6] if p.endswith("mesh_obj.zip"))
+    obj_zip = next(p for p in out[OUT["downloads"]] if p.endswith("mesh_obj.zip"))
     with zipfile.ZipFile(obj_zip) as archive:
         names = set(archive.namelist())
         assert names == {"mesh.obj", "mesh.mtl", "mesh.png"}
         assert "map_Kd mesh.png" in archive.read("mesh.mtl").decode()
-    assert trimesh.load(out[5], force="mesh").visual.kind == "texture"
+    assert trimesh.load(out[OUT["mesh"]], force="mesh").visual.kind == "texture"

@@ -1,0 +1,606 @@
+"""Gradio web app: text (or an image) → image → six normals + six colors → a 3D mesh, with downloads.
+
+    t2mv app [--tiny] [--host 127.0.0.1] [--port 7860]      (or: python app.py ...)
+
+`build_demo(chain)` returns the Blocks for a `t2mv.chain.TextTo3D`; `main()` checks the flags, loads the models and
+launches. Importing this module does nothing else: gradio is imported inside those functions, after `main()` has
+turned gradio's analytics off.
+
+The settings controls are built from `t2mv.settings.GenerationSettings` (label, bounds, step and default of each
+option), so the sliders allow exactly what the chain accepts. Adding a control is adding its option name to
+`SETTING_CONTROLS` (and the option to `GenerationSettings`): the handler's signature, the request's settings and
+the API follow from that list.
+
+Each request writes into its own folder under the output root (default ``<temp>/t2mv-app``); folders older than
+``--keep-hours`` or beyond the newest ``--keep-requests`` are deleted, and only folders this app made (they carry
+``REQUEST_MARKER``). Files are world-readable (0644, folders 0755) like any other output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("t2mv.app")
+
+MAX_PROMPT_CHARS = 2000  # far beyond CLIP's 77 tokens (which only warn); longer input is rejected
+EXAMPLES = [
+    "a husky dog",
+    "a red teapot with a golden lid",
+    "a wooden chair",
+    "a blue ceramic mug",
+    "a cheeseburger",
+    "a toy robot, full body",
+]
+SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"]
+MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
+OOM_MESSAGE = (
+    "Out of GPU memory. Restart the app with --offload (each model on the GPU only while it runs), lower the "
+    "marching-cubes resolution, turn texture baking off or use a smaller texture."
+)
+# The request's own inputs, then the GenerationSettings options shown under "Settings", in this order.
+REQUEST_INPUTS = ("prompt", "negative_prompt", "seed", "randomize_seed", "image")
+SETTING_CONTROLS = (
+    "t2i_steps",
+    "t2i_guidance",
+    "mv_steps",
+    "mv_guidance",
+    "remove_background",
+    "mv_foreground_ratio",
+    "mesh_foreground_ratio",
+    "mc_resolution",
+    "mc_threshold",
+    "bake_texture",
+    "texture_size",
+    "simplify_faces",
+)
+OUTPUTS = (
+    "image",
+    "mv_input",
+    "mesh_input",
+    "normals",
+    "colors",
+    "mesh",
+    "downloads",
+    "timings",
+    "seed",
+    "status",
+)
+TIMING_HEADERS = ["stage", "seconds", "GPU peak (GiB)", "host RSS (GiB)"]
+MESH_FORMATS = ("glb", "obj", "ply")
+REQUEST_PREFIX = "run-"
+REQUEST_MARKER = ".t2mv-request"  # only folders carrying it are ever deleted by the clean-up
+DEFAULT_KEEP_REQUESTS = 50
+DEFAULT_KEEP_HOURS = 24.0
+DEFAULT_MAX_UPLOAD_MB = 25
+AUTH_ENV = "T2MV_APP_AUTH"  # user:password, so the password need not appear in the process list
+FILE_MODE, FOLDER_MODE = 0o644, 0o755
+OBJECT_MASK_NOTES = {
+    "input alpha": "the upload's transparency was used as the object mask (background removal skipped)",
+    "rembg u2net": "background removed with rembg (u2net)",
+    "none (whole image)": "background removal off: the whole image was used",
+}
+
+
+# ---------------------------------------------------------------------------------------------- request folders
+def clean_request_folders(root: str | os.PathLike, *, max_age_s: float, max_count: int) -> list[Path]:
+    """Delete this app's request folders under `root` that are older than `max_age_s` or beyond the newest
+    `max_count`; return the deleted paths.
+
+    Only folders holding ``REQUEST_MARKER`` are touched, so pointing ``--output-dir`` at a folder with other
+    files never deletes them. Age is the folder's modification time.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    folders = [p for p in root.iterdir() if p.is_dir() and (p / REQUEST_MARKER).is_file()]
+    folders.sort(key=lambda p: p.stat().st_mtime, reverse=True)  # newest first
+    now = time.time()
+    doomed = [p for i, p in enumerate(folders) if i >= max_count or now - p.stat().st_mtime > max_age_s]
+    for folder in doomed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return doomed
+
+
+def new_request_folder(root: str | os.PathLike) -> Path:
+    """A fresh, uniquely named folder for one request under `root` (created 0755, marked as the app's)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=REQUEST_PREFIX, dir=root))  # mkdtemp makes it 0700
+    folder.chmod(FOLDER_MODE)
+    (folder / REQUEST_MARKER).touch()
+    return folder
+
+
+def make_readable(folder: Path) -> None:
+    """Files 0644 and folders 0755 under `folder`: outputs are ordinary files (temp-file writers leave 0600)."""
+    folder.chmod(FOLDER_MODE)
+    for path in folder.rglob("*"):
+        path.chmod(FOLDER_MODE if path.is_dir() else FILE_MODE)
+
+
+def _zip(path: Path, files: Sequence[Path]) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for file in files:
+            archive.write(file, arcname=file.name)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- the handler
+def timing_table(timings: dict[str, float], memory: dict[str, float]) -> dict[str, Any]:
+    """Stage timings and memory as a small table (``{"headers", "data"}``, a `gr.Dataframe` value).
+
+    One row per stage that ran, in run order, then ``total``; the stages' finer timings (``multiview.denoise``)
+    are left out. Memory cells are empty where nothing was measured (no GPU).
+    """
+    rows = []
+    for stage, seconds in timings.items():
+        if "." in stage:
+            continue
+        gpu = memory.get(f"{stage}.gpu_peak")
+        rss = memory.get(f"{stage}.host_rss", memory.get("host_peak_rss") if stage == "total" else None)
+        rows.append(
+            [stage, round(seconds, 3), "" if gpu is None else round(gpu, 3), "" if rss is None else round(rss, 3)]
+        )
+    return {"headers": TIMING_HEADERS, "data": rows}
+
+
+def _status(result: Any, seed: int) -> str:
+    """The one-line summary shown under the results: time, seed, and how the object was cut out."""
+    parts = [f"Done in {result.timings.get('total', 0.0):.1f} s", f"seed {seed}"]
+    mask = result.settings.get("object_mask")
+    if result.settings.get("input") == "image" and mask in OBJECT_MASK_NOTES:
+        parts.append(f"Background: {OBJECT_MASK_NOTES[mask]}")
+    return " · ".join(parts) + "."
+
+
+def _outputs(folder: Path, result: Any, seed: int, status: str) -> tuple:
+    """The handler's return values (in `OUTPUTS` order) from the files the chain wrote into `folder`."""
+
+    def file(name: str) -> str | None:
+        return str(folder / name) if (folder / name).is_file() else None
+
+    views = sorted(folder.glob("normal_*.png")) + sorted(folder.glob("color_*.png"))
+    downloads: list[str] = []
+    glb = file("mesh.glb")
+    if glb is not None:
+        obj_files = [p for p in sorted(folder.glob("mesh.*")) if p.suffix in (".obj", ".mtl", ".png")]
+        downloads += [glb, str(_zip(folder / "mesh_obj.zip", obj_files))]
+        downloads += [p for p in [file("mesh.ply")] if p is not None]
+    if views:
+        extras = [folder / n for n in ("normals.png", "colors.png", "mv_input.png", "mesh_input.png", "image.png")]
+        extras += [folder / "settings.json"]
+        downloads.append(str(_zip(folder / "multiview.zip", views + [p for p in extras if p.is_file()])))
+    make_readable(folder)
+
+    def gallery(kind: str) -> list[tuple[str, str]]:
+        found = []
+        for i, view in enumerate(result.view_names if result is not None else ()):
+            path = file(f"{kind}_{i}_{view}.png")
+            if path is not None:
+                found.append((path, f"{kind} · {view}"))
+        return found
+
+    table = timing_table(result.timings, result.memory) if result is not None else timing_table({}, {})
+    return (
+        file("image.png"),
+        file("mv_input.png"),
+        file("mesh_input.png"),
+        gallery("normal"),
+        gallery("color"),
+        glb,
+        downloads,
+        table,
+        seed,
+        status,
+    )
+
+
+def make_generate(
+    chain: Any,
+    output_root: str | os.PathLike,
+    *,
+    controls: Sequence[str] = SETTING_CONTROLS,
+    keep_requests: int = DEFAULT_KEEP_REQUESTS,
+    keep_hours: float = DEFAULT_KEEP_HOURS,
+):
+    """The click handler for `chain`, writing each request's files into its own folder under `output_root`.
+
+    Args:
+        chain: a `TextTo3D`.
+        output_root: where request folders go; old ones are cleaned (see `clean_request_folders`) per request.
+        controls: the `GenerationSettings` options the UI sends, after `REQUEST_INPUTS`.
+        keep_requests, keep_hours: the clean-up limits.
+
+    Returns:
+        ``generate(prompt, negative_prompt, seed, randomize_seed, image, *<controls>, progress)``, callable with
+        keywords too. It returns the values of `OUTPUTS`: the image, the multiview input, the mesh input, the
+        normals and colors galleries, the GLB for the viewer, the download files, the timings table, the seed
+        used and a status line. Bad input raises `gradio.Error` with what to do (one line, never a traceback);
+        prompt warnings become `gradio.Warning` toasts. When a late stage fails, the finished stages are shown
+        and the status line says what failed.
+    """
+    import gradio as gr
+
+    from .errors import StageFailedError, describe, is_out_of_memory
+    from .inputs import open_image
+    from .settings import MAX_SEED, GenerationSettings
+    from .tiny import SMOKE_BANNER
+
+    output_root = Path(output_root)
+    specs = GenerationSettings.bounds()
+    labels = {name: spec.label for name, spec in specs.items()}
+    names = tuple(REQUEST_INPUTS) + tuple(controls)
+    parameter = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    signature = inspect.Signature(
+        [inspect.Parameter(name, parameter) for name in names]
+        + [inspect.Parameter("progress", parameter, default=gr.Progress())]
+    )
+
+    def run(request: dict[str, Any], progress: Any) -> tuple:
+        # 1. Check the request before anything runs: prompt, seed, settings, image.
+        prompt = (request["prompt"] or "").strip()
+        image_path = request["image"]
+        if not image_path and not prompt:
+            raise gr.Error("Enter a prompt, or upload an image instead.")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise gr.Error(
+                f"The prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are accepted (and the model "
+                "reads only the first 77 tokens). Shorten it."
+            )
+        seed = request["seed"]
+        if request["randomize_seed"]:
+            seed = secrets.randbelow(MAX_SEED + 1)
+        elif seed is None or seed == "":
+            raise gr.Error(f"Seed is missing; give a whole number in [0, {MAX_SEED}] or tick Random seed.")
+        values = {"seed": seed, **{name: request[name] for name in controls}}
+        try:
+            # Slider floats become ints where exact (4.0 → 4); then one check, naming options by their labels.
+            converted = GenerationSettings.from_mapping(values, base=chain.defaults, coerce=True, skip=specs)
+            settings = converted.validate(names=labels)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        image = None
+        if image_path:
+            try:
+                image = open_image(image_path, name=f"The uploaded image ({Path(image_path).name})")
+            except ValueError as e:
+                raise gr.Error(str(e)) from None
+            if prompt:
+                gr.Warning("An image was uploaded, so the prompt is not used. Clear the image to generate from text.")
+
+        # 2. Run the chain into a fresh request folder, a progress step per stage.
+        def on_stage(name: str, index: int, total: int) -> None:
+            progress(index / total, desc=f"{name.replace('_', ' ')} ({index + 1}/{total})")
+
+        clean_request_folders(output_root, max_age_s=keep_hours * 3600, max_count=max(keep_requests - 1, 0))
+        folder = new_request_folder(output_root)
+        finished: dict[str, Any] = {}
+        try:
+            result = chain(
+                None if image is not None else prompt,
+                image=image,
+                negative_prompt=(request["negative_prompt"] or "").strip() or None,
+                settings=settings,
+                callback=on_stage,
+                output_dir=folder,
+                mesh_formats=MESH_FORMATS,
+                on_stage_done=lambda name, partial: finished.update(result=partial),
+            )
+        except StageFailedError as e:  # earlier stages are on disk: show them, say what failed
+            if is_out_of_memory(e.cause):
+                _free_gpu_memory()
+            message = OOM_MESSAGE if is_out_of_memory(e.cause) else describe(e.cause)
+            status = f"⚠️ The {e.stage.replace('_', ' ')} stage failed: {message} The finished stages are shown."
+            gr.Warning(status)
+            logger.warning("request %s: %s stage failed: %r", folder.name, e.stage, e.cause)
+            return _outputs(folder, finished.get("result"), settings.seed, status)
+        except Exception as e:
+            shutil.rmtree(folder, ignore_errors=True)  # nothing finished: no empty folder left behind
+            if is_out_of_memory(e):
+                _free_gpu_memory()
+                raise gr.Error(OOM_MESSAGE) from None
+            if isinstance(e, FileNotFoundError | ValueError):  # bad input; missing weights (u2net, ...)
+                raise gr.Error(describe(e)) from None
+            logger.exception("generation failed")  # unexpected: in full in the log, briefly on the page
+            raise gr.Error(f"Generation failed ({type(e).__name__}: {e}). The details are in the server log.") from e
+        for message in result.warnings:
+            if message != SMOKE_BANNER:  # the page shows that one permanently
+                gr.Warning(message)
+
+        # 3. Downloads and the page's values.
+        progress(1.0, desc="writing files")
+        return _outputs(folder, result, settings.seed, _status(result, settings.seed))
+
+    def generate(*args: Any, **kwargs: Any) -> tuple:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        request = dict(bound.arguments)
+        return run(request, request.pop("progress"))
+
+    generate.__signature__ = signature  # gradio reads the parameters (and finds `progress`) from it
+    generate.__name__ = "generate"
+    return generate
+
+
+def _free_gpu_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------- the page
+def _checked_image(**kwargs: Any):
+    """A `gr.Image` that hands the handler the uploaded file as it is (alpha, mode and bit depth kept), and whose
+    upload errors read as advice.
+
+    ``image_mode=None`` + ``type="filepath"``: gradio only reads the header (PIL.Image.open) and passes the file's
+    path on, so a cut-out keeps its transparency and `t2mv.inputs.open_image` does every check in the handler.
+    The header read itself can fail (not an image; more pixels than PIL opens at all); those failures are turned
+    into the shared checks' messages here, wrapped on this instance (a subclass would make gradio write a .pyi
+    file next to ours).
+    """
+    import gradio as gr
+
+    from .inputs import open_image
+
+    component = gr.Image(type="filepath", image_mode=None, **kwargs)
+    preprocess = component.preprocess
+
+    def checked_preprocess(payload: Any) -> Any:
+        try:
+            return preprocess(payload)
+        except gr.Error:
+            raise
+        except Exception as e:  # PIL: DecompressionBombError, UnidentifiedImageError (an OSError), ...
+            try:
+                open_image(payload.path, name=f"The uploaded image ({Path(payload.orig_name or 'image').name})")
+            except ValueError as checked:
+                raise gr.Error(str(checked)) from None
+            raise gr.Error(
+                f"The uploaded file could not be read ({type(e).__name__}). Upload a PNG, JPEG or WebP."
+            ) from None
+
+    component.preprocess = checked_preprocess
+    return component
+
+
+def settings_control(spec: Any, value: Any) -> Any:
+    """The gradio control for one `GenerationSettings` option (its `OptionSpec`), starting at `value`.
+
+    bool → checkbox; str → radio buttons of its choices; a number with both bounds → slider over exactly the
+    bounds (with 0 allowed besides them, or a range too wide for a slider: a number box); otherwise a number box.
+    """
+    import gradio as gr
+
+    if spec.kind == "bool":
+        return gr.Checkbox(label=spec.label, value=value, info=spec.help)
+    if spec.kind == "str":
+        return gr.Radio(list(spec.choices), label=spec.label, value=value, info=spec.help)
+    bounded = spec.low is not None and spec.high is not None
+    if bounded and not spec.zero_allowed and spec.high - spec.low <= 10_000:
+        step = spec.step or (1 if spec.kind == "int" else 0.01)
+        return gr.Slider(spec.low, spec.high, value=value, step=step, label=spec.label)
+    precision = 0 if spec.kind == "int" else None
+    return gr.Number(label=spec.label, value=value, precision=precision, minimum=0 if spec.zero_allowed else spec.low)
+
+
+def build_demo(
+    chain: Any,
+    *,
+    output_dir: str | os.PathLike | None = None,
+    keep_requests: int = DEFAULT_KEEP_REQUESTS,
+    keep_hours: float = DEFAULT_KEEP_HOURS,
+) -> Any:
+    """The app's `gradio.Blocks` for `chain` (a `TextTo3D`).
+
+    Args:
+        chain: the loaded chain (smoke mode shows a permanent banner).
+        output_dir: request folders go here (default: ``<system temp>/t2mv-app``).
+        keep_requests, keep_hours: request folders beyond the newest `keep_requests` or older than `keep_hours`
+            are deleted when a new request starts.
+
+    One generation runs at a time (the GPU is the bottleneck); ``demo.t2mv_output_root`` is the output folder
+    (for ``launch(allowed_paths=...)``).
+    """
+    import gradio as gr
+
+    from .settings import MAX_SEED, GenerationSettings
+    from .tiny import SMOKE_BANNER
+
+    output_root = Path(output_dir) if output_dir is not None else Path(tempfile.gettempdir()) / "t2mv-app"
+    defaults = chain.defaults
+    specs = GenerationSettings.bounds()
+    has_t2i = chain.text_to_image is not None
+    has_mesh = chain.reconstructor is not None
+    # Fonts the browser already has: gr.themes.Font adds no @font-face (plain strings would become LocalFonts,
+    # fetched from /static/fonts, and the default theme loads Google Fonts).
+    theme = gr.themes.Default(
+        font=[gr.themes.Font(name) for name in SYSTEM_FONTS], font_mono=[gr.themes.Font(name) for name in MONO_FONTS]
+    )
+    with gr.Blocks(title="t2mv: text to multiview and mesh", theme=theme, analytics_enabled=False) as demo:
+        gr.Markdown(
+            "# t2mv: text → image → multiview → mesh\n"
+            "PeRFlow SD1.5 makes an image, PeRFlow Wonder3D its six normals and colors, TripoSR a mesh."
+        )
+        if chain.smoke:
+            gr.Markdown(f"## ⚠️ {SMOKE_BANNER}", elem_id="smoke-banner")
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = gr.Textbox(label="Prompt", placeholder="a red teapot", lines=2, visible=has_t2i)
+                negative = gr.Textbox(label="Negative prompt", lines=1, visible=has_t2i)
+                with gr.Accordion("… or start from an image", open=not has_t2i, elem_id="image-accordion"):
+                    image = _checked_image(
+                        label="Input image (used instead of the prompt; a transparent background is kept)",
+                        elem_id="input-image",
+                    )
+                with gr.Row():
+                    seed = gr.Number(
+                        label="Seed", value=defaults.seed, precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed"
+                    )
+                    randomize = gr.Checkbox(label="Random seed", value=False)
+                with gr.Accordion("Settings", open=False):
+                    controls = [settings_control(specs[name], getattr(defaults, name)) for name in SETTING_CONTROLS]
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                if has_t2i:
+                    gr.Examples(examples=[[text] for text in EXAMPLES], inputs=[prompt], label="Examples")
+            with gr.Column(scale=2):
+                status = gr.Markdown("", elem_id="status")
+                with gr.Row():
+                    out_image = gr.Image(label="Generated image", type="filepath", interactive=False, height=220)
+                    out_mv_input = gr.Image(label="Multiview input", type="filepath", interactive=False, height=220)
+                    out_mesh_input = gr.Image(label="Mesh input", type="filepath", interactive=False, height=220)
+                gallery = {"columns": 6, "rows": 1, "height": 190, "object_fit": "contain"}
+                normals = gr.Gallery(label="Normals", elem_id="normals", **gallery)
+                colors = gr.Gallery(label="Colors", elem_id="colors", **gallery)
+                viewer = gr.Model3D(label="Mesh (GLB)", visible=has_mesh, height=360, elem_id="viewer")
+                downloads = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
+                timings = gr.Dataframe(
+                    headers=TIMING_HEADERS,
+                    label="Timings (s) and memory (GiB)",
+                    interactive=False,
+                    elem_id="timings",
+                )
+        inputs = [prompt, negative, seed, randomize, image, *controls]
+        outputs = [out_image, out_mv_input, out_mesh_input, normals, colors, viewer, downloads, timings, seed, status]
+        generate = make_generate(chain, output_root, keep_requests=keep_requests, keep_hours=keep_hours)
+        button.click(generate, inputs, outputs, api_name="generate", concurrency_limit=1)
+        prompt.submit(generate, inputs, outputs, api_name=False, concurrency_limit=1)
+    demo.queue(default_concurrency_limit=1, max_size=32)
+    demo.t2mv_output_root = output_root
+    demo.t2mv_controls = dict(zip(SETTING_CONTROLS, controls))  # option name → its control (tests, extensions)
+    return demo
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    """The app's flags: address, sharing and login, request folders, upload limit, and the shared model flags."""
+    from .cli import ArgumentParser, HelpFormatter, add_model_args
+
+    parser = ArgumentParser(prog="t2mv app", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    parser.add_argument("--port", type=int, default=7860, help="port")
+    parser.add_argument(
+        "--share", action="store_true", help="make a public gradio.live link (needs --auth; downloads frpc)"
+    )
+    parser.add_argument(
+        "--auth",
+        default=None,
+        metavar="USER:PASSWORD",
+        help=f"require this login (also from ${AUTH_ENV}, which keeps the password out of the process list)",
+    )
+    parser.add_argument(
+        "--i-know", action="store_true", help="allow --share without --auth: anyone with the link can use the GPU"
+    )
+    parser.add_argument("--output-dir", default=None, help="where requests write their files (default: temp dir)")
+    parser.add_argument(
+        "--keep-requests", type=int, default=DEFAULT_KEEP_REQUESTS, help="request folders kept (older ones deleted)"
+    )
+    parser.add_argument(
+        "--keep-hours", type=float, default=DEFAULT_KEEP_HOURS, help="request folders older than this are deleted"
+    )
+    parser.add_argument(
+        "--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="largest upload accepted, in MB"
+    )
+    add_model_args(parser)
+    return parser
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    """``"user:password"`` → ``("user", "password")`` (the password may contain ':'); None stays None.
+
+    Raises:
+        BadInputError: no ':' or an empty user or password.
+    """
+    from .errors import BadInputError
+
+    if text is None:
+        return None
+    user, colon, password = text.partition(":")
+    if not colon or not user.strip() or not password:
+        raise BadInputError("--auth must be USER:PASSWORD with a non-empty user and password.")
+    return user.strip(), password
+
+
+def check_flags(args: argparse.Namespace) -> tuple[str, str] | None:
+    """Check the flags before any model loads; return the login (or None). Warnings go to stderr.
+
+    Raises:
+        BadInputError: ``--share`` without a login (unless ``--i-know``), a bad ``--auth``, or limits out of range.
+    """
+    from .errors import BadInputError
+
+    auth = parse_auth(args.auth if args.auth is not None else os.environ.get(AUTH_ENV) or None)
+    if args.share and auth is None:
+        if not args.i_know:
+            raise BadInputError(
+                "--share publishes the app on a public gradio.live link: anyone who has it can run generations on "
+                f"this machine. Add a login with --auth USER:PASSWORD (or ${AUTH_ENV}), or pass --i-know to share "
+                "without one."
+            )
+        print(
+            "warning: sharing a public link WITHOUT a login (--i-know): anyone with it can use the app.",
+            file=sys.stderr,
+        )
+    if auth is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"warning: serving on {args.host} without a login: anyone who can reach this address can use the app. "
+            "Add --auth USER:PASSWORD to require one.",
+            file=sys.stderr,
+        )
+    if args.keep_requests < 1 or not args.keep_hours > 0 or not args.max_upload_mb > 0:
+        raise BadInputError("--keep-requests must be at least 1, --keep-hours and --max-upload-mb more than 0.")
+    return auth
+
+
+def launch_options(args: argparse.Namespace, auth: tuple[str, str] | None, output_root: Path) -> dict[str, Any]:
+    """The keyword arguments of ``demo.launch`` for the parsed flags."""
+    return {
+        "server_name": args.host,
+        "server_port": args.port,
+        "share": args.share,
+        "auth": auth,
+        "max_file_size": int(args.max_upload_mb * 1024 * 1024),
+        "show_error": True,
+        "allowed_paths": [str(output_root)],
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Check the flags, load the models (or the smoke-mode ones), and serve until interrupted.
+
+    Errors (bad flags, missing weights) print one ``t2mv app: error: ...`` line and exit with the project's codes
+    (2 bad input, 3 missing weights, 4 out of memory, 1 anything else), before any model loads where possible.
+    """
+    # No analytics or telemetry unless the user asked for them; set before gradio is first imported.
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .cli import load_chain
+    from .errors import describe, exit_code
+
+    try:
+        auth = check_flags(args)
+        chain = load_chain(args, ("text_to_image", "multiview", "mesh"))
+    except Exception as e:  # bad flags; missing weights: the message names the repo, the fixes and smoke mode
+        if getattr(args, "debug", False):
+            raise
+        print(f"{parser.prog}: error: {describe(e)}", file=sys.stderr)
+        raise SystemExit(exit_code(e)) from None
+    demo = build_demo(chain, output_dir=args.output_dir, keep_requests=args.keep_requests, keep_hours=args.keep_hours)
+    demo.launch(**launch_options(args, auth, demo.t2mv_output_root))
+    return 0
