@@ -39,6 +39,9 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from .inputs import write_text
+from .settings import MAX_SEED, GenerationSettings
+
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE.json"
@@ -135,8 +138,8 @@ def parse_prompts(
             raise ValueError(f"{where}: the prompt is missing or empty.")
         if negative is not None and not isinstance(negative, str):
             raise ValueError(f"{where}: negative_prompt must be a string, got {negative!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"{where}: seed must be a non-negative integer, got {seed!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"{where}: seed must be an integer in [0, {MAX_SEED}], got {seed!r}.")
         name = folder_name(prompt.strip(), negative, seed)
         base, copy = name, 1
         while name in used:  # the very same prompt, negative prompt and seed twice: keep both, deterministically
@@ -195,24 +198,18 @@ def is_claimed(output_dir: str | Path, spec: PromptSpec) -> bool:
     return False
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` in one step (temp file + rename): readers see the old file or the whole new one."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def run_batch(
     chain: Any,
     specs: Sequence[PromptSpec],
     output_dir: str | Path,
     *,
+    settings: GenerationSettings | None = None,
     mesh: bool = False,
     mesh_formats: Sequence[str] = ("glb",),
     process_index: int = 0,
     num_processes: int = 1,
     progress: bool = True,
-    **generation: Any,
+    **options: Any,
 ) -> BatchSummary:
     """Generate this process's share of `specs` into `output_dir/<spec.folder>/`, skipping finished folders.
 
@@ -222,10 +219,13 @@ def run_batch(
     Args:
         chain: a `t2mv.chain.TextTo3D`.
         specs: all prompts of the batch (every process passes the same list).
+        output_dir: one folder per prompt is made in it.
+        settings: the generation settings of every prompt (default: the chain's defaults); each prompt runs with
+            its own seed (``spec.seed``) in place of ``settings.seed``. Checked here, before the first prompt.
         mesh: also run the mesh stage and write ``mesh.<fmt>`` for each of `mesh_formats`.
         process_index, num_processes: this process's shard.
         progress: show a progress bar (on the main process).
-        generation: passed to the chain (steps, guidance, sizes, ...).
+        options: `GenerationSettings` fields overriding `settings` (``mv_steps=8``).
 
     Returns:
         What this process did (`BatchSummary`).
@@ -234,6 +234,7 @@ def run_batch(
     whatever was written, without a completion marker, so the next run tries it again.
     """
     started = time.perf_counter()
+    base = chain.settings_for(settings, **options)  # BadInputError now, not once per prompt
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     mine = shard(specs, process_index, num_processes)
@@ -262,7 +263,8 @@ def run_batch(
                 continue
             if folder.exists():  # no marker and nobody holds the claim: its process died; start again from nothing
                 shutil.rmtree(folder)
-            error = _make_one(chain, spec, folder, mesh, mesh_formats, f"{process_index}/{num_processes}", generation)
+            settings_i = base.with_changes(seed=spec.seed)
+            error = _make_one(chain, spec, folder, settings_i, mesh, mesh_formats, f"{process_index}/{num_processes}")
         finally:
             lock.release()
         if error is None:
@@ -277,23 +279,27 @@ def _make_one(
     chain: Any,
     spec: PromptSpec,
     folder: Path,
+    settings: GenerationSettings,
     mesh: bool,
     mesh_formats: Sequence[str],
     process: str,
-    generation: dict[str, Any],
 ) -> str | None:
-    """Generate one claimed prompt into `folder` and mark it complete; the error message, or None on success."""
+    """Generate one claimed prompt into `folder` and mark it complete; the error message, or None on success.
+
+    The chain writes each stage's files as the stage ends, so a failure keeps the finished ones (with the chain's
+    ``FAILED.json``); without the completion marker the next run makes the prompt again from nothing.
+    """
     started = time.perf_counter()
     try:
         result = chain(
             spec.prompt,
             negative_prompt=spec.negative_prompt,
-            seed=spec.seed,
+            settings=settings,
             multiview=True,
             mesh=mesh,
-            **generation,
+            output_dir=folder,
+            mesh_formats=mesh_formats,
         )
-        result.save(folder, mesh_formats=mesh_formats if mesh else ())
         marker = {
             **asdict(spec),
             "process": process,
@@ -303,7 +309,7 @@ def _make_one(
             "warnings": result.warnings,
         }
         # Last, and in one step: a folder with a marker is whole (a failed marker write leaves it to be redone).
-        write_text_atomic(folder / COMPLETE_MARKER, json.dumps(marker, indent=2) + "\n")
+        write_text(json.dumps(marker, indent=2) + "\n", folder / COMPLETE_MARKER)
     except Exception as e:  # one bad prompt (or an OOM, or a full disk) must not stop a long batch
         if type(e).__name__ == "OutOfMemoryError":
             import torch
@@ -341,5 +347,5 @@ def write_summary(specs: Sequence[PromptSpec], output_dir: str | Path, summary: 
         "prompts": rows,
     }
     path = output_dir / SUMMARY_NAME
-    write_text_atomic(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", path)
     return path

@@ -28,32 +28,42 @@ from t2mv.batch import (
     write_summary,
 )
 from t2mv.chain import ChainResult
+from t2mv.settings import GenerationSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 class FakeChain:
-    """Test double for TextTo3D: images are a function of (prompt, seed); records its calls; can fail on cue."""
+    """Test double for TextTo3D: images are a function of (prompt, seed); records its calls; can fail on cue.
+
+    Like the chain, it writes its result into `output_dir` (the stage files and settings.json).
+    """
 
     def __init__(self, fail_on=()):
         self.calls = []
         self.fail_on = set(fail_on)
 
-    def __call__(self, prompt, *, negative_prompt=None, seed=0, multiview=True, mesh=True, **settings):
-        self.calls.append((prompt, negative_prompt, seed, settings))
+    def settings_for(self, settings=None, **options):
+        return (settings or GenerationSettings.smoke()).with_changes(**options).validate()
+
+    def __call__(self, prompt, *, negative_prompt=None, settings, multiview=True, mesh=True, output_dir=None, **kw):
+        self.calls.append((prompt, negative_prompt, settings.seed, settings))
         if prompt in self.fail_on:
             raise ValueError(f"cannot do {prompt!r}")
-        rng = np.random.default_rng(seed + len(prompt))
+        rng = np.random.default_rng(settings.seed + len(prompt))
         views = [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(12)]
-        return ChainResult(
+        result = ChainResult(
             image=views[0],
             mv_input=views[1],
             normals=views[:6],
             colors=views[6:],
             view_names=tuple(f"v{i}" for i in range(6)),
-            settings={"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, **settings},
+            settings={"prompt": prompt, "negative_prompt": negative_prompt, **settings.to_dict()},
             timings={"total": 0.01},
         )
+        if output_dir is not None:
+            result.save(output_dir)
+        return result
 
 
 def test_text_and_jsonl_lines_seeds_and_negative_prompts():
@@ -78,8 +88,9 @@ def test_text_and_jsonl_lines_seeds_and_negative_prompts():
         ('{"prompt": "x", "steps": 4}', "unknown key"),
         ('{"prompt": "x"', "not valid JSON"),
         ('{"prompt": ""}', "missing or empty"),
-        ('{"prompt": "x", "seed": -3}', "non-negative integer"),
-        ('{"prompt": "x", "seed": "7"}', "non-negative integer"),
+        ('{"prompt": "x", "seed": -3}', "seed must be an integer in"),
+        ('{"prompt": "x", "seed": "7"}', "seed must be an integer in"),
+        ('{"prompt": "x", "seed": 4294967296}', r"seed must be an integer in \[0, 4294967295\]"),
         ('{"prompt": "x", "negative_prompt": 3}', "negative_prompt must be a string"),
     ],
 )
@@ -126,7 +137,7 @@ def test_run_writes_folders_and_resumes(tmp_path):
     chain = FakeChain()
     summary = run_batch(chain, specs, tmp_path, progress=False, mv_steps=4)
     assert summary.done == [0, 1, 2] and summary.skipped == [] and not summary.failed
-    assert [c[2] for c in chain.calls] == [5, 6, 7] and chain.calls[0][3] == {"mv_steps": 4}
+    assert [c[2] for c in chain.calls] == [5, 6, 7] and chain.calls[0][3].mv_steps == 4
     folder = tmp_path / specs[1].folder
     names = {p.name for p in folder.iterdir()}
     assert {"image.png", "mv_input.png", "normals.png", "colors.png", "settings.json", COMPLETE_MARKER} <= names
@@ -212,19 +223,19 @@ def test_a_claim_is_free_again_after_release_and_a_dead_runs_folder_is_redone(tm
 def test_a_failed_completion_marker_fails_that_prompt_only(tmp_path, monkeypatch):
     """Writing COMPLETE.json can fail (full disk): that prompt is reported failed, unmarked; the batch goes on."""
     specs = parse_prompts(["a red teapot", "a blue mug"])
-    real = t2mv.batch.write_text_atomic
+    real = t2mv.batch.write_text
 
-    def full_disk_for_the_first(path, text):
+    def full_disk_for_the_first(text, path):
         if path.name == COMPLETE_MARKER and specs[0].folder in str(path):
             raise OSError(28, "No space left on device")
-        real(path, text)
+        return real(text, path)
 
-    monkeypatch.setattr(t2mv.batch, "write_text_atomic", full_disk_for_the_first)
+    monkeypatch.setattr(t2mv.batch, "write_text", full_disk_for_the_first)
     summary = run_batch(FakeChain(), specs, tmp_path, progress=False)
     assert list(summary.failed) == [0] and "No space left" in summary.failed[0] and summary.done == [1]
     assert not (tmp_path / specs[0].folder / COMPLETE_MARKER).exists()
     assert (tmp_path / specs[1].folder / COMPLETE_MARKER).exists()
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith((".tmp", ".partial"))]
 
 
 def _free_port():
