@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what is missing (scripts/install.sh), then starts the app on http://127.0.0.1:7860.
-# Arguments go to app.py, e.g.  --tiny (smoke mode, random weights), --port 8000, --models-dir /path.
+# Arguments go to app.py (see: python app.py --help), e.g.  --tiny (smoke mode, random weights), --port 8000,
+# --t2i-model / --multiview-model / --triposr-model /path/to/folder (local model folders instead of hub ids),
+# --share --auth USER:PASSWORD (a public link needs a login).
 # If the real weights can't be had (offline, no cache, no local folder) the app says which and how to fix it,
 # and this script offers the smoke mode.
 set -euo pipefail

@@ -466,3 +466,12 @@ def test_baked_texture_download_holds_obj_mtl_and_texture(mesh_chain, tmp_path):
         assert names == {"mesh.obj", "mesh.mtl", "mesh.png"}
         assert "map_Kd mesh.png" in archive.read("mesh.mtl").decode()
     assert trimesh.load(out[OUT["mesh"]], force="mesh").visual.kind == "texture"
+
+
+def test_every_flag_start_sh_mentions_exists():
+    import re
+
+    comments = "\n".join(line for line in (REPO / "scripts" / "start.sh").read_text().splitlines() if line[:1] == "#")
+    mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", comments))
+    known = {flag for action in app.build_parser()._actions for flag in action.option_strings}
+    assert mentioned and mentioned <= known, mentioned - known
