@@ -563,9 +563,9 @@ class TextTo3D:
             done(name)
 
         def done(name: str) -> None:
-            result.finished.append(name)
             if folder is not None:
                 result.save_stage(name, folder, mesh_formats=formats)
+            result.finished.append(name)  # on disk now (when there is a folder)
             if on_stage_done is not None:
                 on_stage_done(name, result)
 
@@ -681,8 +681,8 @@ class TextTo3D:
         try:
             write_text(_json(marker), folder / FAILED_MARKER)
             result.save_stage("record", folder)
-        except OSError:  # the disk itself failed: the original error matters more than the marker
-            logger.exception("could not write %s", folder / FAILED_MARKER)
+        except OSError as e:  # the disk itself failed: the original error matters more than the marker
+            logger.warning("could not write %s: %s", folder / FAILED_MARKER, e)
 
     def _multiview_size(self) -> int:
         unet_config = self.multiview.unet.config

@@ -253,10 +253,14 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- background removal
-def new_rembg_session(model: str = REMBG_MODEL) -> Any:
+def new_rembg_session(model: str = REMBG_MODEL, *, off_switch: str = "turn background removal off") -> Any:
     """A rembg session for `model` (u2net); the one place the project creates one.
 
     rembg downloads the model into ``$U2NET_HOME`` (default ``~/.u2net``) on first use; offline that fails.
+
+    Args:
+        model: the rembg model name.
+        off_switch: how the caller turns background removal off (a command's flag), for the message.
 
     Raises:
         WeightsUnavailableError: rembg is not installed or the model cannot be loaded (exit code 3), with the fixes.
@@ -270,7 +274,7 @@ def new_rembg_session(model: str = REMBG_MODEL) -> Any:
         raise WeightsUnavailableError(
             f"The background-removal model {model} could not be loaded ({type(e).__name__}: {e}). rembg looks for "
             f"{u2net_home}/{model}.onnx and downloads it when missing. Fix: run once with network access, or copy "
-            f"{model}.onnx into that folder (or set U2NET_HOME); or turn background removal off, or give an image "
-            "with a transparent background (RGBA).",
+            f"{model}.onnx into that folder (or set U2NET_HOME); or {off_switch}, or give an image with a "
+            "transparent background (RGBA).",
             repo=model,
         ) from e

@@ -287,7 +287,12 @@ class GenerationSettings:
 
     @classmethod
     def from_mapping(
-        cls, values: Mapping[str, Any], *, base: GenerationSettings | None = None, coerce: bool = False
+        cls,
+        values: Mapping[str, Any],
+        *,
+        base: GenerationSettings | None = None,
+        coerce: bool = False,
+        skip: Iterable[str] = (),
     ) -> GenerationSettings:
         """Settings from a mapping of option names (None: keep `base`'s value), validated.
 
@@ -296,6 +301,7 @@ class GenerationSettings:
             base: the settings to start from (default: `GenerationSettings()`).
             coerce: accept UI values: whole floats (``4.0``) and numeric strings for numbers. A slider's float
                 that is not whole is still an error for an integer option.
+            skip: options the caller checks with its own rule (see `problems`).
 
         Returns:
             The validated settings.
@@ -305,25 +311,34 @@ class GenerationSettings:
         if coerce:
             specs = cls.bounds()
             changes = {k: _coerce(specs[k], v) if k in specs else v for k, v in changes.items()}
-        return base.with_changes(**changes).validate()
+        return base.with_changes(**changes).validate(skip=skip)
 
     # ------------------------------------------------------------------------------------------ checking
-    def problems(self) -> list[str]:
-        """Every option that breaks its bounds, as one message each (empty when all are fine)."""
+    def problems(self, *, skip: Iterable[str] = (), names: Mapping[str, str] | None = None) -> list[str]:
+        """Every option that breaks its bounds, as one message each (empty when all are fine).
+
+        Args:
+            skip: options a caller checks with its own rule (``t2mv-multiview --scheduler ddim`` takes fewer
+                steps than PeRFlow's windows).
+            names: option → the name the user knows it by (a command-line flag); default: the option name.
+        """
         found = []
+        skip = set(skip)
         for spec in self.bounds().values():
-            message = _check(spec, getattr(self, spec.name))
+            if spec.name in skip:
+                continue
+            message = _check(spec, getattr(self, spec.name), (names or {}).get(spec.name, spec.name))
             if message:
                 found.append(message)
         return found
 
-    def validate(self) -> GenerationSettings:
-        """Check every option; return self so calls chain (``GenerationSettings(...).validate()``).
+    def validate(self, *, skip: Iterable[str] = (), names: Mapping[str, str] | None = None) -> GenerationSettings:
+        """Check every option (but `skip`); return self so calls chain (``GenerationSettings(...).validate()``).
 
         Raises:
             BadInputError: one line naming each bad option, its value and what is allowed.
         """
-        found = self.problems()
+        found = self.problems(skip=skip, names=names)
         if found:
             raise BadInputError(" ".join(found))
         return self
@@ -371,9 +386,9 @@ def _default_flag(name: str, kind: str, default: Any) -> str:
     return f"--{dashed}"
 
 
-def _check(spec: OptionSpec, value: Any) -> str | None:
-    """One message when `value` breaks `spec`, else None."""
-    bad = f"{spec.name} must be {spec.describe_range()}, got {value!r}."
+def _check(spec: OptionSpec, value: Any, label: str) -> str | None:
+    """One message (naming the option `label`) when `value` breaks `spec`, else None."""
+    bad = f"{label} must be {spec.describe_range()}, got {value!r}."
     if spec.kind == "bool":
         return None if isinstance(value, bool) else bad
     if spec.kind == "str":
@@ -467,12 +482,21 @@ def add_arguments(
             group.add_argument(flag, help=f"{spec.help} ({default_text}{range_text})", **kwargs)
 
 
-def from_namespace(args: argparse.Namespace, *, smoke: bool = False, **overrides: Any) -> GenerationSettings:
+def from_namespace(
+    args: argparse.Namespace,
+    *,
+    smoke: bool = False,
+    skip: Iterable[str] = (),
+    names: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> GenerationSettings:
     """The validated settings of a parsed command line (flags left unset keep the smoke or real defaults).
 
     Args:
         args: the namespace `add_arguments` filled (other attributes are ignored).
         smoke: start from the smoke-mode defaults.
+        skip: options the caller checks with its own rule (see `GenerationSettings.problems`).
+        names: option → flag, as given to `add_arguments` (messages name the flag the user typed).
         overrides: values that win over the flags (None: ignored).
 
     Raises:
@@ -480,7 +504,9 @@ def from_namespace(args: argparse.Namespace, *, smoke: bool = False, **overrides
     """
     values = {name: getattr(args, name) for name in GenerationSettings.bounds() if hasattr(args, name)}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return GenerationSettings.from_mapping(values, base=GenerationSettings.defaults(smoke))
+    flags = {name: (names or {}).get(name, spec.flag) for name, spec in GenerationSettings.bounds().items()}
+    settings = GenerationSettings.defaults(smoke).with_changes(**values)
+    return settings.validate(skip=skip, names=flags)
 
 
 SMOKE_SETTINGS = GenerationSettings.smoke()

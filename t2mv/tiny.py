@@ -4,14 +4,17 @@ Smoke-mode output is noise. It exists to check the plumbing (UI, command line, b
 the models. Every entry point that uses it says so loudly: a log warning, a banner on stderr, a banner in the UI.
 
 Each stage owns its own tiny constructor (``TextToImage.tiny``, ``MultiviewPipeline.tiny``, ``TSR.tiny``);
-this module adds what the chain needs on top: the switch (``--tiny`` / ``T2MV_SMOKE=1``), the banner, and a
-background remover that needs no weights (u2net cannot be downloaded here).
+this module adds what the chain and the three commands need on top: the switch (``--tiny`` / ``T2MV_SMOKE=1``),
+the banner (one text for every command), and a background remover that needs no weights (u2net cannot be
+downloaded here).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+from typing import TextIO
 
 import numpy as np
 from PIL import Image
@@ -33,6 +36,11 @@ def smoke_requested(flag: bool = False) -> bool:
 def warn_smoke() -> None:
     """Log the smoke-mode warning (the CLI and the UI add their own banners)."""
     logger.warning(SMOKE_BANNER)
+
+
+def print_smoke_banner(stream: TextIO | None = None) -> None:
+    """The command lines' smoke-mode banner on stderr (one for ``t2mv``, ``t2mv-multiview`` and ``t2mv-mesh``)."""
+    print(f"\n*** {SMOKE_BANNER} ***\n", file=stream if stream is not None else sys.stderr, flush=True)
 
 
 class FakeRembgSession:

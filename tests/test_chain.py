@@ -1,5 +1,6 @@
 """TextTo3D in smoke mode (tiny random stages): composition, seeds, image input, timings, inputs, missing weights."""
 
+import json
 import struct
 import zlib
 
@@ -9,17 +10,13 @@ import torch
 from PIL import Image
 
 from t2mv import chain as chain_module
-from t2mv.chain import (
-    MAX_IMAGE_PIXELS,
-    TINY_DEFAULTS,
-    ChainResult,
-    TextTo3D,
-    WeightsUnavailableError,
-    _MemoSession,
-    horizontal_strip,
-    open_image,
-)
+from t2mv.chain import FAILED_MARKER, ChainResult, TextTo3D, _MemoSession, horizontal_strip
+from t2mv.errors import BadInputError, StageFailedError, WeightsUnavailableError, exit_code
+from t2mv.inputs import MAX_IMAGE_PIXELS, open_image
+from t2mv.settings import GenerationSettings
 from t2mv.tiny import SMOKE_BANNER, FakeRembgSession, smoke_requested
+
+TINY_DEFAULTS = GenerationSettings.smoke()
 
 
 def forged_png(path, width, height):
@@ -345,3 +342,126 @@ def test_real_chain_end_to_end(tmp_path):
     assert np.array_equal(np.asarray(again.image), np.asarray(result.image))
     paths = result.save(tmp_path, mesh_formats=("glb", "obj", "ply"))
     assert paths["mesh.glb"].stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------------------------- issue 11: nothing lost
+class Exploding:
+    """Stands in for a stage: records that it was called, then fails like the given error."""
+
+    def __init__(self, error):
+        self.error, self.calls = error, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        raise self.error
+
+
+def test_settings_object_is_validated_before_any_stage_runs():
+    chain = TextTo3D.tiny(stages=("text_to_image", "mesh"))
+    spy = Exploding(AssertionError("text-to-image must not run"))
+    real, chain.text_to_image = chain.text_to_image, spy
+    for bad in ({"mc_threshold": float("nan")}, {"mv_steps": 2}, {"seed": 2**70}, {"t2i_steps": 3}):
+        with pytest.raises(BadInputError):
+            chain("a red teapot", settings=GenerationSettings.smoke(**bad))
+    with pytest.raises(BadInputError, match="unknown setting"):
+        chain("a red teapot", mc_resolutoin=64)  # the keyword shim refuses typos instead of ignoring them
+    assert spy.calls == 0
+    chain.text_to_image = real
+
+
+def test_late_failure_keeps_finished_stages_and_writes_a_marker(tmp_path):
+    chain = TextTo3D.tiny(seed=0)
+    out = tmp_path / "run"
+    seen = []
+    with pytest.raises(StageFailedError) as info:  # no surface at this threshold: the mesh stage fails
+        chain(
+            "a red teapot",
+            settings=GenerationSettings.smoke(mc_threshold=1e30),
+            output_dir=out,
+            on_stage_done=lambda stage, result: seen.append(stage),
+        )
+    assert info.value.stage == "mesh" and exit_code(info.value) == 2  # classified by its cause (a ValueError)
+    assert seen == ["text_to_image", "preprocess", "multiview"]
+    names = {p.name for p in out.iterdir()}
+    assert {"image.png", "mv_input.png", "mesh_input.png", "normals.png", "colors.png", "settings.json"} <= names
+    assert len([n for n in names if n.startswith(("normal_", "color_"))]) == 12
+    assert not [n for n in names if n.startswith(("mesh.", "."))]  # no mesh, no temporary file
+    marker = json.loads((out / FAILED_MARKER).read_text())
+    assert marker["failed_stage"] == "mesh" and "no surface" in marker["error"]
+    assert marker["finished_stages"] == ["text_to_image", "preprocess", "multiview"]
+    # The same folder, run again successfully: complete, and the marker is gone.
+    chain("a red teapot", settings=GenerationSettings.smoke(), output_dir=out)
+    assert (out / "mesh.glb").is_file() and not (out / FAILED_MARKER).exists()
+
+
+def test_out_of_memory_in_the_mesh_stage_keeps_the_views(tmp_path):
+    chain = TextTo3D.tiny(seed=0, stages=("multiview", "mesh"))
+    chain.reconstructor.extract_mesh = Exploding(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    with pytest.raises(StageFailedError) as info:
+        chain(image=square_on_white(), output_dir=tmp_path / "run", mesh_formats=("glb", "ply"))
+    assert exit_code(info.value) == 4 and (tmp_path / "run" / "normals.png").is_file()
+    assert (tmp_path / "run" / "image.png").is_file()
+
+
+def test_failure_of_the_first_stage_writes_nothing(tmp_path):
+    chain = TextTo3D.tiny(stages=("text_to_image",))
+    chain.text_to_image = Exploding(RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        chain("a red teapot", output_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_u2net_is_found_before_text_to_image_runs(monkeypatch):
+    import rembg
+
+    chain = TextTo3D.tiny(stages=("text_to_image", "mesh"))
+    chain._rembg_session, chain.smoke = None, False
+    spy = Exploding(AssertionError("text-to-image must not run"))
+    chain.text_to_image = spy
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'github.com'")
+
+    monkeypatch.setattr(rembg, "new_session", offline)
+    with pytest.raises(WeightsUnavailableError, match="u2net"):
+        chain("a red teapot")
+    assert spy.calls == 0 and exit_code(WeightsUnavailableError("x")) == 3
+
+
+def test_settings_json_says_when_the_inputs_alpha_was_used(tiny_chain):
+    rgba = square_on_white().convert("RGBA")
+    alpha = Image.new("L", rgba.size, 0)
+    alpha.paste(255, (30, 20, 70, 80))
+    rgba.putalpha(alpha)
+    used_alpha = tiny_chain(image=rgba, multiview=False).settings
+    assert used_alpha["remove_background"] is False and used_alpha["object_mask"] == "input alpha"
+    cut = tiny_chain(image=square_on_white(), multiview=False).settings
+    assert cut["remove_background"] is True and cut["object_mask"] == "rembg u2net"
+
+
+def test_only_real_missing_weights_become_weights_unavailable():
+    from t2mv.perflow.hub import MissingWeightsError
+    from triposr.system import MissingWeightsError as TriposrMissing
+
+    for error in (MissingWeightsError("some/repo", "offline"), TriposrMissing("no model.ckpt")):
+        with pytest.raises(WeightsUnavailableError, match="--tiny"):
+            with chain_module._naming_stage("mesh", "some/repo"):
+                raise error
+    for error in (OSError("disk on fire"), PermissionError("read-only cache"), RuntimeError("bad checkpoint")):
+        with pytest.raises(type(error)):
+            with chain_module._naming_stage("mesh", "some/repo"):
+                raise error
+        assert exit_code(error) == 1
+
+
+def test_fully_transparent_and_animated_images(tmp_path):
+    Image.new("RGBA", (64, 64), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    with pytest.raises(BadInputError, match="fully transparent"):
+        open_image(tmp_path / "clear.png")
+    frames = [square_on_white(64, (10, 10, 40, 50), colour) for colour in ((200, 0, 0), (0, 0, 200))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    out = open_image(tmp_path / "anim.gif")
+    assert out.mode == "RGB" and out.size == (64, 64) and out.getpixel((20, 20))[0] > 150  # the first frame
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(BadInputError, match="empty"):
+        open_image(tmp_path / "empty.png")

@@ -9,24 +9,27 @@ import pytest
 import trimesh
 from PIL import Image
 
-from t2mv.cli import EXIT_BAD_INPUT, EXIT_NO_WEIGHTS, main
+from t2mv.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NO_WEIGHTS, main
 
 
 @pytest.mark.parametrize(
     "command, expected",
     [
         ([], ["image", "text-to-mesh", "image-to-mesh", "batch", "app"]),
-        (["image"], ["--t2i-steps", "(default: 4)", "--tiny", "--device", "--dtype"]),
-        (["text-to-mesh"], ["--mc-resolution", "--bake-texture", "(default: 1.0)", "--offload"]),
-        (["image-to-mesh"], ["--no-remove-bg", "(default: 0.85)", "--simplify"]),
+        (["image"], ["--t2i-steps", "(default: 4; an integer in [4, 100])", "--tiny", "--device", "--dtype"]),
+        (["text-to-mesh"], ["--mc-resolution", "--bake-texture", "(default: 1.0;", "--offload", "--debug"]),
+        (["image-to-mesh"], ["--no-remove-bg", "(default: 0.85;", "--simplify", "diffusion_pytorch_model.<variant>"]),
         (["batch"], ["prompt file", "--mesh", "(default: outputs/batch)", "torchrun"]),
         (["app"], ["--host", "(default: 127.0.0.1)", "--port", "--share", "--tiny"]),
     ],
 )
 def test_every_command_has_help_with_defaults(capsys, command, expected):
-    with pytest.raises(SystemExit) as info:
-        main([*command, "--help"])
-    assert info.value.code == 0
+    if command == ["app"]:  # the app parses its own flags (and exits like argparse does)
+        with pytest.raises(SystemExit) as info:
+            main([*command, "--help"])
+        assert info.value.code == 0
+    else:
+        assert main([*command, "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     for text in expected:
         assert text in out
@@ -77,7 +80,7 @@ def test_image_to_mesh_and_its_bad_inputs(tmp_path, capsys):
     assert main(["image-to-mesh", str(tmp_path / "notes.png"), "--tiny", "-o", str(out)]) == EXIT_BAD_INPUT
     assert "not an image" in capsys.readouterr().err
     assert main(["image-to-mesh", str(image), "--tiny", "--mc-resolution", "8", "-o", str(out)]) == EXIT_BAD_INPUT
-    assert "mc_resolution must be in [32, 512]" in capsys.readouterr().err
+    assert "--mc-resolution must be an integer in [32, 512], got 8" in capsys.readouterr().err
     assert main(["batch", str(tmp_path / "absent.txt"), "--tiny"]) == EXIT_BAD_INPUT
     assert "does not exist" in capsys.readouterr().err
 
@@ -98,3 +101,57 @@ def test_console_script_is_installed():
         pytest.skip("the package is not installed in this environment (pip install -e .)")
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "text-to-mesh" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------- issue 11
+def test_image_output_may_be_a_folder(tmp_path, capsys):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    assert main(["image", "a cat", "--tiny", "-o", str(folder)]) == 0
+    assert Image.open(folder / "image.png").size == (64, 64) and (folder / "image.json").is_file()
+    assert main(["image", "a cat", "--tiny", "-o", str(tmp_path / "new")]) == 0  # no suffix: a folder
+    assert (tmp_path / "new" / "image.png").is_file()
+    assert main(["image", "a cat", "--tiny", "-o", str(tmp_path / "cat.txt")]) == EXIT_BAD_INPUT
+    assert "use one of .png, .jpg, .jpeg, .webp" in capsys.readouterr().err
+
+
+def test_bad_output_paths_fail_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    from t2mv import cli
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("no model may load for a bad output path")
+
+    monkeypatch.setattr(cli, "load_chain", no_loading)
+    existing = tmp_path / "taken"
+    existing.write_text("mine")
+    for argv in (
+        ["text-to-mesh", "a cat", "-o", str(existing)],
+        ["text-to-mesh", "a cat", "-o", str(existing / "below-a-file")],
+        ["text-to-mesh", "a cat", "-o", "/proc/t2mv-read-only"],  # read-only even for root
+        ["image", "a cat", "-o", "/proc/t2mv.png"],
+        ["batch", str(existing), "-o", str(existing)],
+    ):
+        assert main([*argv, "--tiny"]) == EXIT_BAD_INPUT, argv
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and "Traceback" not in err, err
+    assert existing.read_text() == "mine"
+
+
+def test_a_file_not_found_that_is_not_weights_is_not_exit_3(tmp_path, capsys, monkeypatch):
+    from t2mv import chain as chain_module
+
+    def lost(*args, **kwargs):
+        raise FileNotFoundError("[Errno 2] No such file or directory: '/tmp/scratch/x.npy'")
+
+    monkeypatch.setattr(chain_module.ChainResult, "save_stage", lost)
+    assert main(["text-to-mesh", "a cat", "--tiny", "-o", str(tmp_path / "out"), "--no-multiview"]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "FileNotFoundError" in err and "--debug" in err and "Traceback" not in err
+
+
+def test_debug_prints_the_trace(tmp_path, capsys):
+    argv = ["image-to-mesh", str(tmp_path / "absent.png"), "--tiny", "-o", str(tmp_path / "out")]
+    assert main(argv) == EXIT_BAD_INPUT
+    assert "Traceback" not in capsys.readouterr().err
+    assert main([*argv, "--debug"]) == EXIT_BAD_INPUT
+    assert "Traceback" in capsys.readouterr().err

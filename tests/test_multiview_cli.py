@@ -1,13 +1,13 @@
-"""`t2mv-multiview` in smoke mode: the output folder, the strips, the settings JSON, errors and --help."""
+"""`t2mv-multiview` (t2mv.multiview_cli) in smoke mode: the output folder, the strips, the settings JSON, errors, --help."""
 
 import json
 
 import pytest
 from PIL import Image
 
-from wonder3d_perflow import cli
+from t2mv import chain as chain_module
+from t2mv.multiview_cli import main
 from wonder3d_perflow.cameras import VIEW_NAMES
-from wonder3d_perflow.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,18 +48,15 @@ def test_existing_output_needs_overwrite(tmp_path, rgba_image):
     out = tmp_path / "views"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    with pytest.raises(SystemExit) as error:
-        main([str(rgba_image), "-o", str(out), "--tiny"])
-    assert error.value.code == 2
+    assert main([str(rgba_image), "-o", str(out), "--tiny"]) == 2
     assert main([str(rgba_image), "-o", str(out), "--tiny", "--overwrite", "--scheduler", "ddim", "--steps", "2"]) == 0
     assert not (out / "old.txt").exists()
     assert json.loads((out / "settings.json").read_text())["pipeline"]["scheduler"] == "DDIMScheduler"
 
 
 def test_too_few_steps_is_refused_before_loading(tmp_path, rgba_image, capsys):
-    with pytest.raises(SystemExit) as error:
-        main([str(rgba_image), "-o", str(tmp_path / "views"), "--tiny", "--steps", "2"])
-    assert error.value.code == 2 and "--steps >= 4" in capsys.readouterr().err
+    assert main([str(rgba_image), "-o", str(tmp_path / "views"), "--tiny", "--steps", "2"]) == 2
+    assert "--steps >= 4" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [rgba_image]
 
 
@@ -67,30 +64,26 @@ def test_failure_while_writing_leaves_nothing_behind(tmp_path, rgba_image, monke
     def broken_strip(images):
         raise OSError("disk full")
 
-    monkeypatch.setattr(cli, "_strip", broken_strip)
-    with pytest.raises(OSError, match="disk full"):
-        main([str(rgba_image), "-o", str(tmp_path / "views"), "--tiny"])
+    monkeypatch.setattr(chain_module, "horizontal_strip", broken_strip)
+    assert main([str(rgba_image), "-o", str(tmp_path / "views"), "--tiny"]) == 1
     assert list(tmp_path.iterdir()) == [rgba_image]  # neither the output nor the staging folder
 
 
 def test_missing_weights_is_a_clear_error(tmp_path, rgba_image, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     code = main([str(rgba_image), "-o", str(tmp_path / "views"), "--model", "nobody/no-such-model", "--no-delta"])
-    assert code == 1 and "nobody/no-such-model" in capsys.readouterr().err
+    assert code == 3 and "nobody/no-such-model" in capsys.readouterr().err  # 3: missing weights, as for t2mv
     assert not (tmp_path / "views").exists()
 
 
 def test_missing_input(tmp_path, capsys):
-    with pytest.raises(SystemExit) as error:
-        main([str(tmp_path / "nope.png"), "-o", str(tmp_path / "out"), "--tiny"])
-    assert error.value.code == 2 and "not found" in capsys.readouterr().err
+    assert main([str(tmp_path / "nope.png"), "-o", str(tmp_path / "out"), "--tiny"]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_help_shows_defaults(capsys):
-    with pytest.raises(SystemExit) as error:
-        main(["--help"])
-    assert error.value.code == 0
+    assert main(["--help"]) == 0
     text = capsys.readouterr().out
     for expected in ("flamehaze1115/wonder3d-v1.0", "hansyan/perflow-sd15-delta-weights", "--no-rembg", "--revision"):
         assert expected in text
-    assert "default: 4" in text and "default: 42" in text and "EXPERIMENTAL" in text
+    assert "default: 4" in text and "default: 0" in text and "EXPERIMENTAL" in text

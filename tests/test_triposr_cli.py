@@ -1,4 +1,4 @@
-"""t2mv-mesh (triposr.cli) in smoke mode: files, colours, orientation, options, errors, atomic output."""
+"""t2mv-mesh (t2mv.mesh_cli) in smoke mode: files, colours, orientation, options, errors, atomic output."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from triposr import cli
+from t2mv import mesh_cli as cli
 from triposr import mesh as tmesh
 from triposr.export import load_mesh
 from triposr.system import TSR
@@ -34,11 +34,9 @@ def tiny_field(input_png):
 
 
 def test_help_shows_defaults(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--help"])
-    assert exit_info.value.code == 0
+    assert cli.main(["--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    for expected in ("(default: 256)", "(default: 25.0)", "(default: 1024)", "(default: 0.85)", "(default: glb)"):
+    for expected in ("(default: 256;", "(default: 25.0;", "(default: 1024;", "(default: 0.85;", "(default: glb)"):
         assert expected in text
     for flag in ("--bake", "--no-rembg", "--keep-largest", "--simplify", "--tiny", "--foreground-ratio"):
         assert flag in text
@@ -56,7 +54,7 @@ def test_smoke_all_formats_with_colors_in_documented_orientation(tmp_path, capsy
     assert names == ["info.json", "input.png", "mesh.glb", "mesh.obj", "mesh.ply"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no leftover temporary folders
     info = json.loads((folder / "info.json").read_text())
-    assert info["settings"]["resolution"] == 32 and info["timings"]["model"] >= 0
+    assert info["settings"]["mc_resolution"] == 32 and info["timings"]["model"] >= 0
 
     field = tiny_field(folder / "input.png")
     glb = load_mesh(folder / "mesh.glb")
@@ -116,35 +114,34 @@ def test_broken_image_is_a_clear_error_before_any_work(tmp_path, capsys, content
     bad = tmp_path / "broken.png"
     bad.write_bytes(content)
     good = rgba_image(tmp_path / "good.png")
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([*FAST, str(good), str(bad), "-o", str(tmp_path / "out")])
-    assert exit_info.value.code == 2
+    assert cli.main([*FAST, str(good), str(bad), "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "cannot read" in err and "broken.png" in err and "SMOKE" not in err
+    assert "not an image" in err and "broken.png" in err and "SMOKE" not in err
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--resolution", "16"], "--resolution must be between 32 and 1024"),
-        (["--texture-size", "8192"], "--texture-size must be between 512 and 4096"),
+        (["--resolution", "16"], "--resolution must be an integer in [32, 512]"),
+        (["--texture-size", "8192"], "--texture-size must be an integer in [512, 4096]"),
         (["--format", "stl"], "unknown format"),
         (["--foreground-ratio", "0"], "--foreground-ratio"),
         (["--simplify", "2"], "--simplify"),
+        (["--seed", str(2**70)], "--seed must be an integer in [0, 4294967295]"),
+        (["--seed", "-5"], "--seed"),
+        (["--threshold", "nan"], "--threshold must be a finite number"),
     ],
 )
 def test_bad_options(tmp_path, capsys, extra, message):
     image = rgba_image(tmp_path / "a.png")
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([*FAST, str(image), "-o", str(tmp_path / "out"), *extra])
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert cli.main([*FAST, str(image), "-o", str(tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_missing_path(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        cli.main([*FAST, str(tmp_path / "nope.png")])
+    assert cli.main([*FAST, str(tmp_path / "nope.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -152,7 +149,7 @@ def test_missing_weights_is_a_clear_error(tmp_path, capsys):
     image = rgba_image(tmp_path / "a.png")
     missing = tmp_path / "no-model-here"
     missing.mkdir()
-    assert cli.main([str(image), "--model", str(missing), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 1
+    assert cli.main([str(image), "--model", str(missing), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 3
     err = capsys.readouterr().err
     assert "config.yaml" in err and str(missing) in err
 
@@ -161,7 +158,7 @@ def test_failure_leaves_nothing_half_written(tmp_path, capsys):
     good = rgba_image(tmp_path / "good.png")
     out = tmp_path / "out"
     # No surface at this threshold: the image fails after preprocessing and the model ran; nothing is kept.
-    assert cli.main([*FAST, str(good), "-o", str(out), "--threshold", "1e30"]) == 1
+    assert cli.main([*FAST, str(good), "-o", str(out), "--threshold", "1e30"]) == 2
     assert "no surface at threshold" in capsys.readouterr().err
     assert list(out.iterdir()) == []
 
@@ -169,7 +166,7 @@ def test_failure_leaves_nothing_half_written(tmp_path, capsys):
 def test_non_square_image_without_alpha_and_no_rembg(tmp_path, capsys):
     image = tmp_path / "rgb.jpg"
     Image.new("RGB", (80, 60), (128, 128, 128)).save(image)
-    assert cli.main([*FAST, str(image), "-o", str(tmp_path / "out")]) == 1
+    assert cli.main([*FAST, str(image), "-o", str(tmp_path / "out"), "--no-rembg"]) == 2
     assert "square" in capsys.readouterr().err
 
 
@@ -210,6 +207,6 @@ def test_rembg_unavailable_is_a_clear_error(tmp_path, capsys, monkeypatch):
     Image.new("RGB", (64, 64), (10, 200, 10)).save(image)
     argv = [str(image), "-o", str(tmp_path / "out"), "--resolution", "32", "--device", "cpu"]
     monkeypatch.setattr(TSR, "from_pretrained", classmethod(lambda cls, *a, **k: TSR.tiny()))
-    assert cli.main(argv) == 1
+    assert cli.main(argv) == 3  # missing weights (u2net), found before the model loads
     err = capsys.readouterr().err
-    assert "background removal" in err and "--no-rembg" in err and "offline" in err
+    assert "background-removal model u2net" in err and "--no-rembg" in err and "offline" in err

@@ -2,10 +2,15 @@
 
 Submodules load lazily (importing the package does not import diffusers):
 `unet_mv2d` (UNetMV2DConditionModel), `cameras` (the 6-view table), `preprocess` (background removal, crop),
-`pipeline` (MultiviewPipeline, MultiviewOutput), `cli` (`t2mv-multiview`).
+`pipeline` (MultiviewPipeline, MultiviewOutput). The `t2mv-multiview` command is `t2mv.multiview_cli` (it shares
+the project's input checks and exit codes, which live above the stages).
 """
 
 import importlib
+import os
+
+# diffusers 0.19 crashes on import when a current JAX is installed; we never use Flax (see t2mv/__init__.py).
+os.environ.setdefault("USE_FLAX", "0")
 
 from .cameras import VIEW_NAMES
 

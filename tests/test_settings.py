@@ -1,0 +1,100 @@
+"""GenerationSettings: defaults and bounds from the stages' own constants, one validation, flags and sliders from it."""
+
+import argparse
+import math
+
+import pytest
+
+from t2mv.errors import BadInputError
+from t2mv.settings import (
+    MAX_SEED,
+    MV_TIME_WINDOWS,
+    T2I_TIME_WINDOWS,
+    GenerationSettings,
+    add_arguments,
+    from_namespace,
+)
+
+
+def test_bounds_come_from_the_stages_constants():
+    from t2mv.text_to_image import CHAIN_PRESET, PERFLOW_SD15_SCHEDULER
+    from triposr import mesh, texture
+    from wonder3d_perflow.pipeline import TRAINED_TIME_WINDOWS
+
+    b = GenerationSettings.bounds()
+    assert MV_TIME_WINDOWS == TRAINED_TIME_WINDOWS and b["mv_steps"].low == TRAINED_TIME_WINDOWS
+    assert T2I_TIME_WINDOWS == PERFLOW_SD15_SCHEDULER["num_time_windows"] == b["t2i_steps"].low
+    # The marching-cubes range is triposr.mesh's, intersected with the chain's (issue 11, item 5: three ranges).
+    assert mesh.MIN_RESOLUTION <= b["mc_resolution"].low and b["mc_resolution"].high <= mesh.MAX_RESOLUTION
+    assert (b["mc_resolution"].low, b["mc_resolution"].high) == (32, 512)
+    assert (b["texture_size"].low, b["texture_size"].high) == (texture.MIN_TEXTURE_SIZE, texture.MAX_TEXTURE_SIZE)
+    assert (b["seed"].low, b["seed"].high) == (0, 2**32 - 1) == (0, MAX_SEED)
+    d = GenerationSettings()
+    assert (d.t2i_steps, d.t2i_guidance) == (CHAIN_PRESET["num_inference_steps"], CHAIN_PRESET["guidance_scale"])
+    assert d.validate() is d and GenerationSettings.smoke().validate().height == 64
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"t2i_steps": 2}, r"t2i_steps must be an integer in \[4, 100\], got 2"),  # was silently raised to 4
+        ({"mv_steps": 2}, r"mv_steps must be an integer in \[4, 100\]"),  # was accepted, failed after t2i ran
+        ({"mc_threshold": math.nan}, "mc_threshold must be a finite number"),
+        ({"mc_threshold": math.inf}, "mc_threshold"),
+        ({"mv_guidance": math.nan}, "mv_guidance"),
+        ({"mv_guidance": 0.5}, r"mv_guidance must be a finite number in \[1, 30\]"),
+        ({"seed": 2**70}, r"seed must be an integer in \[0, 4294967295\]"),
+        ({"seed": -5}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"mc_resolution": 1024}, "mc_resolution"),
+        ({"height": 100}, "multiple of 8"),
+        ({"texture_size": 16}, "texture_size"),
+        ({"simplify_faces": 2}, r"simplify_faces must be 0 or an integer in \[4, 10000000\]"),
+        ({"mv_preprocess": "center"}, "mv_preprocess must be one of 'wonder3d', 'perflow'"),
+        ({"remove_background": "yes"}, "remove_background must be true or false"),
+        ({"mesh_foreground_ratio": 1.5}, "mesh_foreground_ratio"),
+    ],
+)
+def test_bad_values_are_one_line_naming_the_option_and_the_range(changes, match):
+    settings = GenerationSettings().with_changes(**changes)
+    with pytest.raises(BadInputError, match=match) as info:
+        settings.validate()
+    assert "\n" not in str(info.value) and isinstance(info.value, ValueError)
+
+
+def test_several_problems_in_one_message_and_unknown_names():
+    with pytest.raises(BadInputError) as info:
+        GenerationSettings(seed=-1, mv_steps=1).validate()
+    assert "seed" in str(info.value) and "mv_steps" in str(info.value)
+    with pytest.raises(BadInputError, match="unknown setting"):
+        GenerationSettings().with_changes(mc_resolutoin=64)
+    assert GenerationSettings().with_changes(seed=None).seed == 0  # None keeps the value
+
+
+def test_ui_values_are_coerced_only_when_exact():
+    s = GenerationSettings.from_mapping({"t2i_steps": 6.0, "seed": "7", "mv_guidance": 2}, coerce=True)
+    assert (s.t2i_steps, s.seed, s.mv_guidance) == (6, 7, 2.0)
+    assert isinstance(s.t2i_steps, int) and isinstance(s.mv_guidance, float)
+    with pytest.raises(BadInputError, match="t2i_steps"):
+        GenerationSettings.from_mapping({"t2i_steps": 6.5}, coerce=True)
+    with pytest.raises(BadInputError, match="seed"):
+        GenerationSettings.from_mapping({"seed": "seven"}, coerce=True)
+
+
+def test_flags_and_help_are_generated_from_the_fields():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, ("seed", "multiview", "mesh"), names={"mv_steps": "--steps"})
+    text = " ".join(parser.format_help().split())
+    assert "--steps N" in text and "--mc-resolution N" in text and "--mv-preprocess" not in text
+    assert "(default: 256; smoke mode: 32; an integer in [32, 512])" in text
+    args = parser.parse_args(["--steps", "8", "--bake-texture"])
+    s = from_namespace(args, smoke=True)
+    assert (s.mv_steps, s.bake_texture, s.mc_resolution) == (8, True, 32)  # unset flags keep the smoke defaults
+    with pytest.raises(BadInputError, match=r"--steps must be an integer in \[4, 100\], got 3"):
+        from_namespace(parser.parse_args(["--steps", "3"]), names={"mv_steps": "--steps"})
+
+
+def test_to_dict_round_trips():
+    s = GenerationSettings.smoke(seed=3, bake_texture=True)
+    assert GenerationSettings(**s.to_dict()) == s and s.to_dict()["seed"] == 3
