@@ -194,8 +194,8 @@ def test_missing_weights(tmp_path, checkpoint, monkeypatch):
         MultiviewPipeline.from_pretrained(checkpoint, delta=None, scheduler="euler")
 
 
-def test_delta_is_merged_with_the_wonder3d_map(tmp_path, checkpoint, fixture_dir, caplog):
-    # A fake SD-shaped delta for the tiny UNet: every stock key, conv_in with SD's 4 input channels.
+def _sd_shaped_delta(fixture_dir):
+    """A fake SD-shaped delta for the tiny UNet: every stock key, conv_in with SD's 4 input channels."""
     base = load_file(fixture_dir / "unet/diffusion_pytorch_model.safetensors")
     generator = torch.Generator().manual_seed(0)
     delta = {
@@ -204,9 +204,15 @@ def test_delta_is_merged_with_the_wonder3d_map(tmp_path, checkpoint, fixture_dir
         if not key.startswith("class_embedding") and "joint_mid" not in key
     }
     delta["conv_in.weight"] = torch.zeros(16, 4, 3, 3, dtype=torch.float16)
+    return base, delta
+
+
+def test_delta_is_merged_with_the_wonder3d_map(tmp_path, checkpoint, fixture_dir, caplog):
+    base, delta = _sd_shaped_delta(fixture_dir)
     save_file(delta, tmp_path / "delta.safetensors")
 
-    pipe = MultiviewPipeline.from_pretrained(checkpoint, delta=tmp_path / "delta.safetensors", delta_variant=None)
+    with caplog.at_level(logging.INFO):
+        pipe = MultiviewPipeline.from_pretrained(checkpoint, delta=tmp_path / "delta.safetensors", delta_variant=None)
     report = pipe.delta_report
     assert report.skipped_shape == ["conv_in.weight"] and report.missing == []
     assert set(report.untouched) == {k for k in base if k.startswith("class_embedding") or "joint_mid" in k}
@@ -216,7 +222,21 @@ def test_delta_is_merged_with_the_wonder3d_map(tmp_path, checkpoint, fixture_dir
     assert torch.equal(merged["class_embedding.linear_1.weight"], base["class_embedding.linear_1.weight"])
     key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
     assert torch.allclose(merged[key], base[key] + delta[key].float(), atol=1e-3)
-    assert "skipped for shape" in caplog.text or "conv_in.weight" in caplog.text
+    # The expected map is reported once, at INFO; nothing is a warning.
+    reports = [r for r in caplog.records if "conv_in.weight" in r.getMessage()]
+    assert len(reports) == 1 and reports[0].levelno == logging.INFO and "as expected" in reports[0].getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_an_unexpected_delta_map_is_one_warning(tmp_path, checkpoint, fixture_dir, caplog):
+    _, delta = _sd_shaped_delta(fixture_dir)
+    delta["not_in_wonder3d.weight"] = torch.zeros(3, dtype=torch.float16)  # a key the UNet lacks: "missing"
+    save_file(delta, tmp_path / "delta.safetensors")
+    with caplog.at_level(logging.INFO):
+        pipe = MultiviewPipeline.from_pretrained(checkpoint, delta=tmp_path / "delta.safetensors", delta_variant=None)
+    assert pipe.delta_report.missing == ["not_in_wonder3d.weight"]
+    reports = [r for r in caplog.records if "not_in_wonder3d.weight" in r.getMessage()]
+    assert len(reports) == 1 and reports[0].levelno == logging.WARNING and "does not map" in reports[0].getMessage()
 
 
 def test_real_delta_map_on_meta(request):

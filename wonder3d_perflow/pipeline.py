@@ -37,6 +37,7 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWi
 
 from t2mv.perflow.hub import MissingWeightsError, resolve_pretrained
 from t2mv.perflow.scheduler import PeRFlowScheduler
+from t2mv.text_to_image import CompiledRun, enable_compile_on, preferred_sdpa, run_compile_warm_up
 
 from .cameras import VIEW_NAMES, camera_embedding
 from .unet_mv2d import UNetMV2DConditionModel, load_weights_file
@@ -93,6 +94,7 @@ class MultiviewPipeline(DiffusionPipeline):
         # What the loader did (repo, revision, ΔW report); copied into every output's settings.
         self.load_settings: dict[str, Any] = {}
         self.delta_report = None
+        self._compiled: CompiledRun | None = None
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -160,17 +162,8 @@ class MultiviewPipeline(DiffusionPipeline):
 
         delta_report = None
         if delta_weights is not None:
-            from t2mv.perflow.delta import merge_delta_weights
-
-            # Tolerant merge, as upstream's Wonder3D app: the merge logs its report; we keep it on the pipeline.
-            delta_report = merge_delta_weights(unet, delta_weights, strict=False)
-            if delta_report.missing or delta_report.skipped_shape != ["conv_in.weight"]:
-                logger.warning(
-                    "The ΔW at %s does not map onto the Wonder3D UNet like the SD1.5 PeRFlow delta (expected "
-                    "exactly conv_in.weight skipped and nothing missing): %s",
-                    delta,
-                    delta_report.summary(),
-                )
+            # Tolerant merge, as upstream's Wonder3D app; we keep the report on the pipeline and log it once.
+            delta_report = _merge_and_log(unet, delta_weights, delta)
 
         pipe = cls(
             vae=vae, image_encoder=image_encoder, feature_extractor=feature_extractor, unet=unet, scheduler=sampler
@@ -187,6 +180,33 @@ class MultiviewPipeline(DiffusionPipeline):
         if torch.device(device).type == "cuda":
             pipe.enable_xformers_if_available()
         return pipe
+
+    def enable_compile(self, *, mode: str | None = None, backend: str = "inductor") -> bool:
+        """Opt-in compiled mode: ``torch.compile`` the UNet and the VAE decoder with static shapes.
+
+        Compiled once per process and shape: the first call with (or without) guidance runs an untimed warm-up
+        call that compiles, reported as ``timings["compile"]``; later calls reuse it. Without a compiler (CPU
+        inductor needs g++, CUDA needs Triton) or when compilation fails, one warning is logged and the pipeline
+        runs eagerly.
+
+        Args:
+            mode: torch.compile mode (None = inductor's default; ``"reduce-overhead"`` adds CUDA graphs on CUDA).
+            backend: torch.compile backend (``"inductor"``; ``"eager"`` only captures graphs, for tests).
+
+        Returns:
+            True when compiled mode is on.
+        """
+        modules = {"unet": self.unet, "vae.decoder": self.vae.decoder}
+        self._compiled = enable_compile_on(self, modules, self.device, backend=backend, mode=mode, logger_=logger)
+        self.load_settings["compile"] = None if self._compiled is None else self._compiled.describe()
+        return self._compiled is not None
+
+    def disable_compile(self) -> None:
+        """Back to eager calls (compiled code stays cached in this process for a later `enable_compile`)."""
+        if self._compiled is not None:
+            self._compiled.undo()
+        self._compiled = None
+        self.load_settings["compile"] = None
 
     def enable_xformers_if_available(self) -> bool:
         """Use xformers attention in the UNet when it is installed (CUDA only); SDPA otherwise. Returns whether."""
@@ -289,16 +309,94 @@ class MultiviewPipeline(DiffusionPipeline):
             latents: initial noise, (12, 4, H/8, W/8); drawn from `generator` when `None`.
             eta: DDIM only (0 = deterministic). PeRFlow steps are deterministic.
         """
-        start = time.perf_counter()
-        device = self._execution_device
-        dtype = self.unet.dtype
         size = self.unet.config.sample_size * self.vae_scale_factor
         latent_shape = (2 * self.num_views, 4, size // self.vae_scale_factor, size // self.vae_scale_factor)
 
         # 1. Check inputs.
         self._check_inputs(image, size, num_inference_steps, guidance_scale, output_type, latents, latent_shape)
-        do_cfg = guidance_scale > 1.0
+        compile_seconds = None
+        if self._compiled is not None:
+            # Untimed warm-up at these shapes (UNet batch 12 or 24); its own noise, the caller's generator untouched.
+            warm = torch.Generator("cpu").manual_seed(0) if latents is None else None
+            compile_seconds = run_compile_warm_up(
+                self,
+                (guidance_scale > 1.0, size),
+                lambda: self._generate(image, num_inference_steps, guidance_scale, warm, "pt", latents, eta),
+                logger,
+            )
+        out = self._generate(image, num_inference_steps, guidance_scale, generator, output_type, latents, eta)
+        if compile_seconds is not None:
+            out.timings["compile"] = compile_seconds
+        return out
 
+    def _generate(
+        self,
+        image: Image.Image,
+        num_inference_steps: int,
+        guidance_scale: float,
+        generator: torch.Generator | None,
+        output_type: str,
+        latents: torch.Tensor | None,
+        eta: float,
+    ) -> MultiviewOutput:
+        """Steps 2-7 of `__call__` on checked inputs."""
+        start = time.perf_counter()
+        device = self._execution_device
+        dtype = self.unet.dtype
+        size = self.unet.config.sample_size * self.vae_scale_factor
+        latent_shape = (2 * self.num_views, 4, size // self.vae_scale_factor, size // self.vae_scale_factor)
+        do_cfg = guidance_scale > 1.0
+        with preferred_sdpa(device):  # flash first on CUDA; nothing changes on CPU
+            latents, timesteps, step_parameters, encode_done, denoise_done = self._denoise(
+                image, num_inference_steps, guidance_scale, generator, latents, eta, latent_shape
+            )
+            # 6. Decode all 12 views.
+            decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        images = (decoded.float() / 2 + 0.5).clamp(0, 1).cpu()  # (12, 3, H, W) in [0, 1]
+        decode_done = time.perf_counter()
+        views = self.num_views
+
+        # 7. Output.
+        normals_tensor, colors_tensor = images[:views], images[views:]
+        normals = _to_pil(normals_tensor) if output_type == "pil" else []
+        colors = _to_pil(colors_tensor) if output_type == "pil" else []
+        settings = {
+            **self.load_settings,
+            "scheduler": type(self.scheduler).__name__,
+            "num_time_windows": getattr(self.scheduler.config, "num_time_windows", None),
+            "num_inference_steps": num_inference_steps,
+            "timesteps": [int(t) for t in timesteps],
+            "unet_passes": len(timesteps),
+            "unet_batch": 4 * views if do_cfg else 2 * views,
+            "guidance_scale": guidance_scale,
+            "eta": eta if "eta" in step_parameters else None,
+            "size": size,
+            "dtype": str(dtype).replace("torch.", ""),
+            "device": str(device),
+            "compiled": self._compiled is not None,
+        }
+        timings = {
+            "encode": encode_done - start,
+            "denoise": denoise_done - encode_done,
+            "decode": decode_done - denoise_done,
+            "total": time.perf_counter() - start,
+        }
+        return MultiviewOutput(
+            normals=normals,
+            colors=colors,
+            normals_tensor=normals_tensor,
+            colors_tensor=colors_tensor,
+            view_names=VIEW_NAMES,
+            timings=timings,
+            settings=settings,
+        )
+
+    def _denoise(self, image, num_inference_steps, guidance_scale, generator, latents, eta, latent_shape):
+        """Steps 2-5: encode the condition, then the denoising loop. Returns the final latents (12, 4, h, w), the
+        timesteps, the scheduler step's parameter names and the times at which encoding and denoising ended."""
+        device = self._execution_device
+        dtype = self.unet.dtype
+        do_cfg = guidance_scale > 1.0
         # 2. Encode the condition once: one CLIP token and one VAE latent.
         pixel_values = self.feature_extractor(images=image, return_tensors="pt").pixel_values
         pixel_values = pixel_values.to(device=device, dtype=self.image_encoder.dtype)  # (1, 3, 224, 224)
@@ -357,45 +455,7 @@ class MultiviewPipeline(DiffusionPipeline):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         denoise_done = time.perf_counter()
-
-        # 6. Decode all 12 views.
-        decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        images = (decoded.float() / 2 + 0.5).clamp(0, 1).cpu()  # (12, 3, H, W) in [0, 1]
-        decode_done = time.perf_counter()
-
-        # 7. Output.
-        normals_tensor, colors_tensor = images[:views], images[views:]
-        normals = _to_pil(normals_tensor) if output_type == "pil" else []
-        colors = _to_pil(colors_tensor) if output_type == "pil" else []
-        settings = {
-            **self.load_settings,
-            "scheduler": type(self.scheduler).__name__,
-            "num_time_windows": getattr(self.scheduler.config, "num_time_windows", None),
-            "num_inference_steps": num_inference_steps,
-            "timesteps": [int(t) for t in timesteps],
-            "unet_passes": len(timesteps),
-            "unet_batch": 4 * views if do_cfg else 2 * views,
-            "guidance_scale": guidance_scale,
-            "eta": eta if "eta" in step_parameters else None,
-            "size": size,
-            "dtype": str(dtype).replace("torch.", ""),
-            "device": str(device),
-        }
-        timings = {
-            "encode": encode_done - start,
-            "denoise": denoise_done - encode_done,
-            "decode": decode_done - denoise_done,
-            "total": time.perf_counter() - start,
-        }
-        return MultiviewOutput(
-            normals=normals,
-            colors=colors,
-            normals_tensor=normals_tensor,
-            colors_tensor=colors_tensor,
-            view_names=VIEW_NAMES,
-            timings=timings,
-            settings=settings,
-        )
+        return latents, timesteps, step_parameters, encode_done, denoise_done
 
     def _check_inputs(self, image, size, num_inference_steps, guidance_scale, output_type, latents, latent_shape):
         if not isinstance(image, Image.Image):
@@ -435,6 +495,48 @@ def clip_feature_extractor(size: int = 224) -> CLIPImageProcessor:
         image_mean=[0.48145466, 0.4578275, 0.40821073],
         image_std=[0.26862954, 0.26130258, 0.27577711],
     )
+
+
+class _Capture(logging.Filter):
+    """Holds back the records of one logger (the ΔW merge's own report) so that they are logged once, at the
+    level they deserve."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
+def _merge_and_log(unet: UNetMV2DConditionModel, delta_weights: dict[str, torch.Tensor], delta) -> Any:
+    """Tolerant ΔW merge into the Wonder3D UNet, its report logged once: at INFO when it is the expected map of the
+    SD1.5 PeRFlow delta (only ``conv_in.weight`` skipped: 8 input channels against SD's 4; nothing missing), at
+    WARNING otherwise (a different or broken delta)."""
+    from t2mv.perflow.delta import logger as delta_logger
+    from t2mv.perflow.delta import merge_delta_weights
+
+    capture = _Capture()
+    delta_logger.addFilter(capture)
+    try:
+        report = merge_delta_weights(unet, delta_weights, strict=False)
+    finally:
+        delta_logger.removeFilter(capture)
+    summary = report.summary()
+    for record in capture.records:  # anything else the merge said, as it said it
+        if record.getMessage() != summary:
+            delta_logger.handle(record)
+    if not report.missing and report.skipped_shape == ["conv_in.weight"]:
+        logger.info("ΔW %s merged into the Wonder3D UNet as expected: %s", delta, summary)
+    else:
+        logger.warning(
+            "The ΔW at %s does not map onto the Wonder3D UNet like the SD1.5 PeRFlow delta (expected exactly "
+            "conv_in.weight skipped and nothing missing): %s",
+            delta,
+            summary,
+        )
+    return report
 
 
 def _perflow_from(ddim_config, num_time_windows: int) -> PeRFlowScheduler:
