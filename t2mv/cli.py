@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .chain import DEFAULT_MULTIVIEW_DELTA, DEFAULT_MULTIVIEW_MODEL, DEFAULT_T2I_MODEL, DEFAULT_TRIPOSR_MODEL
-from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NO_WEIGHTS, EXIT_OK, EXIT_OOM, run_command
+from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NO_WEIGHTS, EXIT_OK, EXIT_OOM, BadInputError, run_command
 from .settings import GROUPS, GenerationSettings, add_arguments, from_namespace
 from .tiny import print_smoke_banner, smoke_requested
 
@@ -192,6 +192,11 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     return from_namespace(args, smoke=smoke_requested(args.tiny))
 
 
+def _check_prompt(prompt: str) -> None:
+    if not prompt.strip():
+        raise BadInputError('The prompt is empty. Give a text prompt such as "a red teapot".')
+
+
 def _report(result: Any, paths: dict[str, Path], output: Path) -> None:
     for message in result.warnings:
         print(f"warning: {message}", file=sys.stderr)
@@ -204,6 +209,7 @@ def _cmd_image(args: argparse.Namespace) -> int:
     from .inputs import image_output_path, write_image, write_text
 
     settings = settings_from_args(args)
+    _check_prompt(args.prompt)
     output = image_output_path(args.output)
     settings_path = output.with_suffix(".json")
     chain = load_chain(args, ("text_to_image",))
@@ -220,6 +226,8 @@ def _cmd_to_mesh(args: argparse.Namespace) -> int:
 
     text = args.command == "text-to-mesh"
     settings = settings_from_args(args)
+    if text:
+        _check_prompt(args.prompt)
     image = None if text else open_image(args.image)
     output = check_output_folder(args.output)
     formats = check_mesh_formats(args.format)
