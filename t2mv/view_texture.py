@@ -1,0 +1,652 @@
+"""Texture a mesh from Wonder3D's six generated views: silhouette alignment, visibility, blending.
+
+The mesh (TripoSR's, in the export frame: glTF, +Y up, the input view seen from +Z) and the six views (orthographic,
+elevation 0, cameras in `wonder3d_perflow.cameras.view_axes`) live at different scales and offsets. One orthographic
+camera (`ViewCamera`: a scale and a 3-D centre) is fitted so that the mesh's six silhouettes match the views'
+foreground masks; the mesh itself is never moved. Each surface point (UV texel of an xatlas atlas, and each vertex)
+then takes a blend of the views that see it: visibility by a depth test against a per-view depth buffer
+(`triposr.texture.rasterize_screen`), weights cos^k(normal, view direction) times a falloff near mask edges and
+depth discontinuities (where a view's pixels mix background or another surface). Surface no view sees falls back,
+smoothly, to `fallback(points)` (TripoSR's colour field) or, without one, to a fill diffused from the seen surface.
+
+All tensor work runs on `device` (CPU or CUDA); the masks' cleanup and distance transforms (scipy) and the atlas
+(xatlas) run on the host.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import trimesh
+from PIL import Image
+from scipy import ndimage
+
+from triposr.texture import (
+    check_texture_size,
+    default_padding,
+    mesh_atlas,
+    rasterize_screen,
+    rasterize_uv,
+    textured_mesh,
+)
+from wonder3d_perflow.cameras import VIEW_NAMES, view_axes
+
+NUM_VIEWS = len(VIEW_NAMES)
+# A pixel is white background when every channel is within this of 255 AND it connects to the image border
+# (white inside the object, e.g. a white shirt, stays foreground).
+WHITE_TOLERANCE = 12
+# Foreground specks smaller than this fraction of the largest foreground component are noise.
+MIN_COMPONENT_FRACTION = 0.01
+# A view whose mask has fewer pixels than this is dropped (warning): nothing to fit or project.
+MIN_MASK_PIXELS = 16
+# Alignment that leaves the mean silhouette IoU of the used views below this is a failure (ViewTextureError).
+MIN_MEAN_IOU = 0.6
+COS_POWER = 4  # weight = cos^k(normal, view direction): 1 head-on, 0.25 at 45 degrees
+EDGE_FALLOFF_PX = 4.0  # weights ramp up over this many pixels from a mask edge or depth discontinuity
+# A neighbour this much nearer/farther (in pixel widths) marks a depth discontinuity: large enough that steep but
+# continuous surface (up to ~83 degrees off head-on, where cos^4 is negligible anyway) is not one.
+DEPTH_JUMP_PX = 16.0
+DEPTH_BIAS_PX = 3.0  # depth-test tolerance, in pixel widths
+# Where the views' summed weight reaches this, their colour alone is used; below it the colour blends smoothly
+# (smoothstep in the summed weight) into the fallback, which alone colours surface no view sees. One view at
+# cos^4 = 0.02 sees the surface ~68 degrees off head-on. Coverage counts surface with at least half of this.
+FULL_VIEW_WEIGHT = 0.02
+# xatlas chart cost limit: 2.0 (xatlas' default) is ~5x slower on 100k faces for a few fewer charts.
+ATLAS_MAX_COST = 0.2
+FIT_RESOLUTION = 128  # the silhouette fit renders and compares silhouettes on at most this grid
+FILL_ITERATIONS = 300  # Jacobi sweeps of the no-fallback fill (each a few ms on 100k faces)
+CHUNK = 2**18  # points per blending chunk (bounds memory: 6 views x chunk x a few channels)
+
+
+class ViewTextureError(ValueError):
+    """The views could not be aligned with the mesh (or none is usable): the caller should keep the field colours."""
+
+
+@dataclass(frozen=True)
+class ViewCamera:
+    """The fitted orthographic camera shared by the six views.
+
+    A 3-D centre rather than a per-view 2-D offset: with elevation-0 cameras rotating about +Y, one 3-D offset is
+    the physically consistent parametrisation (vertical offset shared by all views, horizontal offset of view k =
+    right_k . centre), and it leaves 4 unknowns for 6 silhouettes instead of 12.
+    """
+
+    scale: float  # NDC units per export-frame unit
+    center: tuple[float, float, float]  # export-frame point that maps to the image centre in every view
+    image_size: int = 256
+
+    def project(self, points: torch.Tensor) -> torch.Tensor:
+        """Project export-frame points into the six views (`VIEW_NAMES` order). Differentiable in `points`.
+
+        Args:
+            points: (N, 3) export-frame points.
+
+        Returns:
+            (6, N, 3): column and row in pixels (continuous, pixel (r, c) has its centre at (c + 0.5, r + 0.5)) and
+            depth (the camera-backward coordinate in export units; larger = closer to the camera). NDC
+            u = scale * (axes @ (p - center)).x, v = scale * (...).y with u, v in [-1, 1] spanning the image;
+            column = (u + 1) / 2 * S, row = (1 - v) / 2 * S.
+        """
+        axes = view_axes(points.dtype, points.device)  # (6, 3, 3)
+        center = torch.tensor(self.center, dtype=points.dtype, device=points.device)  # (3,)
+        cam = torch.einsum("kij,nj->kni", axes, points - center)  # (6, N, 3)
+        half = self.image_size / 2.0
+        col = (self.scale * cam[..., 0] + 1.0) * half  # (6, N)
+        row = (1.0 - self.scale * cam[..., 1]) * half  # (6, N)
+        return torch.stack([col, row, cam[..., 2]], dim=-1)  # (6, N, 3)
+
+    @property
+    def pixel_size(self) -> float:
+        """One pixel's width in export-frame units."""
+        return 2.0 / (self.image_size * self.scale)
+
+
+@dataclass
+class ViewTexture:
+    """Result of `texture_from_views`.
+
+    mesh: UV-textured trimesh (same surface; vertices split along UV seams). vertex_colors: (V, 3) uint8 for the
+    input mesh's vertices. coverage: fraction of the surface area whose colour comes mostly from the views.
+    view_iou: silhouette IoU per view (0.0 for a dropped view). view_share: fraction of the surface area where each
+    view has the largest weight (sums to coverage). used_views: which views took part. warnings, timings (s).
+    """
+
+    mesh: trimesh.Trimesh
+    vertex_colors: np.ndarray
+    coverage: float
+    view_iou: tuple[float, ...]
+    camera: ViewCamera
+    view_share: tuple[float, ...] = ()
+    used_views: tuple[bool, ...] = ()
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- view inputs
+
+
+def _check_views(colors: Sequence[Image.Image], masks: Sequence[Image.Image] | None) -> int:
+    """Validate the view set; return the common image size."""
+    if isinstance(colors, Image.Image) or not isinstance(colors, Sequence):
+        raise ValueError(f"colors must be a list of {NUM_VIEWS} PIL images ({', '.join(VIEW_NAMES)})")
+    if len(colors) != NUM_VIEWS:
+        raise ValueError(f"expected {NUM_VIEWS} view images ({', '.join(VIEW_NAMES)}), got {len(colors)}")
+    if not all(isinstance(c, Image.Image) for c in colors):
+        raise ValueError("every view must be a PIL image")
+    size = colors[0].size
+    if size[0] != size[1] or any(c.size != size for c in colors):
+        raise ValueError(
+            f"the views must be square and of one size (Wonder3D's are 256²), got {[c.size for c in colors]}"
+        )
+    if masks is not None:
+        if len(masks) != NUM_VIEWS or not all(isinstance(m, Image.Image) for m in masks):
+            raise ValueError(f"masks must be {NUM_VIEWS} PIL 'L' images, one per view")
+        if any(m.size != size for m in masks):
+            raise ValueError(f"masks must match the views' size {size}, got {[m.size for m in masks]}")
+    return size[0]
+
+
+def _clean_mask(foreground: np.ndarray) -> np.ndarray:
+    """Drop foreground specks (components below MIN_COMPONENT_FRACTION of the largest one)."""
+    labels, count = ndimage.label(foreground)
+    if count <= 1:
+        return foreground
+    areas = np.bincount(labels.ravel())[1:]  # (count,)
+    keep = np.concatenate([[False], areas >= MIN_COMPONENT_FRACTION * areas.max()])
+    return keep[labels]
+
+
+def view_masks(colors: Sequence[Image.Image], masks: Sequence[Image.Image] | None = None) -> list[torch.Tensor]:
+    """Foreground masks of the six views.
+
+    Args:
+        colors: 6 PIL images in `VIEW_NAMES` order, square, one size, white background.
+        masks: optional 6 PIL "L" images (>= 128 = object); used as given (other modes are converted to "L").
+
+    Returns:
+        6 (S, S) bool CPU tensors. Without masks: background = near-white pixels connected to the image border
+        (enclosed white stays object), then foreground specks are removed. An all-white view gives an empty mask.
+
+    Raises:
+        ValueError: wrong count, non-PIL items, non-square or mismatched sizes.
+    """
+    _check_views(colors, masks)
+    out = []
+    for k in range(NUM_VIEWS):
+        if masks is not None:
+            fg = np.asarray(masks[k].convert("L")) >= 128  # (S, S)
+        else:
+            rgb = np.asarray(colors[k].convert("RGB"), dtype=np.int16)  # (S, S, 3)
+            white = (rgb >= 255 - WHITE_TOLERANCE).all(axis=-1)  # (S, S)
+            labels, _ = ndimage.label(white)
+            border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+            background = np.isin(labels, border[border > 0])
+            fg = _clean_mask(~background)
+        out.append(torch.from_numpy(np.ascontiguousarray(fg)))
+    return out
+
+
+def _view_colors(colors: Sequence[Image.Image], device: torch.device) -> torch.Tensor:
+    arrays = [np.asarray(c.convert("RGB"), dtype=np.float32) / 255.0 for c in colors]  # 6 x (S, S, 3)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(device)  # (6, 3, S, S)
+
+
+# --------------------------------------------------------------------------------------------- geometry helpers
+
+
+def _vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Area-weighted unit vertex normals (V, 3) and face areas (F,)."""
+    tri = vertices[faces]  # (F, 3, 3)
+    cross = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # (F, 3) 2 x area x normal
+    normals = torch.zeros_like(vertices).index_add_(0, faces.reshape(-1), cross.repeat_interleave(3, dim=0))
+    return F.normalize(normals, dim=-1), cross.norm(dim=-1) / 2  # (V, 3), (F,)
+
+
+def _render_views(
+    vertices: torch.Tensor, faces: torch.Tensor, camera: ViewCamera
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depth buffers of the six views: (6, S, S) depth (-inf where no surface) and (6, S, S) bool coverage.
+
+    Only faces turned towards each camera are drawn (back faces of a closed mesh are always hidden behind front
+    faces, and a silhouette is the union of front faces), which halves the work. The six views are laid side by side
+    in one S x 6S image so that a single rasteriser call draws them all.
+    """
+    size = camera.image_size
+    proj = camera.project(vertices)  # (6, V, 3)
+    axes = view_axes(vertices.dtype, vertices.device)  # (6, 3, 3)
+    tri = vertices[faces]  # (F, 3, 3)
+    face_normal = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # (F, 3) unnormalised
+    facing = (face_normal @ axes[:, 2].T).T > 0  # (6, F)
+    xy = proj[..., :2].clone()  # (6, V, 2)
+    xy[..., 0] += torch.arange(NUM_VIEWS, device=vertices.device, dtype=xy.dtype)[:, None] * size
+    num_v = vertices.shape[0]
+    view_faces = torch.cat([faces[facing[k]] + k * num_v for k in range(NUM_VIEWS)])  # (F', 3)
+    pixel, face, bary = rasterize_screen(
+        xy.reshape(-1, 2), proj[..., 2].reshape(-1), view_faces, size, NUM_VIEWS * size
+    )
+    depth = (proj[..., 2].reshape(-1)[view_faces[face]] * bary).sum(dim=-1)  # (N,)
+    zbuf = torch.full((size * NUM_VIEWS * size,), float("-inf"), dtype=vertices.dtype, device=vertices.device)
+    zbuf[pixel] = depth.to(zbuf.dtype)
+    zbuf = zbuf.reshape(size, NUM_VIEWS, size).permute(1, 0, 2).contiguous()  # (6, S, S)
+    return zbuf, torch.isfinite(zbuf)
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(6,) IoU of two (6, S, S) bool stacks (1.0 where both are empty)."""
+    inter = (a & b).flatten(1).sum(-1).double()
+    union = (a | b).flatten(1).sum(-1).double()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+# --------------------------------------------------------------------------------------------- alignment
+
+
+def _moments(sil: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Area (pixels) and centroid in NDC (u right, v up) of (6, S, S) silhouettes."""
+    size = sil.shape[-1]
+    w = sil.double()
+    centres = (torch.arange(size, dtype=torch.float64, device=sil.device) + 0.5) / size * 2.0 - 1.0  # (S,)
+    area = w.flatten(1).sum(-1)  # (6,)
+    u = (w.sum(1) * centres).sum(-1) / area.clamp(min=1)  # (6,) columns
+    v = -(w.sum(2) * centres).sum(-1) / area.clamp(min=1)  # (6,) rows, flipped: v up
+    return area, u, v
+
+
+def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, 1, H, W) separable Gaussian blur."""
+    radius = max(1, int(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = k / k.sum()
+    images = F.conv2d(images, k.view(1, 1, 1, -1), padding=(0, radius))
+    return F.conv2d(images, k.view(1, 1, -1, 1), padding=(radius, 0))
+
+
+def _fit(
+    vertices: torch.Tensor, faces: torch.Tensor, masks: torch.Tensor, used: torch.Tensor
+) -> tuple[ViewCamera, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fit scale + centre; returns the camera, per-view IoU (6,), and the final depth buffers and coverage."""
+    size = masks.shape[-1]
+    device = vertices.device
+    axes = view_axes(torch.float64, device)  # (6, 3, 3)
+    right = axes[:, 0]  # (6, 3)
+
+    # 1. A reference render that surely contains the mesh: centre = bounding-box centre, scale from the radius.
+    lo, hi = vertices.amin(0).double(), vertices.amax(0).double()
+    c0 = (lo + hi) / 2
+    radius = (vertices.double() - c0).norm(dim=-1).max().clamp(min=1e-12)
+    fit_size = min(size, FIT_RESOLUTION)
+    ref = ViewCamera(scale=float(0.98 / radius), center=tuple(c0.tolist()), image_size=fit_size)
+    _, ref_sil = _render_views(vertices, faces, ref)  # (6, R, R)
+
+    # 2. Moments: the silhouettes' areas give the scale, their centroids the centre (least squares over the views).
+    #    Mask (NDC) = s * (mesh camera-plane coordinates - offset): u_k = s (x_k - right_k . c), v_k = s (y_k - c_y).
+    ref_area, ref_u, ref_v = _moments(ref_sil)
+    area, u, v = _moments(masks)
+    ok = used & (ref_area > 0)
+    if not ok.any():
+        raise ViewTextureError("the mesh has no silhouette in any usable view")
+    x_mesh = ref_u / ref.scale + right @ c0  # (6,) export-unit camera-plane centroids
+    y_mesh = ref_v / ref.scale + c0[1]
+    # Areas in NDC units (the reference grid is R², the masks S²).
+    scale = ref.scale * torch.sqrt((area[ok].sum() / size**2) / (ref_area[ok].sum() / fit_size**2)).item()
+    rhs = x_mesh[ok] - u[ok] / scale  # (K,) = right_k . c
+    cxz = torch.linalg.lstsq(right[ok][:, [0, 2]], rhs[:, None]).solution[:, 0]  # (2,) min-norm if rank-deficient
+    cy = (y_mesh[ok] - v[ok] / scale).mean()
+    center = torch.stack([cxz[0], cy, cxz[1]])  # (3,)
+
+    # 3. Refinement: maximise the soft IoU of the (blurred) reference silhouettes, resampled at the candidate camera,
+    #    with the masks, on the reference grid (masks area-averaged to it: soft targets). Parameters: log scale and
+    #    the centre in NDC-sized units, so that one step moves the silhouettes by similar amounts.
+    target = F.adaptive_avg_pool2d(masks.to(torch.float32)[:, None], fit_size)[:, 0].flatten(1)  # (6, R*R)
+    weight = ok.to(torch.float32) / ok.sum()  # (6,)
+    ndc = (torch.arange(fit_size, dtype=torch.float32, device=device) + 0.5) / fit_size * 2.0 - 1.0  # (R,)
+    grid_u = ndc[None, None, :]  # (1, 1, R) columns
+    grid_v = -ndc[None, :, None]  # (1, R, 1) rows, v up
+    right32, c0_32, s0 = right.float(), c0.float(), ref.scale
+    params = torch.tensor([np.log(scale), *(center * scale).tolist()], dtype=torch.float32, device=device)  # (4,)
+
+    def soft_iou_and_grad(p: torch.Tensor, images: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """Mean soft IoU over the used views and its gradient in p (analytic: one forward resampling of the
+        blurred silhouettes and their image gradients; autograd through grid_sample costs ~5x more)."""
+        s = p[0].exp()
+        # Mask pixel (u, v) shows the camera-plane point x = (u + right_k . p_c) / s, y = (v + p_y) / s; in the
+        # reference render that point sits at u0 = s0 (x - right_k . c0), v0 = s0 (y - c0_y).
+        xu = (grid_u + (right32 @ p[1:])[:, None, None]).expand(-1, fit_size, -1)  # (6, R, R) = s x
+        yv = (grid_v + p[2]).expand(NUM_VIEWS, -1, fit_size)  # (6, R, R) = s y
+        u0 = s0 * (xu / s - (right32 @ c0_32)[:, None, None])
+        v0 = s0 * (yv / s - c0_32[1])
+        sampled = F.grid_sample(images, torch.stack([u0, -v0], dim=-1), align_corners=False)  # (6, 3, R, R)
+        a, da_du, da_dv = sampled.flatten(2).unbind(1)  # (6, R*R) each: value, d/du0, d/dv0
+        inter = (a * target).sum(-1)  # (6,)
+        union = (a.sum(-1) + target.sum(-1) - inter).clamp(min=1e-6)
+        iou = inter / union
+        d_iou = (target * union[:, None] - inter[:, None] * (1 - target)) / (union * union)[:, None]  # (6, R*R)
+        d_iou = d_iou * weight[:, None]
+        g_u, g_v = d_iou * da_du, d_iou * da_dv  # (6, R*R): d IoU / d u0, d v0 per pixel
+        grad = torch.empty(4, dtype=p.dtype, device=p.device)
+        grad[0] = -(s0 / s) * ((g_u * xu.flatten(1)).sum() + (g_v * yv.flatten(1)).sum())  # d/d log s
+        grad[1:] = (s0 / s) * (right32 * g_u.sum(-1)[:, None]).sum(0)  # d/d p_c through u0 (right_k has no y)
+        grad[2] += (s0 / s) * g_v.sum()  # and p_y through v0
+        return float((iou * weight).sum()), grad
+
+    # Gradient ascent with Adam (written out: torch.optim's first import costs seconds), coarse blur then fine.
+    for sigma, steps, lr in ((2.0, 25, 0.01), (0.7, 15, 0.003)):
+        blurred = _gaussian_blur(ref_sil.to(torch.float32)[:, None], sigma)  # (6, 1, R, R)
+        # d/du0 and d/dv0 in grid units (u0 spans R pixels over 2; v0 runs against the rows).
+        d_col = torch.gradient(blurred, dim=-1)[0] * (fit_size / 2)
+        d_row = torch.gradient(blurred, dim=-2)[0] * (fit_size / 2)
+        images = torch.cat([blurred, d_col, -d_row], dim=1)  # (6, 3, R, R)
+        m1, m2 = torch.zeros_like(params), torch.zeros_like(params)
+        best = (float("-inf"), params.clone())  # the best of this blur level; the next one starts there
+        for step in range(1, steps + 1):
+            iou, grad = soft_iou_and_grad(params, images)
+            if iou > best[0]:
+                best = (iou, params.clone())
+            m1 = 0.9 * m1 + 0.1 * grad
+            m2 = 0.999 * m2 + 0.001 * grad * grad
+            params = params + lr * (m1 / (1 - 0.9**step)) / ((m2 / (1 - 0.999**step)).sqrt() + 1e-8)
+        params = best[1]
+    scale = float(params[0].exp())
+    center = params[1:].double() / scale  # (3,)
+
+    camera = ViewCamera(scale=float(scale), center=tuple(float(x) for x in center), image_size=size)
+    zbuf, covered = _render_views(vertices, faces, camera)
+    iou = torch.where(used, _iou(covered, masks), torch.zeros(NUM_VIEWS, dtype=torch.float64, device=device))
+    return camera, iou, zbuf, covered
+
+
+def _mask_stack(masks: Sequence[torch.Tensor] | Sequence[Image.Image], device: torch.device) -> torch.Tensor:
+    if len(masks) != NUM_VIEWS:
+        raise ValueError(f"expected {NUM_VIEWS} masks, got {len(masks)}")
+    arrays = [
+        torch.from_numpy(np.asarray(m.convert("L")) >= 128) if isinstance(m, Image.Image) else torch.as_tensor(m)
+        for m in masks
+    ]
+    if any(a.shape != arrays[0].shape or a.ndim != 2 or a.shape[0] != a.shape[1] for a in arrays):
+        raise ValueError("masks must be square and of one size")
+    return torch.stack(arrays).to(device=device, dtype=torch.bool)  # (6, S, S)
+
+
+def _mesh_tensors(mesh: trimesh.Trimesh, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(mesh.faces) == 0:
+        raise ValueError("cannot texture an empty mesh")
+    vertices = torch.from_numpy(np.asarray(mesh.vertices, dtype=np.float32)).to(device)  # (V, 3)
+    faces = torch.from_numpy(np.asarray(mesh.faces, dtype=np.int64)).to(device)  # (F, 3)
+    return vertices, faces
+
+
+def fit_camera(
+    mesh: trimesh.Trimesh,
+    masks: Sequence[torch.Tensor] | Sequence[Image.Image],
+    *,
+    device: torch.device | str | None = None,
+) -> tuple[ViewCamera, list[float]]:
+    """Fit the orthographic camera (scale + 3-D centre) that makes the mesh's six silhouettes match the masks.
+
+    Coarse: silhouette areas and centroids (moments) give the scale and centre in closed form; fine: gradient ascent
+    on a soft IoU (blurred reference silhouettes resampled at the candidate camera), coarse-to-fine blur. Empty masks
+    are left out of the fit (their IoU is reported as 0.0). The mesh is not moved.
+
+    Args:
+        mesh: trimesh in the export frame. masks: 6 (S, S) bool tensors (`view_masks`) or PIL "L" images.
+        device: where rendering runs (default CPU).
+
+    Returns:
+        The camera and the six silhouette IoUs (exact rasterised silhouettes at the fitted camera).
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    mask_t = _mask_stack(masks, device)
+    vertices, faces = _mesh_tensors(mesh, device)
+    used = mask_t.flatten(1).sum(-1) >= MIN_MASK_PIXELS
+    camera, iou, _, _ = _fit(vertices, faces, mask_t, used)
+    return camera, [float(x) for x in iou]
+
+
+# --------------------------------------------------------------------------------------------- blending
+
+
+@dataclass
+class _Views:
+    """What blending needs per view: colours, depth buffers, edge distances, which views are used."""
+
+    camera: ViewCamera
+    colors: torch.Tensor  # (6, 3, S, S) in [0, 1]
+    zbuf: torch.Tensor  # (6, S, S) depth, -inf where no surface
+    edge_distance: torch.Tensor  # (6, 1, S, S) pixels to the nearest mask edge or depth discontinuity
+    used: torch.Tensor  # (6,) bool
+
+
+def _edge_distance(masks: torch.Tensor, zbuf: torch.Tensor, camera: ViewCamera) -> torch.Tensor:
+    """(6, 1, S, S) distance in pixels to the nearest pixel that is background, off the mesh, or next to a depth
+    jump: near those a view's pixels mix colours of different surfaces."""
+    covered = torch.isfinite(zbuf)  # (6, S, S)
+    filled = torch.where(covered, zbuf, zbuf[covered].min() if covered.any() else torch.zeros_like(zbuf))
+    pooled_max = F.max_pool2d(filled[:, None], 3, stride=1, padding=1)[:, 0]
+    pooled_min = -F.max_pool2d(-filled[:, None], 3, stride=1, padding=1)[:, 0]
+    jump = (pooled_max - pooled_min) > DEPTH_JUMP_PX * camera.pixel_size  # (6, S, S)
+    clean = (masks & covered & ~jump).cpu().numpy()  # (6, S, S)
+    dist = np.stack([ndimage.distance_transform_edt(c) for c in clean]).astype(np.float32)  # (6, S, S)
+    return torch.from_numpy(dist)[:, None].to(zbuf.device)
+
+
+def _sample(images: torch.Tensor, proj: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """Sample (6, C, S, S) images at projected points (6, N, 3) -> (6, N, C); border clamp."""
+    grid = proj[..., :2] / size * 2.0 - 1.0  # (6, N, 2) x = column, y = row, align_corners=False
+    out = F.grid_sample(images, grid[:, None], mode=mode, padding_mode="border", align_corners=False)  # (6, C, 1, N)
+    return out[:, :, 0].permute(0, 2, 1)
+
+
+def _view_weights(points: torch.Tensor, normals: torch.Tensor, views: _Views) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-view blending weights (6, N) and sampled colours (6, N, 3) for surface points with unit normals."""
+    camera, size = views.camera, views.camera.image_size
+    proj = camera.project(points)  # (6, N, 3)
+    axes = view_axes(points.dtype, points.device)  # (6, 3, 3)
+    cos = (normals @ axes[:, 2].T).T.clamp(min=0.0)  # (6, N)
+    # Depth test against the nearest pixel's depth buffer (the buffer holds the nearest surface at pixel centres).
+    col = proj[..., 0].floor().long().clamp(0, size - 1)
+    row = proj[..., 1].floor().long().clamp(0, size - 1)
+    flat = views.zbuf.flatten(1)  # (6, S*S)
+    nearest = torch.gather(flat, 1, row * size + col)  # (6, N)
+    visible = proj[..., 2] >= nearest - DEPTH_BIAS_PX * camera.pixel_size
+    inside = (proj[..., 0] >= 0) & (proj[..., 0] <= size) & (proj[..., 1] >= 0) & (proj[..., 1] <= size)
+    edge = _sample(views.edge_distance, proj, size)[..., 0]  # (6, N)
+    ramp = ((edge - 1.0) / EDGE_FALLOFF_PX).clamp(0.0, 1.0)
+    ramp = ramp * ramp * (3.0 - 2.0 * ramp)  # smoothstep: no kink where the falloff starts
+    weights = cos**COS_POWER * ramp * (visible & inside & views.used[:, None])  # (6, N)
+    return weights, _sample(views.colors, proj, size)
+
+
+def _blend(
+    points: torch.Tensor,
+    normals: torch.Tensor,
+    views: _Views,
+    fallback: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Colours (N, 3) in [0, 1], view share alpha (N,) in [0, 1] and the best view (N,) of surface points.
+
+    colour = alpha * (sum_k w_k c_k / sum_k w_k) + (1 - alpha) * fallback, alpha = smoothstep(sum_k w_k /
+    FULL_VIEW_WEIGHT); the fallback is only queried where alpha < 1. Without a fallback: the view blend alone
+    (alpha marks where `_harmonic_fill` is needed).
+    """
+    colors, alphas, best = [], [], []
+    for start in range(0, points.shape[0], CHUNK):
+        p, n = points[start : start + CHUNK], normals[start : start + CHUNK]
+        w, c = _view_weights(p, n, views)  # (6, n), (6, n, 3)
+        total = w.sum(0)  # (n,)
+        blended = (w[..., None] * c).sum(0) / total.clamp(min=1e-12)[:, None]  # (n, 3)
+        alpha = (total / FULL_VIEW_WEIGHT).clamp(max=1.0)
+        alpha = alpha * alpha * (3.0 - 2.0 * alpha)  # (n,) smoothstep
+        if fallback is not None:
+            need = alpha < 1.0
+            if need.any():
+                fb = torch.as_tensor(fallback(p[need]), dtype=blended.dtype, device=blended.device).clamp(0, 1)
+                a = alpha[need, None]
+                blended[need] = a * blended[need] + (1 - a) * fb
+        colors.append(blended)
+        alphas.append(alpha)
+        best.append(torch.where(total > 0, w.argmax(0), torch.full_like(total, -1, dtype=torch.long)))
+    return torch.cat(colors), torch.cat(alphas), torch.cat(best)
+
+
+def _harmonic_fill(faces: torch.Tensor, colors: torch.Tensor, known: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Without a fallback: colours for the vertices no view sees, diffused over the mesh's edges from the seen ones
+    (Jacobi iterations of the graph Laplacian with the seen vertices fixed), so unseen patches are smooth blends of
+    the colours around them rather than a flat grey or a patchwork of nearest colours.
+
+    Args:
+        faces: (F, 3); colors: (V, 3) vertex colours (used where `known`); known: (V,) bool.
+
+    Returns:
+        (V, 3): `colors` where known, the diffused colour elsewhere (the seen mean where no seen vertex connects).
+    """
+    if not known.any():
+        return torch.full_like(colors, 0.5)
+    src = faces[:, [0, 1, 2, 1, 2, 0]].reshape(-1)  # (6F,) each edge in both directions
+    dst = faces[:, [1, 2, 0, 0, 1, 2]].reshape(-1)
+    degree = torch.zeros(colors.shape[0], dtype=colors.dtype, device=colors.device)
+    degree.index_add_(0, dst, torch.ones_like(dst, dtype=colors.dtype)).clamp_(min=1)
+    filled = torch.where(known[:, None], colors, colors[known].mean(dim=0))  # (V, 3)
+    for _ in range(iterations):
+        mean = torch.zeros_like(filled).index_add_(0, dst, filled[src]) / degree[:, None]  # (V, 3)
+        filled = torch.where(known[:, None], colors, mean)
+    return filled
+
+
+# --------------------------------------------------------------------------------------------- entry point
+
+
+@torch.no_grad()
+def texture_from_views(
+    mesh: trimesh.Trimesh,
+    colors: Sequence[Image.Image],
+    *,
+    masks: Sequence[Image.Image] | None = None,
+    texture_size: int = 1024,
+    fallback: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
+) -> ViewTexture:
+    """Texture `mesh` from the six generated views.
+
+    Args:
+        mesh: trimesh in the export frame (TripoSR's `extract_mesh` output).
+        colors: 6 PIL images in `VIEW_NAMES` order (square, one size; Wonder3D's are 256²), white background.
+        masks: optional 6 PIL "L" images (255 = object); derived from the white background when absent.
+        texture_size: UV texture size, 512..4096.
+        fallback: maps (N, 3) export-frame points to (N, 3) colours in [0, 1] for surface no view sees (e.g.
+            TripoSR's colour field); without one, unseen surface takes a smooth fill diffused over the mesh from
+            the seen surface around it.
+        device: where the tensor work runs (default CPU).
+
+    Returns:
+        ViewTexture (textured mesh, vertex colours, coverage, per-view IoU and share, camera, warnings, timings).
+
+    Raises:
+        ValueError: a malformed view set (count, type, size) or texture size.
+        ViewTextureError (a ValueError): no usable view (all masks empty), or the silhouettes cannot be aligned
+            (mean IoU of the used views below MIN_MEAN_IOU). The caller should keep the field colours.
+    Empty masks (an all-white view) drop that view with a warning; the other views still texture the mesh.
+    """
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    size = check_texture_size(texture_size)
+    _check_views(colors, masks)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    vertices, faces = _mesh_tensors(mesh, device)
+
+    t = time.perf_counter()
+    mask_t = torch.stack(view_masks(colors, masks)).to(device)  # (6, S, S)
+    used = mask_t.flatten(1).sum(-1) >= MIN_MASK_PIXELS  # (6,)
+    for k in torch.nonzero(~used).flatten().tolist():
+        notes.append(f"view {VIEW_NAMES[k]!r} has no foreground (all white?); it is left out")
+    if not used.any():
+        raise ViewTextureError("no view has a foreground mask (all views are blank); keep the field colours")
+    view_colors = _view_colors(colors, device)  # (6, 3, S, S)
+    timings["masks"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    camera, iou, zbuf, _ = _fit(vertices, faces, mask_t, used)
+    timings["fit"] = time.perf_counter() - t
+    mean_iou = float(iou[used].mean())
+    if mean_iou < MIN_MEAN_IOU:
+        raise ViewTextureError(
+            f"the mesh's silhouettes do not match the views (mean IoU {mean_iou:.2f} < {MIN_MEAN_IOU}); "
+            "keep the field colours"
+        )
+    for k in torch.nonzero(used & (iou < 0.8)).flatten().tolist():
+        notes.append(f"view {VIEW_NAMES[k]!r} matches the mesh's silhouette poorly (IoU {float(iou[k]):.2f})")
+
+    t = time.perf_counter()
+    padding = default_padding(size)
+    vmapping, atlas_faces, uvs = mesh_atlas(mesh, size, padding, max_cost=ATLAS_MAX_COST)
+    timings["atlas"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    views = _Views(camera, view_colors, zbuf, _edge_distance(mask_t, zbuf, camera), used)
+    normals, face_area = _vertex_normals(vertices, faces)  # (V, 3), (F,)
+    vmap_t = torch.from_numpy(vmapping).to(device)  # (V',)
+    atlas_faces_t = torch.from_numpy(atlas_faces).to(device)  # (F', 3)
+    texel, face, bary = rasterize_uv(torch.from_numpy(uvs).to(device), atlas_faces_t, size)
+    corners = vmap_t[atlas_faces_t[face]]  # (N, 3) original vertex ids
+    texel_points = (vertices[corners] * bary[..., None]).sum(dim=1)  # (N, 3)
+    texel_normals = F.normalize((normals[corners] * bary[..., None]).sum(dim=1), dim=-1)  # (N, 3)
+    timings["raster"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    # Coverage and view shares on face centroids, weighted by face area.
+    centroids = vertices[faces].mean(dim=1)  # (F, 3)
+    face_normals = F.normalize(normals[faces].sum(dim=1), dim=-1)  # (F, 3)
+    _, face_alpha, face_best = _blend(centroids, face_normals, views, None)
+    seen = face_alpha >= 0.5  # the views' colour dominates the fallback
+    total_area = face_area.sum().clamp(min=1e-20)
+    coverage = float((face_area * seen).sum() / total_area)
+    share = [float((face_area * (seen & (face_best == k))).sum() / total_area) for k in range(NUM_VIEWS)]
+
+    if fallback is None:
+        # Unseen surface: a smooth fill diffused over the mesh from the seen vertices, interpolated inside faces.
+        vertex_colors, vertex_alpha, _ = _blend(vertices, normals, views, None)
+        filled = _harmonic_fill(faces, vertex_colors, vertex_alpha >= 0.5, FILL_ITERATIONS)  # (V, 3)
+
+        a = vertex_alpha[:, None]
+        vertex_colors = a * vertex_colors + (1 - a) * filled
+        texel_colors, texel_alpha, _ = _blend(texel_points, texel_normals, views, None)
+        a = texel_alpha[:, None]
+        texel_fill = (filled[corners] * bary[..., None]).sum(dim=1)  # (N, 3)
+        texel_colors = a * texel_colors + (1 - a) * texel_fill
+    else:
+        texel_colors, _, _ = _blend(texel_points, texel_normals, views, fallback)
+        vertex_colors, _, _ = _blend(vertices, normals, views, fallback)
+    image = torch.zeros(size * size, 3, device=device)  # (S*S, 3)
+    written = torch.zeros(size * size, dtype=torch.bool, device=device)
+    image[texel] = texel_colors.clamp(0, 1)
+    written[texel] = True
+    textured = textured_mesh(
+        np.asarray(mesh.vertices, dtype=np.float32)[vmapping],
+        atlas_faces,
+        uvs,
+        image.reshape(size, size, 3),
+        written.reshape(size, size),
+        padding,
+    )
+    vertex_u8 = (vertex_colors.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()  # (V, 3)
+    timings["blend"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    if coverage < 0.5:
+        notes.append(f"the views cover only {coverage:.0%} of the surface")
+    return ViewTexture(
+        mesh=textured,
+        vertex_colors=vertex_u8,
+        coverage=coverage,
+        view_iou=tuple(float(x) for x in iou),
+        camera=camera,
+        view_share=tuple(share),
+        used_views=tuple(bool(x) for x in used),
+        warnings=notes,
+        timings=timings,
+    )
