@@ -1,7 +1,9 @@
 """The app as a person uses it: Debian Chromium (headless, via playwright) against the smoke-mode app on 127.0.0.1.
 
 Types a prompt, clicks Generate, waits for the galleries and the 3D viewer, downloads the GLB and loads it with
-trimesh, and takes a screenshot. The screenshot goes to docs/screenshot.png when that file is missing or
+trimesh, and takes a screenshot. Uploads a cut-out (RGBA): the page says its transparency was the mask and
+background removal was skipped. Uploads a fully transparent image: the page shows one clear error message, no
+traceback, and the app keeps serving. The screenshot goes to docs/screenshot.png when that file is missing or
 T2MV_UPDATE_SCREENSHOT=1 (so ordinary runs leave the committed one alone). Skipped when /usr/bin/chromium is not
 installed (``apt-get install -y chromium``).
 """
@@ -14,6 +16,7 @@ from urllib.parse import urlparse
 
 import pytest
 import trimesh
+from PIL import Image
 
 CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +39,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    import app
+    from t2mv import app
     from t2mv.chain import TextTo3D
 
     demo = app.build_demo(TextTo3D.tiny(), output_dir=tmp_path_factory.mktemp("runs"))
@@ -50,6 +53,59 @@ def app_url(tmp_path_factory):
 
 def _is_local(url):
     return urlparse(url).hostname in ("127.0.0.1", "localhost", None)
+
+
+@pytest.fixture
+def page():
+    """A fresh Chromium page that may only reach 127.0.0.1."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1500})
+            page.route(lambda url: not _is_local(url), lambda route: route.abort())
+            yield page
+        finally:
+            browser.close()
+
+
+def _upload(page, app_url, path):
+    """Open the app, open the image accordion, upload `path` and wait until gradio shows it."""
+    from playwright.sync_api import expect
+
+    page.goto(app_url, wait_until="domcontentloaded")
+    expect(page.get_by_text("SMOKE MODE")).to_be_visible(timeout=30_000)
+    page.get_by_text("… or start from an image").click()
+    page.locator("#input-image input[type=file]").set_input_files(str(path))
+    expect(page.locator("#input-image img")).to_be_visible(timeout=30_000)
+
+
+def test_an_rgba_cut_out_keeps_its_alpha(app_url, page, tmp_path):
+    from playwright.sync_api import expect
+
+    cut = Image.new("RGBA", (96, 96), (0, 0, 0, 0))
+    cut.paste((30, 160, 60, 255), (24, 16, 72, 80))
+    cut.save(tmp_path / "cut.png")
+    _upload(page, app_url, tmp_path / "cut.png")
+    page.locator("#generate").click()
+    status = page.locator("#status")
+    expect(status).to_contain_text("transparency was used as the object mask", timeout=120_000)
+    expect(status).to_contain_text("background removal skipped")
+    expect(page.locator("#normals img")).to_have_count(6, timeout=30_000)
+
+
+def test_a_bad_upload_shows_one_clear_error(app_url, page, tmp_path):
+    from playwright.sync_api import expect
+
+    Image.new("RGBA", (64, 64), (255, 255, 255, 0)).save(tmp_path / "clear.png")
+    _upload(page, app_url, tmp_path / "clear.png")
+    page.locator("#generate").click()
+    error = page.locator(".toast-body.error")
+    expect(error).to_be_visible(timeout=60_000)
+    expect(error).to_contain_text("fully transparent: there is no object to reconstruct")
+    assert "Traceback" not in page.content()
+    expect(page.locator("#normals img")).to_have_count(0)
 
 
 def test_generate_in_the_browser(app_url, tmp_path):
@@ -75,6 +131,8 @@ def test_generate_in_the_browser(app_url, tmp_path):
             expect(page.locator("#normals img")).to_have_count(6, timeout=120_000)
             expect(page.locator("#colors img")).to_have_count(6, timeout=30_000)
             expect(page.locator("#viewer canvas")).to_be_visible(timeout=30_000)
+            expect(page.locator("#timings")).to_contain_text("multiview")  # a table of stage timings, not JSON
+            expect(page.locator("#timings")).to_contain_text("total")
             rows = page.locator("#downloads tr")
             for name in ("mesh.glb", "mesh_obj.zip", "mesh.ply", "multiview.zip"):
                 expect(rows.filter(has=page.locator(f'td[aria-label="{name}"]'))).to_have_count(1, timeout=30_000)
