@@ -558,7 +558,7 @@ def self_intersections(vertices: np.ndarray, faces: np.ndarray, *, max_pairs: in
     """Number of pairs of triangles that share no vertex and intersect (an edge of one crosses the other).
 
     Broad phase: a uniform grid of cells about two mean edge lengths wide; narrow phase: a vectorised
-    segment-triangle test of the six edges of each candidate pair (float64). Coplanar touching is not counted.
+    segment-triangle test of the six edges of each candidate pair (float64). Coplanar overlap is not counted.
 
     Args:
         vertices: (V, 3) float. faces: (F, 3) int. max_pairs: candidate pairs tested per batch (memory bound).
@@ -614,7 +614,7 @@ def self_intersections(vertices: np.ndarray, faces: np.ndarray, *, max_pairs: in
 
 
 def _segment_hits_triangle(p: np.ndarray, q: np.ndarray, tri: np.ndarray, eps: float = 1e-9) -> np.ndarray:
-    """(P,) bool: segment p -> q (P, 3) crosses triangle tri (P, 3, 3) strictly inside (Moeller-Trumbore)."""
+    """(P,) bool: segment p -> q (P, 3) meets triangle tri (P, 3, 3), borders included (Moeller-Trumbore)."""
     a = tri[:, 0]
     e1, e2 = tri[:, 1] - a, tri[:, 2] - a
     d = q - p
@@ -627,8 +627,7 @@ def _segment_hits_triangle(p: np.ndarray, q: np.ndarray, tri: np.ndarray, eps: f
     qv = np.cross(s, e1)
     v = inv * (d * qv).sum(-1)
     t = inv * (e2 * qv).sum(-1)
-    tol = 1e-7
-    return ok & (u > tol) & (v > tol) & (u + v < 1 - tol) & (t > tol) & (t < 1 - tol)
+    return ok & (u >= 0) & (v >= 0) & (u + v <= 1) & (t >= 0) & (t <= 1)
 
 
 def flipped_faces(before: torch.Tensor, after: torch.Tensor, faces: torch.Tensor) -> int:
@@ -810,7 +809,7 @@ def refine_mesh(
     t = time.perf_counter()
     u = steps.to_differential(x0).clone().requires_grad_(True)  # (V, 3)
     opt = AdamUniform(u, lr * radius)
-    best_loss, best_x, vis = math.inf, x0, vis0
+    best_loss, best_x, best_it, vis = math.inf, x0, 0, vis0
     raster_time, rasters, last = 0.0, 1, 0
     for it in range(iterations + 1):
         x = steps.from_differential(u)  # (V, 3)
@@ -831,7 +830,7 @@ def refine_mesh(
         if not math.isfinite(value):
             break
         if value < best_loss:
-            best_loss, best_x = value, x.detach().clone()
+            best_loss, best_x, best_it = value, x.detach().clone(), it
         if it == iterations:
             break
         total.backward()
@@ -843,6 +842,9 @@ def refine_mesh(
     # Accept only what is better than the input, finite and not folded.
     t = time.perf_counter()
     x1 = best_x
+    losses["best_iteration"] = best_it
+    if best_it == 0:
+        return reject("no step lowered the loss", losses)
     if not torch.isfinite(x1).all():
         return reject("non-finite vertices", losses)
     with torch.no_grad():
