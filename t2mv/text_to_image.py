@@ -788,9 +788,14 @@ def run_compile_warm_up(owner: Any, shape: tuple, run, logger_) -> float | None:
     except Exception as error:  # inductor/dynamo failures are many kinds; any of them means: run eagerly
         compiled.undo()
         owner._compiled = None
+        root = error
+        # dynamo wraps the backend's error (BackendCompilerFailed.inner_exception)
+        while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
+            root = inner
+        lines = [line for line in str(root).splitlines() if line.strip()]
         logger_.warning(
             "Compiled mode is off, running eagerly: compilation failed (%s: %s).",
-            type(error).__name__,
-            str(error).splitlines()[0][:200] if str(error) else "",
+            type(root).__name__,
+            lines[0][:200] if lines else "",
         )
         return None

@@ -374,6 +374,87 @@ def test_xformers_needs_cuda_and_keeps_sdpa_otherwise(tiny, caplog):
     assert {type(p) for p in tiny.pipe.unet.attn_processors.values()} == {AttnProcessor2_0}
 
 
+# --- compiled mode and attention kernels ----------------------------------------------------------------------
+# backend="eager": dynamo captures the graphs and guards exactly as with inductor, without generating code (inductor
+# takes minutes per model on this CPU; benchmarks/compile_speed.py measures it).
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_mode_compiles_once_per_shape_and_matches_eager():
+    t2i = TextToImage.tiny(seed=0)
+    eager = t2i("a red car", "blurry", seed=5, output_type="pt")
+    assert t2i.enable_compile(backend="eager") is True
+    assert t2i.settings["compile"] == {
+        "backend": "eager",
+        "mode": None,
+        "modules": ["unet", "vae.decoder"],
+        "dynamic": False,
+    }
+    first = t2i("a red car", "blurry", seed=5, output_type="pt")
+    assert first.timings["compile"] > 0 and first.settings["compiled"] is True
+    graphs = _graphs()
+    again = t2i("a red car", "blurry", seed=5, output_type="pt")
+    assert "compile" not in again.timings and _graphs() == graphs  # same shapes: compiled code reused
+    # The warm-up drew its own noise: the caller's seed gives the eager image.
+    assert torch.equal(first.images, eager.images) and torch.equal(again.images, eager.images)
+    t2i.disable_compile()
+    assert t2i.settings["compile"] is None and not t2i("a red car", seed=5, output_type="latent").settings["compiled"]
+
+
+def test_compiled_mode_without_a_compiler_warns_once_and_runs_eagerly(tiny, monkeypatch, caplog):
+    import t2mv.text_to_image as module
+
+    monkeypatch.setattr(module, "compile_unavailable_reason", lambda device, backend: "no C++ compiler (test)")
+    reference = tiny("a red car", seed=1, output_type="pt").images
+    with caplog.at_level(logging.WARNING):
+        assert tiny.enable_compile() is False
+        out = tiny("a red car", seed=1, output_type="pt")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Compiled mode is off, running eagerly: no C++ compiler (test)."
+    ]
+    assert "compile" not in out.timings and torch.equal(out.images, reference)
+
+
+def test_a_failing_compilation_falls_back_to_eager_with_one_warning(tiny, caplog):
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("inductor exploded")
+
+    reference = tiny("a red car", seed=2, output_type="pt").images
+    assert tiny.enable_compile(backend=broken_backend) is True
+    with caplog.at_level(logging.WARNING):
+        out = tiny("a red car", seed=2, output_type="pt")
+        tiny("a red car", seed=2, output_type="pt")
+    assert len(caplog.records) == 1 and "compilation failed" in caplog.records[0].getMessage()
+    assert "inductor exploded" in caplog.records[0].getMessage()
+    assert torch.equal(out.images, reference) and not out.settings["compiled"] and "compile" not in out.timings
+
+
+def test_compile_availability_is_reported():
+    from t2mv.text_to_image import compile_unavailable_reason
+
+    assert compile_unavailable_reason("cpu", "eager") is None
+    reason = compile_unavailable_reason("cpu", "inductor")
+    assert reason is None if shutil.which("g++") or shutil.which("c++") else "C++ compiler" in reason
+
+
+def test_attention_kernels_are_reported(tiny):
+    from t2mv.text_to_image import SDPA_PRIORITY, preferred_sdpa, sdpa_choice, sdpa_kernels
+
+    kernels = sdpa_kernels(tiny, "a red car", seed=0, output_type="pt")
+    # CPU: PyTorch's CPU flash kernel for every attention call of the UNet (2 blocks + mid) and the VAE (mid).
+    assert set(kernels) == {"flash (cpu)"} and kernels["flash (cpu)"] > 0
+    q = torch.randn(1, 8, 16, 40)
+    assert sdpa_choice(q, q, q) == "FLASH_ATTENTION"
+    assert SDPA_PRIORITY[0] == "FLASH_ATTENTION"
+    with preferred_sdpa("cpu"):  # no change on CPU
+        assert sdpa_choice(q, q, q) == "FLASH_ATTENTION"
+
+
 def test_importing_t2mv_is_light():
     code = (
         "import sys, t2mv; "
