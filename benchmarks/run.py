@@ -173,11 +173,12 @@ def run_variants(case: Case, variants: list[Variant], *, runs: int, warmup: int,
             continue
         try:
             with applied(variant, case.variant_target, device):
-                times, _, result = time_runs(
+                times, warm, result = time_runs(
                     case.fn, runs=runs, warmup=max(warmup, 1 if variant.compile else 0), device=device
                 )
             diffs = max_diffs(case.output(result).float(), ref_out)
             rec.update(time_s=summarize(times), **diffs, error=None)
+            rec["warmup_s"] = warm  # compile variants: the first is the compile time
             rec["within_tolerance"] = bool(diffs["max_abs_diff"] <= variant.tolerance)
             rec["speedup_vs_reference"] = rec["time_s"]["median"] and (
                 records[0]["time_s"]["median"] / rec["time_s"]["median"]

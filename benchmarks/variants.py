@@ -1,6 +1,10 @@
 """Variants compared against the float32 / default-SDPA reference: attention backends, dtypes, channels-last,
 torch.compile. Each is applied to a stage object (a diffusers pipeline or the TripoSR model), run, compared
 with the reference output, and undone.
+
+``compile`` is the product's compiled mode (`t2mv.text_to_image.compile_module`: UNet and VAE decoder, static
+shapes); its compile time is the variant's warm-up (``warmup_s``). ``benchmarks.compile_speed`` measures the
+diffusion levers (compile, channels-last, one text-encoder batch, SDPA kernels) with compile time apart.
 """
 
 from __future__ import annotations
@@ -14,7 +18,17 @@ from typing import Any
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-VARIANTS = ("sdpa-math", "sdpa-flash", "sdpa-efficient", "xformers", "fp16", "bf16", "channels-last", "compile")
+VARIANTS = (
+    "sdpa-math",
+    "sdpa-flash",
+    "sdpa-efficient",
+    "xformers",
+    "fp16",
+    "bf16",
+    "channels-last",
+    "compile",
+    "compile-cudagraphs",
+)
 
 # Max abs difference allowed on outputs in [0, 1] (images) or O(1) (scene codes): float32 changes of kernel
 # order stay far below 1e-3; half precision is a numerical change, judged against a looser bound.
@@ -28,6 +42,7 @@ class Variant:
     attention: str = "sdpa"  # sdpa (PyTorch picks), sdpa-math, sdpa-flash, sdpa-efficient, xformers
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str | None = None  # torch.compile mode; "reduce-overhead" = CUDA graphs
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -35,6 +50,7 @@ class Variant:
             "attention": self.attention,
             "channels_last": self.channels_last,
             "compile": self.compile,
+            "compile_mode": self.compile_mode,
         }
 
     @property
@@ -53,6 +69,8 @@ def parse_variants(names: list[str]) -> list[Variant]:
             out.append(Variant(name, channels_last=True))
         elif name == "compile":
             out.append(Variant(name, compile=True))
+        elif name == "compile-cudagraphs":
+            out.append(Variant(name, compile=True, compile_mode="reduce-overhead"))
         else:
             out.append(Variant(name, attention=name))
     return out
@@ -69,6 +87,12 @@ def unavailable_reason(variant: Variant, device: torch.device) -> str | None:
         return f"{variant.attention} is a CUDA kernel"
     if variant.dtype == torch.float16 and device.type == "cpu":
         return "float16 is not a CPU compute type here (the chain refuses it on CPU); use bf16"
+    if variant.compile_mode == "reduce-overhead" and device.type != "cuda":
+        return "CUDA graphs (reduce-overhead) are CUDA-only"
+    if variant.compile:
+        from t2mv.text_to_image import compile_unavailable_reason
+
+        return compile_unavailable_reason(device)
     return None
 
 
@@ -104,16 +128,22 @@ def applied(variant: Variant, target: Any, device: torch.device) -> Iterator[Non
         elif variant.attention == "xformers":
             target.enable_xformers_memory_efficient_attention()
         if variant.compile:
-            if saved_unet is not None:
-                target.unet = torch.compile(saved_unet)
+            from t2mv.text_to_image import compile_module
+
+            if saved_unet is not None:  # a diffusion pipeline: the product's compiled mode
+                for m in (target.unet, target.vae.decoder):
+                    compile_module(m, mode=variant.compile_mode)
             elif isinstance(target, torch.nn.Module):
-                target.forward = torch.compile(target.forward)
+                target.forward = torch.compile(target.forward, mode=variant.compile_mode, dynamic=False)
         with stack:
             yield
     finally:
         if variant.compile:
+            from t2mv.text_to_image import uncompile_module
+
             if saved_unet is not None:
-                target.unet = saved_unet
+                for m in (target.unet, target.vae.decoder):
+                    uncompile_module(m)
             elif isinstance(target, torch.nn.Module):
                 del target.forward  # back to the class's forward
         if variant.attention == "xformers":
