@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .cli import ArgumentParser, run_main
+from .cli_common import ArgumentParser, run_main
 from .errors import EXIT_OK, BadInputError, describe, exit_code
 from .inputs import IMAGE_SUFFIXES
 from .settings import GenerationSettings, add_arguments, from_namespace

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cli import ArgumentParser, run_main
+from .cli_common import ArgumentParser, run_main
 from .errors import EXIT_OK, BadInputError
 from .settings import MAX_STEPS, add_arguments, from_namespace
 from .tiny import FakeRembgSession, print_smoke_banner
