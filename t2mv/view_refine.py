@@ -132,6 +132,7 @@ class Visibility:
     edge_sign: torch.Tensor  # (B,) +1 / -1: the inside lies to the left / right of edge a -> b
     size: int
     xy: torch.Tensor  # (6, V, 2) projected vertices it was computed for (to measure how far they have moved)
+    cache: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # per-target constants of the losses
 
 
 @dataclass
@@ -300,22 +301,24 @@ def render(vertices: torch.Tensor, topo: Topology, camera: Camera, vis: Visibili
     normals = vertex_normals(vertices, topo.faces)  # (V, 3)
     # Barycentrics are affine in the pixel position, so per (view, triangle) pair the interpolated normal is
     # m(p) = gx * p.x + gy * p.y + h; the pixels then only evaluate that (same values, far fewer operations).
-    tri = topo.faces[vis.pair_face]  # (P, 3)
-    tri_xy = xy[tri + (vis.pair_view * num)[:, None]]  # (P, 3, 2)
-    a, b, c = tri_xy[:, 0], tri_xy[:, 1], tri_xy[:, 2]  # (P, 2) each
+    # index_select rather than fancy indexing: its backward is a plain index_add (much cheaper on the CPU).
+    tri = topo.faces.index_select(0, vis.pair_face)  # (P, 3)
+    tri_xy = xy.index_select(0, (tri + (vis.pair_view * num)[:, None]).reshape(-1)).reshape(-1, 3, 2)  # (P, 3, 2)
+    a, b, c = tri_xy.unbind(1)  # (P, 2) each
     det = (b[:, 1] - c[:, 1]) * (a[:, 0] - c[:, 0]) + (c[:, 0] - b[:, 0]) * (a[:, 1] - c[:, 1])  # (P,)
     det = torch.where(det.abs() < 1e-9, torch.full_like(det, 1e-9), det)  # edge-on slivers: no blow-up
     ax = torch.stack([b[:, 1] - c[:, 1], c[:, 1] - a[:, 1]], dim=-1) / det[:, None]  # (P, 2) d l0/dx, d l1/dx
     ay = torch.stack([c[:, 0] - b[:, 0], a[:, 0] - c[:, 0]], dim=-1) / det[:, None]  # (P, 2) d l0/dy, d l1/dy
     a0 = -(ax * c[:, :1] + ay * c[:, 1:])  # (P, 2) l0, l1 at p = (0, 0)
-    n = normals[tri]  # (P, 3, 3)
+    n = normals.index_select(0, tri.reshape(-1)).reshape(-1, 3, 3)  # (P, 3, 3)
     dn = n[:, :2] - n[:, 2:]  # (P, 2, 3): l2 = 1 - l0 - l1
     gx = (ax[..., None] * dn).sum(1)  # (P, 3)
     gy = (ay[..., None] * dn).sum(1)
     h = (a0[..., None] * dn).sum(1) + n[:, 2]
-    coef = torch.cat([gx, gy, h], dim=-1)[vis.pair]  # (N, 9)
     p = _centres(vis.pixel, size, xy.dtype)  # (N, 2)
-    m = coef[:, 0:3] * p[:, :1] + coef[:, 3:6] * p[:, 1:] + coef[:, 6:9]  # (N, 3)
+    m = (
+        gx.index_select(0, vis.pair) * p[:, :1] + gy.index_select(0, vis.pair) * p[:, 1:] + h.index_select(0, vis.pair)
+    )  # (N, 3)
     normal = F.normalize(m, dim=-1, eps=1e-12)  # (N, 3)
     # Soft coverage of silhouette pixels: a pixel-wide box cut by the contour edge's line.
     e = vis.edge + (vis.edge_pixel // (size * size) * num)[:, None]  # (B, 2) into xy
@@ -534,20 +537,27 @@ def view_losses(rendered: Render, targets: Targets) -> tuple[torch.Tensor, torch
         coverage differences over the mask's area.
     """
     vis = rendered.vis
-    n_pix = vis.size * vis.size
-    view = vis.pixel // n_pix  # (N,)
-    weight = targets.weight.reshape(-1)[vis.pixel]  # (N,)
-    cos = (rendered.normal * targets.normal.reshape(-1, 3)[vis.pixel]).sum(-1)  # (N,)
+    if id(targets) not in vis.cache:  # what does not change until the next rasterisation
+        n_pix = vis.size * vis.size
+        band = torch.zeros(NUM_VIEWS * n_pix, dtype=torch.bool, device=vis.hard.device)
+        band[vis.edge_pixel] = True
+        hard_err = ((vis.hard.float() - targets.mask) ** 2 * ~band.reshape(NUM_VIEWS, -1)).sum(-1)  # (6,)
+        vis.cache[id(targets)] = (
+            vis.pixel // n_pix,  # (N,) view of each covered pixel
+            targets.weight.reshape(-1)[vis.pixel],  # (N,)
+            targets.normal.reshape(-1, 3)[vis.pixel],  # (N, 3)
+            (targets.weight * ~vis.hard).sum(-1),  # (6,) masked pixels nobody covers: error 1, no gradient
+            vis.edge_pixel // n_pix,  # (B,)
+            targets.mask.reshape(-1)[vis.edge_pixel],  # (B,)
+            hard_err,  # (6,) squared coverage error off the silhouette pixels
+        )
+    view, weight, target, uncovered, edge_view, edge_mask, hard_err = vis.cache[id(targets)]
+    cos = (rendered.normal * target).sum(-1)  # (N,)
     covered = torch.zeros(NUM_VIEWS, dtype=cos.dtype, device=cos.device).index_add(0, view, weight * (1.0 - cos))
-    uncovered = (targets.weight * ~vis.hard).sum(-1)  # (6,) constant: no gradient reaches a pixel nobody covers
     normal = (covered + uncovered) / targets.weight.sum(-1).clamp(min=1e-6)  # (6,)
     # Silhouette: soft coverage on the silhouette pixels, the z-buffer's elsewhere.
-    band = torch.zeros(NUM_VIEWS * n_pix, dtype=torch.bool, device=cos.device)
-    band[vis.edge_pixel] = True
-    hard_err = ((vis.hard.to(cos.dtype) - targets.mask) ** 2 * ~band.reshape(NUM_VIEWS, -1)).sum(-1)  # (6,)
-    soft = (rendered.edge_coverage - targets.mask.reshape(-1)[vis.edge_pixel]) ** 2  # (B,)
-    soft_err = torch.zeros_like(hard_err).index_add(0, vis.edge_pixel // n_pix, soft)
-    sil = (hard_err + soft_err) / targets.mask.sum(-1).clamp(min=1.0)  # (6,)
+    soft = (rendered.edge_coverage - edge_mask) ** 2  # (B,)
+    sil = (hard_err + torch.zeros_like(hard_err).index_add(0, edge_view, soft)) / targets.mask.sum(-1).clamp(min=1.0)
     return normal, sil
 
 
@@ -860,9 +870,9 @@ def refine_mesh(
         return reject(f"{folds} faces folded over", losses)
     if check_intersections:
         f_np = faces.cpu().numpy()
-        before = self_intersections(x0.cpu().numpy(), f_np)
         after = self_intersections(x1.cpu().numpy(), f_np)
-        losses["self_intersections"] = {"input": before, "result": after}
+        before = self_intersections(x0.cpu().numpy(), f_np) if after else 0  # a clean result needs no comparison
+        losses["self_intersections"] = {"input": before if after else None, "result": after}
         if after > before:
             return reject(f"self-intersections went from {before} to {after}", losses)
     timings["accept"] = time.perf_counter() - t

@@ -248,7 +248,8 @@ def test_self_intersections():
     assert vr.self_intersections(both.vertices, both.faces) > 0
     apart = sphere.copy()
     apart.apply_translation([3.0, 0.0, 0.0])
-    assert vr.self_intersections(*(lambda m: (m.vertices, m.faces))(trimesh.util.concatenate([sphere, apart]))) == 0
+    separate = trimesh.util.concatenate([sphere, apart])
+    assert vr.self_intersections(separate.vertices, separate.faces) == 0
 
 
 # --------------------------------------------------------------------------------------------- refinement
