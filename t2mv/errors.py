@@ -165,7 +165,7 @@ def run_command(prog: str, command: Callable[[], int], *, debug: bool = False, s
     except Exception as error:  # the one place every command's errors end up
         if debug:
             traceback.print_exc(file=stream)
-        if is_out_of_memory(error):
+        if exit_code(error) == EXIT_OOM:
             _free_cuda_cache()
         print(f"{prog}: error: {describe(error)}", file=stream)
         return exit_code(error)

@@ -338,9 +338,14 @@ class GenerationSettings:
         Raises:
             BadInputError: one line naming each bad option, its value and what is allowed.
         """
+        skip = tuple(skip)
+        if not skip and self.__dict__.get("_validated"):
+            return self  # checked once at the edge; the chain's own call costs nothing and re-checks nothing
         found = self.problems(skip=skip, names=names)
         if found:
             raise BadInputError(" ".join(found))
+        if not skip:
+            object.__setattr__(self, "_validated", True)  # not a field: equality, repr and to_dict ignore it
         return self
 
     # ------------------------------------------------------------------------------------------ reading

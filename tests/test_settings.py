@@ -98,3 +98,24 @@ def test_flags_and_help_are_generated_from_the_fields():
 def test_to_dict_round_trips():
     s = GenerationSettings.smoke(seed=3, bake_texture=True)
     assert GenerationSettings(**s.to_dict()) == s and s.to_dict()["seed"] == 3
+
+
+def test_validated_once_then_never_rechecked(monkeypatch):
+    checked = GenerationSettings.smoke(seed=5).validate()
+    calls = []
+    monkeypatch.setattr(GenerationSettings, "problems", lambda self, **kwargs: calls.append(self.seed) or [])
+    checked.validate()  # what the chain does with settings the CLI or app already checked
+    assert calls == []
+    checked.with_changes(seed=6).validate()  # a changed copy is a new object: checked again
+    assert calls == [6]
+
+
+def test_importing_the_package_keeps_diffusers_away_from_jax():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "USE_FLAX"}
+    code = "import t2mv.text_to_image, diffusers.utils.import_utils as u; print(u.USE_JAX)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "0", done.stderr
