@@ -232,6 +232,7 @@ def make_generate(
         and the status line says what failed.
     """
     import gradio as gr
+    from PIL import ImageOps
 
     from .errors import StageFailedError, describe, is_out_of_memory
     from .inputs import open_image
@@ -277,6 +278,8 @@ def make_generate(
                 image = open_image(image_path, name=f"The uploaded image ({Path(image_path).name})")
             except ValueError as e:
                 raise gr.Error(str(e)) from None
+            # Phone photos store "rotate me" in EXIF; gradio no longer re-encodes the upload, so apply it here.
+            image = ImageOps.exif_transpose(image)
             if prompt:
                 gr.Warning("An image was uploaded, so the prompt is not used. Clear the image to generate from text.")
 

@@ -475,3 +475,14 @@ def test_every_flag_start_sh_mentions_exists():
     mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", comments))
     known = {flag for action in app.build_parser()._actions for flag in action.option_strings}
     assert mentioned and mentioned <= known, mentioned - known
+
+
+def test_an_upload_is_turned_upright_by_its_exif_orientation(mesh_chain, tmp_path, toasts):
+    """gradio used to apply EXIF orientation while re-encoding uploads; now the file arrives as is, so we do."""
+    photo = Image.new("RGB", (96, 48), (240, 240, 240))
+    photo.paste((30, 30, 200), (10, 10, 40, 38))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    photo.save(tmp_path / "phone.jpg", exif=exif)
+    out = call(app.make_generate(mesh_chain, tmp_path / "runs"), image=str(tmp_path / "phone.jpg"), prompt="")
+    assert Image.open(out[OUT["image"]]).size == (48, 96)

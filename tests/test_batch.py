@@ -320,7 +320,7 @@ def test_two_processes_shard_the_batch_and_match_one_process(tmp_path):
 def test_two_independent_processes_on_one_folder_make_each_prompt_once(tmp_path):
     """Smoke mode, CPU: two `t2mv batch` processes started together on one output folder share the prompts."""
     prompts = tmp_path / "prompts.txt"
-    names = ["a red teapot", "a blue mug", "a chair", "a dog"]
+    names = ["a red teapot", "a blue mug", "a chair"]
     prompts.write_text("\n".join(names) + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "T2MV_SMOKE": "1"}
     command = [sys.executable, "-m", "t2mv.cli", "batch", str(prompts), "-o", str(tmp_path / "out")]
@@ -332,6 +332,7 @@ def test_two_independent_processes_on_one_folder_make_each_prompt_once(tmp_path)
         assert run.returncode == 0 and "Traceback" not in err, err[-3000:]
     generated = [int(out.split("prompts: ", 1)[1].split(" generated")[0]) for out, _ in outputs]
     assert sum(generated) == len(names), outputs  # every prompt made exactly once, by one of the two
+    print(f"prompts made by each process: {generated}")
 
     specs = read_prompts(prompts)
     markers = [json.loads((tmp_path / "out" / s.folder / COMPLETE_MARKER).read_text()) for s in specs]
