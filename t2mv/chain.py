@@ -325,12 +325,15 @@ class TextTo3D:
         dtype: torch.dtype | None = None,
         offload: bool = False,
         local_files_only: bool | None = None,
+        rembg_session: Any = None,
     ) -> TextTo3D:
         """Load the stages named in `stages` (hub ids or local folders) and compose them.
 
         `t2i_model` may already contain the PeRFlow ΔW (the default does); for a plain SD1.5 model such as
         ``Lykon/dreamshaper-8`` pass ``t2i_delta="hansyan/perflow-sd15-delta-weights"``.
-        Missing weights raise `WeightsUnavailableError`, naming the repo, the fixes and smoke mode.
+        Missing weights raise `WeightsUnavailableError`, naming the repo, the fixes and smoke mode. `rembg_session`: a
+        background-removal session loaded beforehand (`t2mv.inputs.new_rembg_session`), so a missing u2net is
+        reported before gigabytes load; None loads it on first use.
         """
         _check_stages(stages)
         device, dtype = resolve_device_dtype(device, dtype)  # checked before gigabytes are loaded
@@ -377,7 +380,9 @@ class TextTo3D:
             for stage, method in ((t2i, "enable_xformers"), (mv, "enable_xformers_if_available")):
                 if stage is not None and hasattr(stage, method):
                     getattr(stage, method)()
-        return cls(t2i, mv, tsr, device=device, dtype=dtype, offload=offload, model_ids=model_ids)
+        return cls(
+            t2i, mv, tsr, device=device, dtype=dtype, offload=offload, model_ids=model_ids, rembg_session=rembg_session
+        )
 
     @classmethod
     def tiny(

@@ -141,7 +141,7 @@ def _cmd_image(args: argparse.Namespace) -> int:
 
 def _cmd_to_mesh(args: argparse.Namespace) -> int:
     from .chain import check_mesh_formats
-    from .inputs import check_output_folder, open_image
+    from .inputs import check_output_folder, has_alpha, open_image
 
     text = args.command == "text-to-mesh"
     settings = settings_from_args(args)
@@ -151,7 +151,8 @@ def _cmd_to_mesh(args: argparse.Namespace) -> int:
     output = check_output_folder(args.output)
     formats = check_mesh_formats(args.format)
     stages = (("text_to_image",) if text else ()) + (() if args.no_multiview else ("multiview",)) + ("mesh",)
-    chain = load_chain(args, stages)
+    needs_rembg = settings.remove_background and (image is None or not has_alpha(image))  # generated: no alpha
+    chain = load_chain(args, stages, needs_rembg=needs_rembg)
     result = chain(  # writes each stage's files into `output` as soon as the stage ends
         args.prompt if text else None,
         image=image,
@@ -183,7 +184,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     state = PartialState(cpu=on_cpu)
     device = args.device if args.device and state.num_processes == 1 else state.device
     stages = ("text_to_image", "multiview") + (("mesh",) if args.mesh else ())
-    chain = load_chain(args, stages, device=device)
+    chain = load_chain(args, stages, device=device, needs_rembg=settings.remove_background)
     summary = run_batch(
         chain,
         specs,

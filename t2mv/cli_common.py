@@ -82,9 +82,18 @@ def _dtype(name: str):
     return None if name == "auto" else getattr(torch, name)
 
 
-def load_chain(args: argparse.Namespace, stages: Sequence[str], device: Any = None):
-    """The chain for parsed model flags: smoke mode (``--tiny`` / T2MV_SMOKE=1) or the real models."""
+def load_chain(args: argparse.Namespace, stages: Sequence[str], device: Any = None, *, needs_rembg: bool = False):
+    """The chain for parsed model flags: smoke mode (``--tiny`` / T2MV_SMOKE=1) or the real models.
+
+    Args:
+        args: the parsed flags (`add_model_args`).
+        stages: the stages to load.
+        device: overrides ``--device`` (batch workers).
+        needs_rembg: the run will remove a background: rembg's u2net is loaded first, so a missing model is an
+            error (exit 3) before the large models load, not after them.
+    """
     from .chain import TextTo3D
+    from .inputs import new_rembg_session
 
     device = device if device is not None else args.device
     if smoke_requested(args.tiny):
@@ -102,6 +111,7 @@ def load_chain(args: argparse.Namespace, stages: Sequence[str], device: Any = No
         dtype=_dtype(args.dtype),
         offload=args.offload,
         local_files_only=True if args.local_files_only else None,
+        rembg_session=new_rembg_session(off_switch="pass --no-remove-bg") if needs_rembg else None,
     )
 
 

@@ -150,3 +150,24 @@ def test_debug_prints_the_trace(tmp_path, capsys):
     assert "Traceback" not in capsys.readouterr().err
     assert main([*argv, "--debug"]) == EXIT_BAD_INPUT
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_missing_u2net_is_reported_before_the_models_load(tmp_path, capsys, monkeypatch):
+    import rembg
+
+    from t2mv.chain import TextTo3D
+
+    monkeypatch.delenv("T2MV_SMOKE", raising=False)
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'github.com'")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the models must not load before u2net is found")
+
+    monkeypatch.setattr(rembg, "new_session", offline)
+    monkeypatch.setattr(TextTo3D, "from_pretrained", no_loading)
+    assert main(["text-to-mesh", "a cat", "-o", str(tmp_path / "out")]) == EXIT_NO_WEIGHTS
+    err = capsys.readouterr().err
+    assert "u2net" in err and "--no-remove-bg" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
