@@ -490,7 +490,7 @@ def build_demo(
 # ---------------------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     """The app's flags: address, sharing and login, request folders, upload limit, and the shared model flags."""
-    from .cli import ArgumentParser, HelpFormatter, add_model_args
+    from .cli_common import ArgumentParser, HelpFormatter, add_model_args
 
     parser = ArgumentParser(prog="t2mv app", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
@@ -593,7 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .cli import load_chain
+    from .cli_common import load_chain
     from .errors import describe, exit_code
 
     try:
@@ -604,6 +604,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{parser.prog}: error: {describe(e)}", file=sys.stderr)
         raise SystemExit(exit_code(e)) from None
+    try:  # u2net now, not in the first request; without it the app still serves cut-outs
+        chain.rembg_session  # noqa: B018
+    except Exception as e:
+        print(
+            f"warning: {describe(e)} Until then only uploads with a transparent background, or requests with "
+            "'Remove background' off, can be made.",
+            file=sys.stderr,
+        )
     demo = build_demo(chain, output_dir=args.output_dir, keep_requests=args.keep_requests, keep_hours=args.keep_hours)
     demo.launch(**launch_options(args, auth, demo.t2mv_output_root))
     return 0

@@ -126,9 +126,11 @@ def _imports(path):
     return found
 
 
-def test_the_package_never_imports_the_top_level_app_script():
-    """The UI is `t2mv.app`; app.py is a shell over it, so nothing in the package reaches back up to app.py."""
+def test_no_import_circle_between_the_app_and_the_cli():
+    """The UI is `t2mv.app`, app.py a shell over it: nothing in the package reaches back up to app.py, and the app
+    takes the shared CLI parts from `t2mv.cli_common`, never from `t2mv.cli` (which runs `t2mv app`)."""
     assert _imports(REPO / "app.py") == {"sys", "t2mv.app"}
+    assert "t2mv.cli" not in _imports(REPO / "t2mv" / "app.py")  # the shared CLI parts come from t2mv.cli_common
     for module in sorted((REPO / "t2mv").rglob("*.py")):
         assert "app" not in _imports(module), f"{module.relative_to(REPO)} imports the top-level app.py"
 
@@ -361,10 +363,10 @@ def test_main_without_weights_says_how_to_fix_it(tmp_path, monkeypatch, capsys):
 @pytest.fixture
 def launched(monkeypatch, mesh_chain):
     """Runs `main` up to `launch` with the smoke chain; records launch's keyword arguments instead of serving."""
-    import t2mv.cli
+    import t2mv.cli_common
 
     calls = {}
-    monkeypatch.setattr(t2mv.cli, "load_chain", lambda args, stages: calls.setdefault("chain", mesh_chain))
+    monkeypatch.setattr(t2mv.cli_common, "load_chain", lambda args, stages: calls.setdefault("chain", mesh_chain))
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: calls.update(launch=kwargs))
     monkeypatch.delenv(app.AUTH_ENV, raising=False)
     return calls
@@ -486,3 +488,21 @@ def test_an_upload_is_turned_upright_by_its_exif_orientation(mesh_chain, tmp_pat
     photo.save(tmp_path / "phone.jpg", exif=exif)
     out = call(app.make_generate(mesh_chain, tmp_path / "runs"), image=str(tmp_path / "phone.jpg"), prompt="")
     assert Image.open(out[OUT["image"]]).size == (48, 96)
+
+
+def test_the_app_starts_without_u2net_and_says_what_still_works(launched, monkeypatch, capsys):
+    import rembg
+
+    import t2mv.cli_common
+
+    chain = TextTo3D.tiny(stages=("mesh",))
+    chain.smoke, chain._rembg_session = False, None  # as a real chain: u2net is loaded at start-up
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'github.com'")
+
+    monkeypatch.setattr(rembg, "new_session", offline)
+    monkeypatch.setattr(t2mv.cli_common, "load_chain", lambda args, stages: chain)
+    assert app.main(["--tiny"]) == 0 and "launch" in launched
+    err = capsys.readouterr().err
+    assert "warning:" in err and "u2net" in err and "transparent background" in err
