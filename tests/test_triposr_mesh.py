@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from scipy.spatial import cKDTree
 
 from triposr import mesh as tmesh
+from triposr.marching_cubes import marching_cubes
 
 TINY = "triposr_tiny"
 RADIUS = 0.87
@@ -59,8 +60,14 @@ def test_field_helper_matches_fixture_queries(fixtures_dir, field):
     torch.testing.assert_close(got["color"], out["query_color"], rtol=0, atol=2e-5)
 
 
-def test_pymcubes_matches_upstream_pymcubes_mesh(ref, field):
-    mesh = tmesh.extract_mesh(field, radius=RADIUS, resolution=32, chunk_size=5000)
+def native_triangles(mesh) -> np.ndarray:
+    """(F, 3, 3) model-frame corner coordinates in face order: meshes compared whatever their vertex numbering."""
+    return tmesh.export_to_native(np.asarray(mesh.vertices, dtype=np.float64))[mesh.faces]
+
+
+@pytest.mark.parametrize("method", ["dense", "sparse"])
+def test_pymcubes_matches_upstream_pymcubes_mesh(ref, field, method):
+    mesh = tmesh.extract_mesh(field, radius=RADIUS, resolution=32, chunk_size=5000, backend="pymcubes", method=method)
     native = tmesh.export_to_native(np.asarray(mesh.vertices))
     # Same library, same level field: same triangles in the same order, vertices within float32 noise.
     np.testing.assert_array_equal(mesh.faces, ref["pymcubes_faces"].numpy())
@@ -68,7 +75,20 @@ def test_pymcubes_matches_upstream_pymcubes_mesh(ref, field):
     assert np.abs(mesh.visual.vertex_colors.astype(int) - ref["pymcubes_vertex_colors_u8"].numpy()).max() <= 1
 
 
-@pytest.mark.parametrize("backend", ["pymcubes", "skimage"])
+@pytest.mark.parametrize("method", ["dense", "sparse"])
+def test_torch_marching_cubes_is_upstream_pymcubes_mesh(ref, field, method):
+    """The default backend ("auto" = torch): PyMCubes's triangles in PyMCubes's order, only numbered differently."""
+    mesh = tmesh.extract_mesh(field, radius=RADIUS, resolution=32, chunk_size=5000, method=method)
+    expected = ref["pymcubes_vertices"].numpy().astype(np.float64)[ref["pymcubes_faces"].numpy()]
+    np.testing.assert_allclose(native_triangles(mesh), expected, rtol=0, atol=1e-4)
+    assert len(mesh.vertices) == len(ref["pymcubes_vertices"])  # one vertex per crossed grid edge, as merged there
+    # Colours are per vertex: compare them through the triangles' corners.
+    colors = mesh.visual.vertex_colors[mesh.faces].astype(int)  # (F, 3, 4)
+    expected_colors = ref["pymcubes_vertex_colors_u8"].numpy()[ref["pymcubes_faces"].numpy()]
+    assert np.abs(colors - expected_colors).max() <= 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "pymcubes", "skimage"])
 def test_same_surface_as_upstream_torchmcubes(ref, field, backend):
     mesh = tmesh.extract_mesh(field, radius=RADIUS, resolution=32, backend=backend)
     up_v = ref["torchmcubes_vertices"].numpy().astype(np.float64)
@@ -119,16 +139,23 @@ def test_resolution_out_of_range_is_a_clear_error(field, resolution):
         tmesh.extract_mesh(field, radius=RADIUS, resolution=resolution)
 
 
-def test_bad_backend_and_threshold(field):
+def test_bad_backend_method_and_threshold(field):
     with pytest.raises(ValueError, match="backend"):
         tmesh.extract_mesh(field, radius=RADIUS, resolution=32, backend="torchmcubes")
+    with pytest.raises(ValueError, match="method"):
+        tmesh.extract_mesh(field, radius=RADIUS, resolution=32, method="octree")
+    with pytest.raises(ValueError, match="block"):
+        tmesh.sparse_level_grid(
+            field, radius=RADIUS, resolution=32, threshold=25.0, chunk_size=100, device="cpu", block=1
+        )
     with pytest.raises(ValueError, match="threshold"):
         tmesh.extract_mesh(field, radius=RADIUS, resolution=32, threshold=float("nan"))
 
 
-def test_empty_surface_says_what_to_do(field):
+@pytest.mark.parametrize("method", ["dense", "sparse"])
+def test_empty_surface_says_what_to_do(field, method):
     with pytest.raises(ValueError, match="no surface at threshold 1e\\+09.*lower"):
-        tmesh.extract_mesh(field, radius=RADIUS, resolution=32, threshold=1e9)
+        tmesh.extract_mesh(field, radius=RADIUS, resolution=32, threshold=1e9, method=method)
 
 
 def test_threshold_changes_the_surface(field):
@@ -211,10 +238,13 @@ def test_tsr_extract_mesh_matches_upstream(fixtures_dir, ref):
 
     model = TSR.from_pretrained(fixtures_dir / TINY, weight_name="model.safetensors")
     scene_codes = load_file(fixtures_dir / TINY / "outputs.safetensors")["scene_codes"]  # (1, 3, 8, 8, 8)
-    (mesh,) = model.extract_mesh(scene_codes, resolution=32)
-    np.testing.assert_array_equal(mesh.faces, ref["pymcubes_faces"].numpy())
-    np.testing.assert_allclose(tmesh.export_to_native(np.asarray(mesh.vertices)), ref["pymcubes_vertices"], atol=1e-4)
-    assert np.abs(mesh.visual.vertex_colors.astype(int) - ref["pymcubes_vertex_colors_u8"].numpy()).max() <= 1
+    (mesh,) = model.extract_mesh(scene_codes, resolution=32)  # sparse field, torch marching cubes
+    expected = ref["pymcubes_vertices"].numpy().astype(np.float64)[ref["pymcubes_faces"].numpy()]
+    np.testing.assert_allclose(native_triangles(mesh), expected, rtol=0, atol=1e-4)
+    expected_colors = ref["pymcubes_vertex_colors_u8"].numpy()[ref["pymcubes_faces"].numpy()]
+    assert np.abs(mesh.visual.vertex_colors[mesh.faces].astype(int) - expected_colors).max() <= 1
+    (dense,) = model.extract_mesh(scene_codes, resolution=32, method="dense", backend="pymcubes")
+    np.testing.assert_array_equal(dense.faces, ref["pymcubes_faces"].numpy())
 
 
 def test_level_grid_matches_upstream_grid(ref, field):
@@ -241,3 +271,163 @@ def test_level_grid_has_no_host_syncs_on_cuda(field):
     assert level.is_cuda
     mesh = tmesh.extract_mesh(cuda_field, radius=RADIUS, resolution=64, has_vertex_color=False, device="cuda")
     assert mesh.is_watertight
+
+
+# ---------------------------------------------------------------- coarse-to-fine field (method="sparse")
+
+
+def assert_same_mesh(a, b):
+    """Same triangles in the same order (vertex numbering free); vertices within float32 query noise."""
+    assert len(a.faces) == len(b.faces) > 0
+    np.testing.assert_allclose(native_triangles(a), native_triangles(b), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("resolution", [32, 47, 64])
+def test_sparse_equals_dense_on_the_fixture(field, resolution):
+    args = dict(radius=RADIUS, resolution=resolution, threshold=25.0, chunk_size=2**18, device="cpu")
+    dense = tmesh.level_grid(field, **args)
+    sparse, counts = tmesh.sparse_level_grid(field, **args)
+    assert torch.equal(dense > 0, sparse > 0)  # every grid point on the same side
+    crossing = torch.zeros_like(dense, dtype=torch.bool)  # ends of grid edges that cross: they place the vertices
+    for axis in range(3):
+        cut = (dense > 0).narrow(axis, 0, resolution - 1) != (dense > 0).narrow(axis, 1, resolution - 1)
+        crossing.narrow(axis, 0, resolution - 1).logical_or_(cut)
+        crossing.narrow(axis, 1, resolution - 1).logical_or_(cut)
+    torch.testing.assert_close(sparse[crossing], dense[crossing], rtol=1e-5, atol=1e-5)
+    assert counts["points_queried"] < counts["points_total"] and counts["rounds"] >= 1
+    a = tmesh.extract_mesh(field, radius=RADIUS, resolution=resolution, method="dense", has_vertex_color=False)
+    b = tmesh.extract_mesh(field, radius=RADIUS, resolution=resolution, method="sparse", has_vertex_color=False)
+    assert_same_mesh(a, b)
+
+
+@pytest.fixture(scope="module")
+def benchmark_field():
+    """The benchmark's object-like random field (benchmarks.stages: smooth_triplane_embeddings, calibrate_density)
+    at the real triplane and decoder sizes (3 x 40 x 64 x 64 scene code, NeRF MLP 120-64x9-4), with a small
+    transformer and image encoder instead of the real ones (the field's shape comes from the smoothed tokens)."""
+    import copy
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.configs import TRIPOSR
+    from benchmarks.stages import calibrate_density, object_image, smooth_triplane_embeddings
+    from triposr import TSR, TSRConfig, ViTConfig
+
+    values = copy.deepcopy(TRIPOSR)
+    values["cond_image_size"] = 64
+    values["image_tokenizer"]["pretrained_model_name_or_path"] = "small-vit"
+    values["tokenizer"]["num_channels"] = 64
+    values["backbone"].update(in_channels=64, num_attention_heads=2, attention_head_dim=16, num_layers=1)
+    values["backbone"]["cross_attention_dim"] = 32
+    values["post_processor"]["in_channels"] = 64
+    vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = TSR(TSRConfig.from_dict(values), vit).eval()
+        smooth_triplane_embeddings(model)
+        with torch.no_grad():
+            code = model([object_image(64, (127, 127, 127))])[0]  # (3, 40, 64, 64)
+            calibrate_density(model, code)
+    return model, code
+
+
+def test_sparse_equals_dense_on_the_benchmark_field(benchmark_field, one_thread):
+    model, code = benchmark_field
+    assert code.shape == (3, 40, 64, 64)
+    query = tmesh.scene_code_query_fn(model, code)
+    args = dict(radius=RADIUS, resolution=80, threshold=25.0, chunk_size=2**18, device="cpu")
+    dense = tmesh.level_grid(query, **args)
+    sparse, counts = tmesh.sparse_level_grid(query, **args)
+    assert torch.equal(dense > 0, sparse > 0)
+    assert counts["points_queried"] < 0.6 * counts["points_total"]  # the point of it
+    (v_dense, f_dense), (v_sparse, f_sparse) = marching_cubes(dense), marching_cubes(sparse)
+    assert len(f_dense) > 10_000
+    torch.testing.assert_close(v_sparse[f_sparse], v_dense[f_dense], rtol=0, atol=1e-4)  # grid units
+
+
+# An analytic field on a 65^3 grid (64 cells: blocks of 4 cells, coarse points every 4th grid line).
+THIN_RES = 65
+H = 2 * RADIUS / (THIN_RES - 1)  # grid spacing
+
+
+def grid_coordinate(index: float) -> float:
+    return -RADIUS + index * H
+
+
+def smooth_window(t: torch.Tensor, half_width: float) -> torch.Tensor:
+    """1 inside |t| < half_width, falling smoothly to 0 over 3 grid spacings beyond it."""
+    return torch.exp(-(((t.abs() - half_width).clamp_min(0) / (1.5 * H)) ** 2))
+
+
+def thin_sheet(points: torch.Tensor) -> dict:
+    """A plate 0.6 wide, its mid-plane on grid line z = 34 (halfway between the coarse lines 32 and 36), density 40
+    on it and Gaussian across (sigma 1.5 spacings): about 3 grid spacings thick at the level 25, and the density at
+    the nearest coarse points is 16 (below the level, within half the threshold of it)."""
+    x, y, z = points.unbind(-1)
+    across = torch.exp(-((z - grid_coordinate(34)) ** 2) / (2 * (1.5 * H) ** 2))
+    density = 40.0 * across * smooth_window(x, 0.3) * smooth_window(y, 0.3)
+    return {"density_act": density[:, None], "color": points * 0 + 0.5}
+
+
+def test_thin_sheet_between_coarse_points_is_not_lost():
+    args = dict(radius=RADIUS, resolution=THIN_RES, threshold=25.0, chunk_size=2**18, device="cpu")
+    dense = tmesh.level_grid(thin_sheet, **args)
+    assert (dense > 0).any()
+    coarse = dense[::4, ::4, ::4]
+    assert (coarse < 0).all()  # no coarse point inside: the coarse grid alone does not see the sheet
+    sparse, _ = tmesh.sparse_level_grid(thin_sheet, **args)  # defaults: the margin finds it
+    assert torch.equal(dense > 0, sparse > 0)
+    blind, _ = tmesh.sparse_level_grid(thin_sheet, **args, margin=0.0, dilate=0)
+    assert not (blind > 0).any()  # without the margin it is lost: the margin is what finds it
+    a = tmesh.extract_mesh(thin_sheet, radius=RADIUS, resolution=THIN_RES, method="dense", has_vertex_color=False)
+    b = tmesh.extract_mesh(thin_sheet, radius=RADIUS, resolution=THIN_RES, has_vertex_color=False)
+    assert_same_mesh(a, b)
+    assert a.is_watertight
+
+
+def ball_with_rod(points: torch.Tensor) -> dict:
+    """A ball (radius 0.3) with a thin rod (about 3 grid spacings across) sticking out along +x to x = 0.7, its
+    axis on the grid line (y, z) = (34, 34), halfway between coarse lines."""
+    x, y, z = points.unbind(-1)
+    ball = 50.0 * (1.0 - points.norm(dim=-1) / 0.6)
+    across = (y - grid_coordinate(34)) ** 2 + (z - grid_coordinate(34)) ** 2
+    rod = 40.0 * torch.exp(-across / (2 * (1.5 * H) ** 2)) * smooth_window(x - 0.35, 0.35)
+    return {"density_act": torch.maximum(ball, rod)[:, None], "color": points * 0 + 0.5}
+
+
+def test_closure_traces_a_thin_rod_from_the_body():
+    """No margin, no dilation: the rod is found because its surface leaves the ball's blocks (the closure)."""
+    args = dict(radius=RADIUS, resolution=THIN_RES, threshold=25.0, chunk_size=2**18, device="cpu")
+    dense = tmesh.level_grid(ball_with_rod, **args)
+    sparse, counts = tmesh.sparse_level_grid(ball_with_rod, **args, margin=0.0, dilate=0)
+    assert counts["rounds"] > 3  # the rod is followed block by block
+    assert torch.equal(dense > 0, sparse > 0)
+    mesh = tmesh.extract_mesh(ball_with_rod, radius=RADIUS, resolution=THIN_RES, has_vertex_color=False)
+    assert tmesh.export_to_native(np.asarray(mesh.vertices))[:, 0].max() > 0.65  # the rod's tip
+    assert_same_mesh(
+        tmesh.extract_mesh(ball_with_rod, radius=RADIUS, resolution=THIN_RES, method="dense", has_vertex_color=False),
+        mesh,
+    )
+
+
+def test_sparse_counts_nan_density_as_empty():
+    def holes(points):
+        out = thin_sheet(points)
+        out["density_act"] = torch.where(points[:, :1] > 0.2, float("nan"), out["density_act"])
+        return out
+
+    args = dict(radius=RADIUS, resolution=THIN_RES, threshold=25.0, chunk_size=2**18, device="cpu")
+    dense = tmesh.level_grid(holes, **args)
+    sparse, _ = tmesh.sparse_level_grid(holes, **args)
+    assert torch.isfinite(sparse).all() and torch.equal(dense > 0, sparse > 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sparse_torch_mesh_on_cuda_equals_cpu(field):
+    def cuda_field(points):
+        return {k: v.to(points.device) for k, v in field(points.cpu()).items()}
+
+    cpu = tmesh.extract_mesh(field, radius=RADIUS, resolution=64)
+    gpu = tmesh.extract_mesh(cuda_field, radius=RADIUS, resolution=64, device="cuda")
+    assert_same_mesh(cpu, gpu)

@@ -288,6 +288,80 @@ def test_low_precision_keeps_dtypes_consistent(ref, image):
     assert torch.isfinite(rgb).all()
 
 
+def test_half_precision_choice(tiny_dir):
+    model = TSR.tiny(seed=0)
+    assert model.half_precision is None  # the per-device default
+    assert model.half_dtype("cpu") is None and model.half_dtype() is None  # CPU: float32
+    assert model.half_dtype("cuda") == torch.float16  # CUDA: float16 (resolved without a GPU)
+    model.half_precision = True
+    assert model.half_dtype("cpu") == torch.bfloat16 and model.half_dtype("cuda") == torch.float16
+    model.half_precision = torch.float16  # CUDA's numerics on the CPU (slow kernels, tiny models only)
+    assert model.half_dtype("cpu") == torch.float16
+    model.half_precision = False
+    assert model.half_dtype("cuda") is None
+    whole = TSR.tiny(seed=0).to(torch.bfloat16)  # a model cast as a whole runs as it is
+    whole.half_precision = True
+    assert whole.half_dtype("cpu") is None
+    loaded = TSR.from_pretrained(tiny_dir, weight_name="model.safetensors", half_precision=True)
+    assert loaded.half_precision is True and loaded.dtype == torch.float32
+
+
+def _occupancy(model, code, resolution=64):
+    from triposr.mesh import scene_code_query_fn, sparse_level_grid
+
+    level, _ = sparse_level_grid(
+        scene_code_query_fn(model, code),
+        radius=0.87,
+        resolution=resolution,
+        threshold=25.0,
+        chunk_size=2**18,
+        device="cpu",
+    )
+    return level > 0
+
+
+@pytest.mark.parametrize(
+    "dtype, max_abs, min_iou",
+    [(torch.float16, 2e-3, 0.995), (torch.bfloat16, 1.5e-2, 0.98)],  # measured: 7e-4 / 0.999, 5e-3 / 0.991
+)
+def test_half_precision_trunk_keeps_the_mesh(tiny_dir, tiny_model, ref, image, dtype, max_abs, min_iou):
+    """Image tokenizer + transformer in half (float16 is CUDA's default, run here through the same autocast path),
+    upsampler and decoder in float32: scene codes stay float32 and close to float32's; the mesh's occupancy grid
+    (R=64, the fixture field) keeps its IoU with float32's."""
+    model = TSR.from_pretrained(tiny_dir, weight_name="model.safetensors", half_precision=dtype)
+    seen = {}
+
+    def record(name):
+        def hook(module, args, output):
+            seen[name] = output.dtype
+
+        return hook
+
+    hooks = [
+        model.backbone.proj_in.register_forward_hook(record("transformer")),
+        model.post_processor.register_forward_hook(record("upsampler")),
+    ]
+    codes = model(image)
+    for h in hooks:
+        h.remove()
+    assert seen == {"transformer": dtype, "upsampler": torch.float32} and codes.dtype == torch.float32
+    diff = (codes - ref["scene_codes"]).abs().max()
+    assert 0 < diff < max_abs
+    inside, inside_ref = _occupancy(model, codes[0]), _occupancy(tiny_model, ref["scene_codes"][0])
+    iou = (inside & inside_ref).sum() / (inside | inside_ref).sum()
+    assert iou > min_iou
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights untouched
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_default_half_on_cuda_matches_fp32(image):
+    cuda = TSR.tiny(seed=0).to("cuda")
+    assert cuda.half_dtype() == torch.float16
+    codes = cuda(image)
+    assert codes.dtype == torch.float32
+    torch.testing.assert_close(codes.cpu(), TSR.tiny(seed=0)(image), atol=5e-3, rtol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fp16_cuda_matches_fp32(image):
     fp16 = TSR.tiny(seed=0).to("cuda", torch.float16)

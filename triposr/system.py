@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Union
@@ -28,6 +29,12 @@ from .nerf import NeRFMLP, TriplaneNeRFRenderer, spherical_camera_rays
 from .preprocess import resize_images
 
 DEFAULT_REPO = "stabilityai/TripoSR"
+
+# Half precision of the image tokenizer + transformer (autocast), per device type; the upsampler, the density
+# decoder and marching cubes always run in float32. "cuda": float16; "cpu": bfloat16 (float16 matmuls are
+# emulated, ~100x slower, on CPUs without native support). The defaults: see TSR.half_precision.
+HALF_DTYPES = {"cuda": torch.float16, "cpu": torch.bfloat16}
+DEFAULT_HALF_PRECISION = {"cuda": True, "cpu": False}
 
 ImageInput = Union[PIL.Image.Image, list[PIL.Image.Image], torch.Tensor]
 
@@ -132,6 +139,8 @@ class TSR(nn.Module):
         self.post_processor = TriplaneUpsampleNetwork(config.post_processor)
         self.decoder = NeRFMLP(config.decoder)
         self.renderer = TriplaneNeRFRenderer(config.renderer)
+        # True / False / a dtype, or None for the per-device default (DEFAULT_HALF_PRECISION); see half_dtype().
+        self.half_precision: bool | torch.dtype | None = None
 
     # ------------------------------------------------------------------ loading
 
@@ -145,11 +154,13 @@ class TSR(nn.Module):
         local_files_only: bool | None = None,
         device: str | torch.device = "cpu",
         torch_dtype: torch.dtype = torch.float32,
+        half_precision: bool | torch.dtype | None = None,
     ) -> TSR:
         """Load config and weights from a hub id or a local folder; the weights must match exactly (strict).
 
         ``weight_name`` may be a ``.ckpt``/``.bin`` (``torch.load(weights_only=True)``) or a ``.safetensors`` file.
-        ``local_files_only=None`` follows ``HF_HUB_OFFLINE``.
+        ``local_files_only=None`` follows ``HF_HUB_OFFLINE``. ``half_precision``: see ``TSR.half_dtype`` (None: the
+        per-device default, float16 on CUDA; keep ``torch_dtype`` float32 so that only the trunk runs in half).
         """
         config_path = resolve_file(repo_or_folder, config_name, local_files_only=local_files_only)
         config = TSRConfig.from_yaml_file(config_path)
@@ -166,6 +177,7 @@ class TSR(nn.Module):
         except RuntimeError as e:
             raise RuntimeError(f"{weight_path} does not match the TripoSR architecture of {config_path}: {e}") from e
         model.image_tokenizer.reset_normalization()
+        model.half_precision = half_precision
         return model.to(device=device, dtype=torch_dtype).eval()
 
     @classmethod
@@ -224,6 +236,25 @@ class TSR(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.tokenizer.embeddings.dtype
 
+    def half_dtype(self, device: str | torch.device | None = None) -> torch.dtype | None:
+        """The autocast dtype of the image tokenizer + triplane transformer on ``device`` (default: the model's), or
+        None when they run in the model's own dtype.
+
+        From ``self.half_precision``: True: ``HALF_DTYPES`` (float16 on CUDA, bfloat16 on CPU); a dtype: that one
+        (e.g. float16 on the CPU, to check CUDA's numerics there, slowly); False: never; None (default):
+        ``DEFAULT_HALF_PRECISION`` of the device type. Only a float32 model runs a half trunk (a model cast to
+        float16/bfloat16 as a whole runs as it is). The weights stay float32; autocast runs the transformer's
+        matmuls and attention in half and its norms and residual stream in float32; the upsampler, the density
+        decoder and marching cubes stay float32.
+        """
+        device = self.device if device is None else torch.device(device)
+        choice = self.half_precision
+        if choice is None:
+            choice = DEFAULT_HALF_PRECISION.get(device.type, False)
+        if choice is False or self.dtype != torch.float32 or device.type not in HALF_DTYPES:
+            return None
+        return HALF_DTYPES[device.type] if choice is True else choice
+
     # ------------------------------------------------------------------ image -> scene codes
 
     def _images_to_tensor(self, images: ImageInput) -> torch.Tensor:
@@ -264,15 +295,20 @@ class TSR(nn.Module):
         """Images -> scene codes (B, 3, C, 2P, 2P) on ``device`` (default: the model's) in the model's dtype.
 
         ``images``: PIL RGB image(s) already preprocessed (object centred on 0.5 grey, see preprocess_image), or a
-        float tensor (B, 3, H, W) in [0, 1]; either is resized to cond_image_size.
+        float tensor (B, 3, H, W) in [0, 1]; either is resized to cond_image_size. The image tokenizer and the
+        transformer run in ``half_dtype(device)`` when that is set (autocast), the upsampler in the model's dtype.
         """
         device = self.device if device is None else torch.device(device)
         pixels = self._images_to_tensor(images).to(device=device, dtype=self.dtype)  # (B, 3, S, S)
         batch = pixels.shape[0]
-        image_tokens = self.image_tokenizer(pixels).transpose(1, 2)  # (B, Nt, Cv): cross-attention context
-        tokens = self.tokenizer(batch)  # (B, C, 3*P*P)
-        tokens = self.backbone(tokens, encoder_hidden_states=image_tokens)  # (B, C, 3*P*P)
-        return self.post_processor(self.tokenizer.detokenize(tokens))  # (B, 3, Cout, 2P, 2P)
+        half = self.half_dtype(device)
+        autocast = torch.autocast(device.type, dtype=half) if half is not None else contextlib.nullcontext()
+        with autocast:
+            image_tokens = self.image_tokenizer(pixels).transpose(1, 2)  # (B, Nt, Cv): cross-attention context
+            tokens = self.tokenizer(batch)  # (B, C, 3*P*P)
+            tokens = self.backbone(tokens, encoder_hidden_states=image_tokens)  # (B, C, 3*P*P)
+        planes = self.tokenizer.detokenize(tokens.to(self.dtype))  # (B, 3, C, P, P)
+        return self.post_processor(planes)  # (B, 3, Cout, 2P, 2P)
 
     # ------------------------------------------------------------------ field queries
 
@@ -313,10 +349,13 @@ class TSR(nn.Module):
         resolution: int = 256,
         threshold: float = 25.0,
         has_vertex_color: bool = True,
+        method: str = "sparse",
+        backend: str = "auto",
     ) -> list:
         """One ``trimesh.Trimesh`` per scene code (B, 3, C, H, W): marching cubes of density_act at ``threshold`` on
         a ``resolution``^3 grid over [-radius, radius]^3, in the export frame (glTF: +Y up, input view facing +Z).
-        The work is done by ``triposr.mesh.extract_mesh``."""
+        The work is done by ``triposr.mesh.extract_mesh`` (``method`` "sparse" | "dense", ``backend`` "auto" |
+        "torch" | "pymcubes" | "skimage"), on the scene codes' device."""
         from .mesh import extract_mesh_from_scene_code
 
         if scene_codes.ndim == 4:
@@ -325,7 +364,13 @@ class TSR(nn.Module):
             raise ValueError(f"scene_codes must be (B, 3, C, H, W), got {tuple(scene_codes.shape)}")
         return [
             extract_mesh_from_scene_code(
-                self, code, resolution=resolution, threshold=threshold, has_vertex_color=has_vertex_color
+                self,
+                code,
+                resolution=resolution,
+                threshold=threshold,
+                has_vertex_color=has_vertex_color,
+                method=method,
+                backend=backend,
             )
             for code in scene_codes
         ]
