@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from . import configs
 
-STAGES = ("t2i", "multiview", "triposr", "mesh", "texture", "export", "chain")
+STAGES = ("t2i", "multiview", "triposr", "mesh", "texture", "export", "chain", "mesh-speed")
 PROMPT = "a photo of a red ceramic teapot on a wooden table, studio lighting"
 MESH_THRESHOLD = 25.0
 
@@ -536,6 +536,12 @@ def chain_cases(b: Builder, sizes: Sizes) -> list[Case]:
     ]
 
 
+def mesh_speed_cases(b: Builder, sizes: Sizes) -> list[Case]:
+    from .mesh_speed import mesh_speed_cases as cases  # imports this module: loaded on use
+
+    return cases(b, sizes)
+
+
 CASE_BUILDERS: dict[str, Callable[[Builder, Sizes], list[Case]]] = {
     "t2i": t2i_cases,
     "multiview": multiview_cases,
@@ -544,6 +550,7 @@ CASE_BUILDERS: dict[str, Callable[[Builder, Sizes], list[Case]]] = {
     "texture": texture_cases,
     "export": export_cases,
     "chain": chain_cases,
+    "mesh-speed": mesh_speed_cases,
 }
 
 # Which built objects each stage uses (so the runner can free them once no later stage needs them).
@@ -555,4 +562,5 @@ USES: dict[str, tuple[str, ...]] = {
     "texture": ("tsr",),
     "export": ("tsr",),
     "chain": ("t2i", "multiview", "tsr"),
+    "mesh-speed": ("tsr",),
 }
