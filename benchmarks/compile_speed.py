@@ -86,6 +86,24 @@ def _timed(run: Callable[[], Any], runs: int, device: torch.device) -> tuple[dic
     return summarize(times), result
 
 
+def paired(
+    run: Callable[[], Any], eager: Callable[[], None], lever: Callable[[], None], runs: int, device: torch.device
+) -> tuple[list[float], list[float], Any]:
+    """Time ``run`` alternately on the current path and with the lever, ``runs`` pairs; switching is untimed.
+
+    On a shared machine the load changes from minute to minute: interleaving puts both sides under the same
+    load, and the median of the per-pair ratios is the figure to trust. Returns (eager s, lever s, last result).
+    """
+    eager_times, lever_times, result = [], [], None
+    for _ in range(runs):
+        eager()
+        eager_times += time_runs(run, runs=1, warmup=0, device=device)[0]
+        lever()
+        times, _, result = time_runs(run, runs=1, warmup=0, device=device)
+        lever_times += times
+    return eager_times, lever_times, result
+
+
 def measure_stage(
     stage: str, builder: Builder, sizes: Sizes, levers: tuple[str, ...], args: argparse.Namespace, save
 ) -> list[dict[str, Any]]:
@@ -108,11 +126,21 @@ def measure_stage(
     eager_time, eager_result = _timed(run, args.runs, device)
     reference = output(eager_result).detach().float().cpu()
     add({"lever": "eager (current path)", "time_s": eager_time, "load_average_before": load_before})
-    base = eager_time["median"]
 
-    def compared(name: str, time_s: dict[str, Any], result: Any, **extra: Any) -> None:
+    def compared(name: str, eager_times: list[float], times: list[float], result: Any, **extra: Any) -> None:
         diffs = max_diffs(output(result).float(), reference)
-        add({"lever": name, "time_s": time_s, "speedup_vs_eager": base / time_s["median"], **diffs, **extra})
+        ratios = sorted(e / t for e, t in zip(eager_times, times, strict=True))
+        add(
+            {
+                "lever": name,
+                "time_s": summarize(times),
+                "paired_eager_time_s": summarize(eager_times),
+                "speedup_vs_eager": summarize(ratios)["median"],  # median of per-pair ratios
+                "speedup_vs_eager_range": [ratios[0], ratios[-1]],
+                **diffs,
+                **extra,
+            }
+        )
 
     if "text-encoder" in levers and stage == "t2i":
         t2i = owner
@@ -120,11 +148,16 @@ def measure_stage(
         with torch.no_grad():
             ours = t2i.encode_prompts([PROMPT], [""], True)
             twice = pipe._encode_prompt(PROMPT, device, 1, True, "")  # diffusers: prompt, then negative
-        n = max(args.runs, 5)
-        one_batch, _, _ = time_runs(lambda: t2i.encode_prompts([PROMPT], [""], True), runs=n, warmup=1, device=device)
-        two_calls, _, _ = time_runs(
-            lambda: pipe._encode_prompt(PROMPT, device, 1, True, ""), runs=n, warmup=1, device=device
-        )
+        one_batch, two_calls = [], []
+        with torch.no_grad():
+            for _ in range(max(args.runs, 5) + 1):  # interleaved; the first pair is a warm-up
+                one_batch += time_runs(
+                    lambda: t2i.encode_prompts([PROMPT], [""], True), runs=1, warmup=0, device=device
+                )[0]
+                two_calls += time_runs(
+                    lambda: pipe._encode_prompt(PROMPT, device, 1, True, ""), runs=1, warmup=0, device=device
+                )[0]
+        one_batch, two_calls = one_batch[1:], two_calls[1:]
         diffs = max_diffs(torch.cat([ours[1], ours[0]]).float(), twice.float())
         add(
             {
@@ -145,15 +178,22 @@ def measure_stage(
 
     if "channels-last" in levers:
         modules = _modules(owner)
-        for m in modules.values():
-            m.to(memory_format=torch.channels_last)
+
+        def memory_format(fmt):
+            def switch():
+                for m in modules.values():
+                    m.to(memory_format=fmt)
+
+            return switch
+
+        contiguous, channels_last = memory_format(torch.contiguous_format), memory_format(torch.channels_last)
         try:
-            run()
-            time_s, result = _timed(run, args.runs, device)
-            compared("channels-last (unet + vae)", time_s, result)
+            channels_last()
+            run()  # warm-up in the new layout
+            eager_times, times, result = paired(run, contiguous, channels_last, args.runs, device)
+            compared("channels-last (unet + vae)", eager_times, times, result)
         finally:
-            for m in modules.values():
-                m.to(memory_format=torch.contiguous_format)
+            contiguous()
 
     if "compile" in levers:
         started = _dt.datetime.now(_dt.timezone.utc)
@@ -164,10 +204,20 @@ def measure_stage(
             try:
                 first = run()
                 compile_s = first.timings.get("compile")
-                time_s, result = _timed(run, args.runs, device)
+                compiled = {name: m._compiled_call_impl for name, m in owner._compiled.modules.items()}
+
+                def set_compiled(on: bool):
+                    def switch():  # the compiled callables are kept: switching never recompiles
+                        for name, m in owner._compiled.modules.items():
+                            m._compiled_call_impl = compiled[name] if on else None
+
+                    return switch
+
+                eager_times, times, result = paired(run, set_compiled(False), set_compiled(True), args.runs, device)
                 compared(
                     f"compile ({args.backend}, mode={args.mode})",
-                    time_s,
+                    eager_times,
+                    times,
                     result,
                     compile_s=compile_s,
                     compile_started_utc=started.strftime("%Y-%m-%dT%H:%M:%SZ"),

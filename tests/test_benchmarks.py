@@ -195,3 +195,40 @@ def test_standin_tokenizer(tmp_path):
     assert len(tok) == configs.CLIP_VOCAB_SIZE
     ids = tok("a red teapot", padding="max_length", max_length=77, truncation=True).input_ids
     assert len(ids) == 77 and ids[0] == 49406 and ids[-1] == 49407 and max(ids) < configs.CLIP_VOCAB_SIZE
+
+
+def test_diffusion_levers_side_by_side(tmp_path):
+    """benchmarks.compile_speed on the tiny T2I: every lever against the eager path, with output differences.
+    backend="eager" (dynamo capture, no code generation) keeps it short; the measured runs use inductor."""
+    from benchmarks import compile_speed
+
+    out = tmp_path / "levers.json"
+    argv = ["--tiny", "--stages", "t2i", "--runs", "1", "--backend", "eager", "--out", str(out), "--quiet"]
+    assert compile_speed.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["schema"] == SCHEMA and report["kind"] == "diffusion speed levers" and report["device"] == "cpu"
+    levers = {r["lever"]: r for r in report["levers"]}
+    assert set(levers) == {
+        "eager (current path)",
+        "text encoder: one batch (ours) vs two calls",
+        "sdpa kernels (eager call, profiler)",
+        "channels-last (unet + vae)",
+        "compile (eager, mode=None)",
+    }
+    assert _positive(levers["eager (current path)"]["time_s"]["median"])
+    text = levers["text encoder: one batch (ours) vs two calls"]
+    assert text["max_abs_diff"] <= 1e-5 and _positive(text["speedup_vs_two_calls"])
+    assert set(levers["sdpa kernels (eager call, profiler)"]["kernels"]) == {"flash (cpu)"}
+    compiled = levers["compile (eager, mode=None)"]
+    assert _positive(compiled["compile_s"]) and compiled["compiled_after_first_call"] is True
+    assert compiled["max_abs_diff"] == 0.0 and _positive(compiled["speedup_vs_eager"])
+    assert levers["channels-last (unet + vae)"]["max_abs_diff"] < 1e-4
+
+
+def test_compile_variants_are_registered():
+    from benchmarks.variants import parse_variants, unavailable_reason
+
+    compiled, graphs = parse_variants(["compile", "compile-cudagraphs"])
+    assert compiled.compile and compiled.compile_mode is None
+    assert graphs.compile and graphs.compile_mode == "reduce-overhead"
+    assert "CUDA" in unavailable_reason(graphs, torch.device("cpu"))

@@ -280,6 +280,28 @@ def test_single_window_is_experimental(caplog):
     assert out.settings["unet_passes"] == 1 and out.settings["timesteps"] == [1000]
 
 
+def test_compiled_mode_compiles_once_per_guidance_and_matches_eager(caplog):
+    # backend="eager": dynamo's capture and guards without inductor's code generation (minutes on this CPU;
+    # benchmarks/compile_speed.py measures inductor).
+    from torch._dynamo.utils import counters
+
+    pipe = MultiviewPipeline.tiny(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.new("RGB", (256, 256), "white")
+    eager = pipe(image, generator=torch.Generator().manual_seed(3), output_type="pt")
+    assert pipe.enable_compile(backend="eager") is True and pipe.load_settings["compile"]["backend"] == "eager"
+    first = pipe(image, generator=torch.Generator().manual_seed(3), output_type="pt")
+    graphs = counters["stats"]["unique_graphs"]
+    again = pipe(image, generator=torch.Generator().manual_seed(3), output_type="pt")
+    assert first.timings["compile"] > 0 and "compile" not in again.timings
+    assert counters["stats"]["unique_graphs"] == graphs and again.settings["compiled"] is True
+    for out in (first, again):  # the warm-up drew its own noise
+        assert torch.equal(out.normals_tensor, eager.normals_tensor)
+        assert torch.equal(out.colors_tensor, eager.colors_tensor)
+    pipe.disable_compile()
+    assert pipe.load_settings["compile"] is None and not pipe(image, output_type="pt").settings["compiled"]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_runs_on_cpu(checkpoint, cond, dtype):
     pipe = _load(checkpoint, torch_dtype=dtype)
