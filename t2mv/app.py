@@ -104,10 +104,16 @@ def clean_request_folders(root: str | os.PathLike, *, max_age_s: float, max_coun
     root = Path(root)
     if not root.is_dir():
         return []
-    folders = [p for p in root.iterdir() if p.is_dir() and (p / REQUEST_MARKER).is_file()]
-    folders.sort(key=lambda p: p.stat().st_mtime, reverse=True)  # newest first
+    ages: dict[Path, float] = {}
     now = time.time()
-    doomed = [p for i, p in enumerate(folders) if i >= max_count or now - p.stat().st_mtime > max_age_s]
+    for path in root.iterdir():
+        try:
+            if path.is_dir() and (path / REQUEST_MARKER).is_file():
+                ages[path] = now - path.stat().st_mtime
+        except FileNotFoundError:  # removed meanwhile (another app process on the same root)
+            continue
+    newest_first = sorted(ages, key=ages.__getitem__)
+    doomed = [p for i, p in enumerate(newest_first) if i >= max_count or ages[p] > max_age_s]
     for folder in doomed:
         shutil.rmtree(folder, ignore_errors=True)
     return doomed
@@ -317,7 +323,10 @@ def make_generate(
             if isinstance(e, FileNotFoundError | ValueError):  # bad input; missing weights (u2net, ...)
                 raise gr.Error(describe(e)) from None
             logger.exception("generation failed")  # unexpected: in full in the log, briefly on the page
-            raise gr.Error(f"Generation failed ({type(e).__name__}: {e}). The details are in the server log.") from e
+            text = " ".join(str(e).split())  # one line, whatever the library's message looks like
+            raise gr.Error(
+                f"Generation failed ({type(e).__name__}: {text}). The details are in the server log."
+            ) from e
         for message in result.warnings:
             if message != SMOKE_BANNER:  # the page shows that one permanently
                 gr.Warning(message)

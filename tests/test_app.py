@@ -313,7 +313,7 @@ def test_out_of_gpu_memory_and_failures_become_one_message(tmp_path, monkeypatch
     with pytest.raises(gr.Error, match="--offload"):
         call(app.make_generate(_Raising(oom), tmp_path))
     with pytest.raises(gr.Error, match="Generation failed .*something unexpected") as info:
-        call(app.make_generate(_Raising(RuntimeError("something unexpected")), tmp_path))
+        call(app.make_generate(_Raising(RuntimeError("something\nunexpected\n  at line 3")), tmp_path))
     assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
     assert not list(tmp_path.iterdir())  # the empty request folders are gone
 
