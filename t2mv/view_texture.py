@@ -56,10 +56,11 @@ DEPTH_BIAS_PX = 3.0  # depth-test tolerance, in pixel widths
 # (smoothstep in the summed weight) into the fallback, which alone colours surface no view sees. One view at
 # cos^4 = 0.02 sees the surface ~68 degrees off head-on. Coverage counts surface with at least half of this.
 FULL_VIEW_WEIGHT = 0.02
-# xatlas chart cost limit: 2.0 (xatlas' default) is ~5x slower on 100k faces for a few fewer charts.
+# With atlas="xatlas": its chart cost limit. 2.0 (xatlas' default) is ~5x slower on 100k faces for a few fewer
+# charts; even so xatlas takes tens of seconds there on a CPU, hence the projection atlas by default.
 ATLAS_MAX_COST = 0.2
 FIT_RESOLUTION = 128  # the silhouette fit renders and compares silhouettes on at most this grid
-FILL_ITERATIONS = 300  # Jacobi sweeps of the no-fallback fill (each a few ms on 100k faces)
+FILL_ITERATIONS = 300  # Jacobi sweeps of the no-fallback fill (over the unseen vertices' edges only)
 CHUNK = 2**18  # points per blending chunk (bounds memory: 6 views x chunk x a few channels)
 
 
@@ -378,6 +379,11 @@ def _mesh_tensors(mesh: trimesh.Trimesh, device: torch.device) -> tuple[torch.Te
         raise ValueError("cannot texture an empty mesh")
     vertices = torch.from_numpy(np.asarray(mesh.vertices, dtype=np.float32)).to(device)  # (V, 3)
     faces = torch.from_numpy(np.asarray(mesh.faces, dtype=np.int64)).to(device)  # (F, 3)
+    # Back-face culling and the normals assume outward winding; a mesh wound inside out (negative signed volume)
+    # is drawn with its faces flipped (the returned mesh keeps the input's faces).
+    tri = vertices[faces].double()  # (F, 3, 3)
+    if torch.linalg.det(tri).sum() < 0:
+        faces = faces[:, [0, 2, 1]]
     return vertices, faces
 
 
@@ -507,14 +513,20 @@ def _harmonic_fill(faces: torch.Tensor, colors: torch.Tensor, known: torch.Tenso
     """
     if not known.any():
         return torch.full_like(colors, 0.5)
+    filled = torch.where(known[:, None], colors, colors[known].mean(dim=0))  # (V, 3)
+    if known.all():
+        return filled
     src = faces[:, [0, 1, 2, 1, 2, 0]].reshape(-1)  # (6F,) each edge in both directions
     dst = faces[:, [1, 2, 0, 0, 1, 2]].reshape(-1)
-    degree = torch.zeros(colors.shape[0], dtype=colors.dtype, device=colors.device)
-    degree.index_add_(0, dst, torch.ones_like(dst, dtype=colors.dtype)).clamp_(min=1)
-    filled = torch.where(known[:, None], colors, colors[known].mean(dim=0))  # (V, 3)
+    into_unknown = ~known[dst]  # only unknown vertices change: iterate over the edges that reach them
+    src, dst = src[into_unknown], dst[into_unknown]
+    unknown, local = torch.unique(dst, return_inverse=True)  # (U,), (E,)
+    degree = torch.bincount(local, minlength=unknown.numel()).to(colors.dtype)[:, None]  # (U, 1)
     for _ in range(iterations):
-        mean = torch.zeros_like(filled).index_add_(0, dst, filled[src]) / degree[:, None]  # (V, 3)
-        filled = torch.where(known[:, None], colors, mean)
+        total = torch.zeros(unknown.numel(), 3, dtype=colors.dtype, device=colors.device).index_add_(
+            0, local, filled[src]
+        )
+        filled[unknown] = total / degree
     return filled
 
 
@@ -530,6 +542,7 @@ def texture_from_views(
     texture_size: int = 1024,
     fallback: Callable[[torch.Tensor], torch.Tensor] | None = None,
     device: torch.device | str | None = None,
+    atlas: str = "projection",
 ) -> ViewTexture:
     """Texture `mesh` from the six generated views.
 
@@ -542,6 +555,8 @@ def texture_from_views(
             TripoSR's colour field); without one, unseen surface takes a smooth fill diffused over the mesh from
             the seen surface around it.
         device: where the tensor work runs (default CPU).
+        atlas: "projection" (default: `triposr.texture.projection_atlas`, well under a second at 100k faces) or
+            "xatlas" (fewer seams; tens of seconds at 100k faces on a CPU, minutes at 500k).
 
     Returns:
         ViewTexture (textured mesh, vertex colours, coverage, per-view IoU and share, camera, warnings, timings).
@@ -557,6 +572,8 @@ def texture_from_views(
     notes: list[str] = []
     size = check_texture_size(texture_size)
     _check_views(colors, masks)
+    if atlas not in ("projection", "xatlas"):
+        raise ValueError(f"atlas must be 'projection' or 'xatlas', got {atlas!r}")
     device = torch.device("cpu") if device is None else torch.device(device)
     vertices, faces = _mesh_tensors(mesh, device)
 
@@ -584,7 +601,7 @@ def texture_from_views(
 
     t = time.perf_counter()
     padding = default_padding(size)
-    vmapping, atlas_faces, uvs = mesh_atlas(mesh, size, padding, max_cost=ATLAS_MAX_COST)
+    vmapping, atlas_faces, uvs = mesh_atlas(mesh, size, padding, method=atlas, max_cost=ATLAS_MAX_COST)
     timings["atlas"] = time.perf_counter() - t
 
     t = time.perf_counter()
