@@ -21,7 +21,17 @@ from PIL import Image, ImageDraw
 
 from . import configs
 
-STAGES = ("t2i", "multiview", "triposr", "mesh", "texture", "export", "chain", "mesh-speed")
+STAGES = (
+    "t2i",
+    "multiview",
+    "triposr",
+    "mesh",
+    "texture",
+    "export",
+    "chain",
+    "mesh-speed",
+    "view_texture",
+)
 PROMPT = "a photo of a red ceramic teapot on a wooden table, studio lighting"
 MESH_THRESHOLD = 25.0
 
@@ -542,6 +552,12 @@ def mesh_speed_cases(b: Builder, sizes: Sizes) -> list[Case]:
     return cases(b, sizes)
 
 
+def view_texture_cases(b: Builder, sizes: Sizes) -> list[Case]:
+    from .view_texture import view_texture_cases as cases  # imports this module: loaded on use
+
+    return cases(b, sizes)
+
+
 CASE_BUILDERS: dict[str, Callable[[Builder, Sizes], list[Case]]] = {
     "t2i": t2i_cases,
     "multiview": multiview_cases,
@@ -551,6 +567,7 @@ CASE_BUILDERS: dict[str, Callable[[Builder, Sizes], list[Case]]] = {
     "export": export_cases,
     "chain": chain_cases,
     "mesh-speed": mesh_speed_cases,
+    "view_texture": view_texture_cases,
 }
 
 # Which built objects each stage uses (so the runner can free them once no later stage needs them).
@@ -563,4 +580,5 @@ USES: dict[str, tuple[str, ...]] = {
     "export": ("tsr",),
     "chain": ("t2i", "multiview", "tsr"),
     "mesh-speed": ("tsr",),
+    "view_texture": (),
 }
