@@ -31,6 +31,7 @@ STAGES = (
     "chain",
     "mesh-speed",
     "view_texture",
+    "view_refine",
 )
 PROMPT = "a photo of a red ceramic teapot on a wooden table, studio lighting"
 MESH_THRESHOLD = 25.0
@@ -552,6 +553,12 @@ def mesh_speed_cases(b: Builder, sizes: Sizes) -> list[Case]:
     return cases(b, sizes)
 
 
+def view_refine_cases(b: Builder, sizes: Sizes) -> list[Case]:
+    from .view_refine import view_refine_cases as cases  # imports this module: loaded on use
+
+    return cases(b, sizes)
+
+
 def view_texture_cases(b: Builder, sizes: Sizes) -> list[Case]:
     from .view_texture import view_texture_cases as cases  # imports this module: loaded on use
 
@@ -568,6 +575,7 @@ CASE_BUILDERS: dict[str, Callable[[Builder, Sizes], list[Case]]] = {
     "chain": chain_cases,
     "mesh-speed": mesh_speed_cases,
     "view_texture": view_texture_cases,
+    "view_refine": view_refine_cases,
 }
 
 # Which built objects each stage uses (so the runner can free them once no later stage needs them).
@@ -581,4 +589,5 @@ USES: dict[str, tuple[str, ...]] = {
     "chain": ("t2i", "multiview", "tsr"),
     "mesh-speed": ("tsr",),
     "view_texture": (),
+    "view_refine": (),
 }
