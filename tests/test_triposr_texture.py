@@ -194,6 +194,67 @@ def test_rasterize_screen_occlusion_order():
         torch.testing.assert_close(point[:, 1], (pixel // 16).float() + 0.5)
 
 
+def bumpy_sphere(subdivisions: int) -> trimesh.Trimesh:
+    sphere = trimesh.creation.icosphere(subdivisions=subdivisions)
+    v = sphere.vertices
+    return trimesh.Trimesh(v * (1 + 0.15 * np.sin(3 * v[:, :1]) * np.cos(2 * v[:, 1:2])), sphere.faces)
+
+
+def test_projection_atlas_is_the_same_surface_unfolded_without_overlaps():
+    mesh = bumpy_sphere(3)
+    size = 256
+    vmapping, faces, uvs = texture.projection_atlas(mesh.vertices, mesh.faces, size, 2)
+    assert len(faces) == len(mesh.faces) and uvs.min() > 0 and uvs.max() < 1
+    # Same surface: every face is an input face (vertices split along chart seams only).
+    np.testing.assert_array_equal(np.sort(vmapping[faces], axis=1), np.sort(mesh.faces, axis=1))
+    # Charts are not mirrored: outward faces keep their counter-clockwise winding in UV.
+    e1, e2 = uvs[faces[:, 1]] - uvs[faces[:, 0]], uvs[faces[:, 2]] - uvs[faces[:, 0]]
+    signed = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]  # (F,) 2 x signed UV area
+    assert (signed > 0).all()
+    # No overlaps: the texels covered equal the UV area; with the band, no chart reaches another chart's texels.
+    uvs_t, faces_t = torch.from_numpy(uvs), torch.from_numpy(faces)
+    texel, _, _ = texture.rasterize_uv(uvs_t, faces_t, size, margin=0.0)
+    assert abs(texel.numel() - signed.sum() / 2 * size * size) < 0.01 * texel.numel()
+    banded, _, _ = texture.rasterize_uv(uvs_t, faces_t, size)
+    atlas = trimesh.Trimesh(np.c_[uvs, np.zeros(len(uvs))], faces, process=False)
+    charts = trimesh.graph.connected_components(atlas.face_adjacency, nodes=np.arange(len(faces)))
+    assert 6 <= len(charts) <= 40
+    per_chart = sum(texture.rasterize_uv(uvs_t, faces_t[torch.from_numpy(c)], size)[0].numel() for c in charts)
+    assert per_chart == banded.numel()
+
+
+def brute_force_nearest(uvs, faces, size):
+    """Per texel centre: the distance (texels) to the nearest triangle, over all triangles (numpy, float64)."""
+    pix = np.stack([uvs[:, 0] * size - 0.5, (1 - uvs[:, 1]) * size - 0.5], 1).astype(np.float64)
+    a, b, c = (pix[faces[:, i]][None] for i in range(3))  # (1, F, 2)
+    r, col = np.divmod(np.arange(size * size), size)
+    p = np.stack([col, r], 1).astype(np.float64)[:, None]  # (T, 1, 2)
+
+    def seg(p, s0, s1):
+        e = s1 - s0
+        t = np.clip(((p - s0) * e).sum(-1) / (e * e).sum(-1), 0, 1)
+        return np.linalg.norm(p - s0 - t[..., None] * e, axis=-1)
+
+    cross = lambda u, v: u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]  # noqa: E731
+    d1, d2, d3 = cross(b - a, p - a), cross(c - b, p - b), cross(a - c, p - c)
+    inside = ((d1 >= 0) & (d2 >= 0) & (d3 >= 0)) | ((d1 <= 0) & (d2 <= 0) & (d3 <= 0))
+    dist = np.minimum(np.minimum(seg(p, a, b), seg(p, b, c)), seg(p, c, a))
+    return np.where(inside, 0.0, dist)  # (T, F)
+
+
+def test_rasterize_uv_band_matches_brute_force_nearest_triangle():
+    # The band is drawn around chart-boundary faces only; every texel must still get its nearest triangle.
+    mesh = bumpy_sphere(1)
+    size = 48
+    _, faces, uvs = texture.projection_atlas(mesh.vertices, mesh.faces, size, 2)
+    texel, face, bary = texture.rasterize_uv(torch.from_numpy(uvs), torch.from_numpy(faces), size)
+    dist = brute_force_nearest(uvs, faces, size)  # (S*S, F)
+    nearest = dist.min(axis=1)
+    assert set(texel.tolist()) == set(np.nonzero(nearest <= 1.5)[0].tolist())
+    np.testing.assert_allclose(dist[texel.numpy(), face.numpy()], nearest[texel.numpy()], atol=1e-6)
+    assert (bary >= -1e-6).all()
+
+
 def test_dilate_fills_the_gutter_with_neighbour_colours():
     image = torch.zeros(8, 8, 3)
     mask = torch.zeros(8, 8, dtype=torch.bool)

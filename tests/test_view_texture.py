@@ -230,6 +230,20 @@ def test_view_masks_from_white_background():
     assert vt.view_masks(views, given)[3].sum() == 64 * 32
 
 
+@pytest.mark.parametrize("atlas, inverted", [("xatlas", False), ("projection", True)])
+def test_xatlas_and_inside_out_meshes(views, cameras, atlas, inverted):
+    mesh = ellipsoid_mesh(subdivisions=3)
+    if inverted:
+        mesh.invert()  # wound inside out: culling and normals must not break
+    out = vt.texture_from_views(mesh, views, texture_size=512, atlas=atlas)
+    assert min(out.view_iou) >= 0.95
+    points, sampled = sample_texture(out.mesh, 5000)
+    true_points = to_true_frame(points)
+    seen = seen_by_a_view(true_points, cameras)
+    assert np.abs(sampled - true_color(true_points)).mean(axis=1)[seen].mean() <= 0.04
+    assert len(out.mesh.faces) >= 0.99 * len(mesh.faces)  # xatlas may drop sub-epsilon slivers, nothing else
+
+
 # --------------------------------------------------------------------------------------------- fallback
 
 
