@@ -552,6 +552,13 @@ class TextToImage:
             raise ValueError(f"output_type must be one of {_OUTPUT_TYPES}, got {output_type!r}.")
         if seed is not None and generator is not None:
             raise ValueError("Pass either seed or generator, not both.")
+        factor = self.pipe.vae_scale_factor
+        latent_shape = (len(prompts) * num_images_per_prompt, self.pipe.unet.config.in_channels)
+        latent_shape += (height // factor, width // factor)
+        if latents is not None and tuple(latents.shape) != latent_shape:
+            raise ValueError(
+                f"latents must have shape {latent_shape} for these prompts and size, got {tuple(latents.shape)}."
+            )
         if seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
         for message in warnings:
@@ -778,6 +785,14 @@ def enable_compile_on(
     return CompiledRun(modules, backend=backend, mode=mode)
 
 
+def _is_compile_error(error: BaseException) -> bool:
+    """Whether `error` comes from torch.compile (dynamo, inductor, the C++ or Triton toolchain)."""
+    if isinstance(error, torch._dynamo.exc.TorchDynamoException):
+        return True
+    module = type(error).__module__ or ""
+    return module.startswith(("torch._dynamo", "torch._inductor", "triton", "subprocess"))
+
+
 def run_compile_warm_up(owner: Any, shape: tuple, run, logger_) -> float | None:
     """`CompiledRun.warm_up` for `owner._compiled`; on a compile error: one warning, back to eager, None."""
     compiled = owner._compiled
@@ -785,7 +800,9 @@ def run_compile_warm_up(owner: Any, shape: tuple, run, logger_) -> float | None:
         return None
     try:
         return compiled.warm_up(shape, run)
-    except Exception as error:  # inductor/dynamo failures are many kinds; any of them means: run eagerly
+    except Exception as error:
+        if not _is_compile_error(error):
+            raise  # e.g. latents of the wrong shape: the caller's error, not the compiler's
         compiled.undo()
         owner._compiled = None
         root = error

@@ -426,6 +426,9 @@ def test_a_failing_compilation_falls_back_to_eager_with_one_warning(tiny, caplog
 
     reference = tiny("a red car", seed=2, output_type="pt").images
     assert tiny.enable_compile(backend=broken_backend) is True
+    with pytest.raises(ValueError, match="shape"):  # the caller's error is raised, compiled mode stays on
+        tiny("a red car", latents=torch.zeros(1, 4, 5, 5))
+    assert tiny.settings["compile"] is not None
     with caplog.at_level(logging.WARNING):
         out = tiny("a red car", seed=2, output_type="pt")
         tiny("a red car", seed=2, output_type="pt")
