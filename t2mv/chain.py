@@ -59,10 +59,6 @@ FAILED_MARKER = "FAILED.json"
 # Kept only so existing callers (benchmarks/stages.py) run unchanged; new code uses GenerationSettings.
 ChainDefaults = GenerationSettings
 TINY_DEFAULTS = SMOKE_SETTINGS
-# Read by app.py until it reads GenerationSettings.bounds() itself; derived, so it cannot disagree.
-LIMITS: dict[str, tuple[float, float]] = {
-    spec.name: (spec.low, spec.high) for spec in GenerationSettings.bounds().values() if spec.low is not None
-}
 
 __all__ = [
     "FAILED_MARKER",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
@@ -135,6 +136,11 @@ def option(
         "step": step,
     }
     return field(default=default, metadata={"t2mv": meta})
+
+
+# Settings that passed `validate()` (frozen, so they stay valid; equal settings are equally valid). Kept outside the
+# instances so that fields, equality, repr and ``__dict__`` stay exactly the options.
+_VALIDATED: weakref.WeakSet = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -339,13 +345,13 @@ class GenerationSettings:
             BadInputError: one line naming each bad option, its value and what is allowed.
         """
         skip = tuple(skip)
-        if not skip and self.__dict__.get("_validated"):
+        if not skip and self in _VALIDATED:
             return self  # checked once at the edge; the chain's own call costs nothing and re-checks nothing
         found = self.problems(skip=skip, names=names)
         if found:
             raise BadInputError(" ".join(found))
         if not skip:
-            object.__setattr__(self, "_validated", True)  # not a field: equality, repr and to_dict ignore it
+            _VALIDATED.add(self)
         return self
 
     # ------------------------------------------------------------------------------------------ reading

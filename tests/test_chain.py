@@ -11,7 +11,7 @@ from PIL import Image
 
 from t2mv import chain as chain_module
 from t2mv.chain import FAILED_MARKER, ChainResult, TextTo3D, _MemoSession, horizontal_strip
-from t2mv.errors import BadInputError, StageFailedError, WeightsUnavailableError, exit_code
+from t2mv.errors import BadInputError, StageFailedError, WeightsUnavailableError, describe, exit_code
 from t2mv.inputs import MAX_IMAGE_PIXELS, open_image
 from t2mv.settings import GenerationSettings
 from t2mv.tiny import SMOKE_BANNER, FakeRembgSession, smoke_requested
@@ -394,13 +394,13 @@ def test_late_failure_keeps_finished_stages_and_writes_a_marker(tmp_path):
     assert (out / "mesh.glb").is_file() and not (out / FAILED_MARKER).exists()
 
 
-def test_out_of_memory_in_the_mesh_stage_keeps_the_views(tmp_path):
-    chain = TextTo3D.tiny(seed=0, stages=("multiview", "mesh"))
+def test_out_of_memory_in_the_mesh_stage_keeps_the_inputs(tmp_path):
+    chain = TextTo3D.tiny(seed=0, stages=("mesh",))  # (the views' case is the no-surface test above)
     chain.reconstructor.extract_mesh = Exploding(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     with pytest.raises(StageFailedError) as info:
         chain(image=square_on_white(), output_dir=tmp_path / "run", mesh_formats=("glb", "ply"))
-    assert exit_code(info.value) == 4 and (tmp_path / "run" / "normals.png").is_file()
-    assert (tmp_path / "run" / "image.png").is_file()
+    assert exit_code(info.value) == 4 and "--offload" in describe(info.value)
+    assert {"image.png", "mesh_input.png", FAILED_MARKER} <= {p.name for p in (tmp_path / "run").iterdir()}
 
 
 def test_failure_of_the_first_stage_writes_nothing(tmp_path):

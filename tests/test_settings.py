@@ -106,8 +106,8 @@ def test_validated_once_then_never_rechecked(monkeypatch):
     monkeypatch.setattr(GenerationSettings, "problems", lambda self, **kwargs: calls.append(self.seed) or [])
     checked.validate()  # what the chain does with settings the CLI or app already checked
     assert calls == []
-    checked.with_changes(seed=6).validate()  # a changed copy is a new object: checked again
-    assert calls == [6]
+    checked.with_changes(seed=987_654).validate()  # changed settings are checked again
+    assert calls == [987_654]
 
 
 def test_importing_the_package_keeps_diffusers_away_from_jax():
