@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     _check_steps(steps, args.scheduler, args.num_time_windows)
     image = open_image(args.image)
     output = check_output_folder(args.output, may_exist=args.overwrite).resolve()
+    check_output_folder(output.parent)  # the staging folder is made there and renamed into place
     remove_background = settings.remove_background and not has_alpha(image)
     session = None
     if remove_background:  # u2net now (smoke mode: the weightless stand-in), not after the model loaded
