@@ -697,9 +697,14 @@ def preferred_sdpa(device: str | torch.device):
 
     if torch.device(device).type != "cuda":
         return contextlib.nullcontext()
+    import inspect
+
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([getattr(SDPBackend, name) for name in SDPA_PRIORITY], set_priority=True)
+    backends = [getattr(SDPBackend, name) for name in SDPA_PRIORITY]
+    if "set_priority" not in inspect.signature(sdpa_kernel).parameters:  # torch < 2.6: its own order, flash first
+        return sdpa_kernel(backends)
+    return sdpa_kernel(backends, set_priority=True)
 
 
 def sdpa_choice(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str:

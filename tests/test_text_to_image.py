@@ -458,6 +458,20 @@ def test_attention_kernels_are_reported(tiny):
         assert sdpa_choice(q, q, q) == "FLASH_ATTENTION"
 
 
+def test_flash_first_on_cuda_is_set_and_restored():
+    # The CUDA branch only sets PyTorch's global SDPA flags, so it runs on a CPU-only machine too.
+    from torch.nn.attention import SDPBackend
+
+    from t2mv.text_to_image import preferred_sdpa
+
+    before = torch._C._get_sdp_priority_order()
+    with preferred_sdpa("cuda"):
+        order = [SDPBackend(i).name for i in torch._C._get_sdp_priority_order()]
+        assert order[:4] == ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"]
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert torch._C._get_sdp_priority_order() == before
+
+
 def test_importing_t2mv_is_light():
     code = (
         "import sys, t2mv; "
