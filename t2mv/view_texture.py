@@ -3,14 +3,14 @@
 The mesh (TripoSR's, in the export frame: glTF, +Y up, the input view seen from +Z) and the six views (orthographic,
 elevation 0, cameras in `wonder3d_perflow.cameras.view_axes`) live at different scales and offsets. One orthographic
 camera (`ViewCamera`: a scale and a 3-D centre) is fitted so that the mesh's six silhouettes match the views'
-foreground masks; the mesh itself is never moved. Each surface point (UV texel of an xatlas atlas, and each vertex)
+foreground masks; the mesh itself is never moved. Each surface point (UV texel of an atlas, and each vertex)
 then takes a blend of the views that see it: visibility by a depth test against a per-view depth buffer
 (`triposr.texture.rasterize_screen`), weights cos^k(normal, view direction) times a falloff near mask edges and
 depth discontinuities (where a view's pixels mix background or another surface). Surface no view sees falls back,
 smoothly, to `fallback(points)` (TripoSR's colour field) or, without one, to a fill diffused from the seen surface.
 
 All tensor work runs on `device` (CPU or CUDA); the masks' cleanup and distance transforms (scipy) and the atlas
-(xatlas) run on the host.
+(`triposr.texture.projection_atlas` in numpy by default, or xatlas) run on the host.
 """
 
 from __future__ import annotations
@@ -214,8 +214,7 @@ def _render_views(
     """Depth buffers of the six views: (6, S, S) depth (-inf where no surface) and (6, S, S) bool coverage.
 
     Only faces turned towards each camera are drawn (back faces of a closed mesh are always hidden behind front
-    faces, and a silhouette is the union of front faces), which halves the work. The six views are laid side by side
-    in one S x 6S image so that a single rasteriser call draws them all.
+    faces, and a silhouette is the union of front faces), which halves the work.
     """
     size = camera.image_size
     proj = camera.project(vertices)  # (6, V, 3)
@@ -223,17 +222,12 @@ def _render_views(
     tri = vertices[faces]  # (F, 3, 3)
     face_normal = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # (F, 3) unnormalised
     facing = (face_normal @ axes[:, 2].T).T > 0  # (6, F)
-    xy = proj[..., :2].clone()  # (6, V, 2)
-    xy[..., 0] += torch.arange(NUM_VIEWS, device=vertices.device, dtype=xy.dtype)[:, None] * size
-    num_v = vertices.shape[0]
-    view_faces = torch.cat([faces[facing[k]] + k * num_v for k in range(NUM_VIEWS)])  # (F', 3)
-    pixel, face, bary = rasterize_screen(
-        xy.reshape(-1, 2), proj[..., 2].reshape(-1), view_faces, size, NUM_VIEWS * size
-    )
-    depth = (proj[..., 2].reshape(-1)[view_faces[face]] * bary).sum(dim=-1)  # (N,)
-    zbuf = torch.full((size * NUM_VIEWS * size,), float("-inf"), dtype=vertices.dtype, device=vertices.device)
-    zbuf[pixel] = depth.to(zbuf.dtype)
-    zbuf = zbuf.reshape(size, NUM_VIEWS, size).permute(1, 0, 2).contiguous()  # (6, S, S)
+    zbuf = torch.full((NUM_VIEWS, size * size), float("-inf"), dtype=vertices.dtype, device=vertices.device)
+    for k in range(NUM_VIEWS):
+        view_faces = faces[facing[k]]  # (F_k, 3)
+        pixel, face, bary = rasterize_screen(proj[k, :, :2], proj[k, :, 2], view_faces, size, size)
+        zbuf[k, pixel] = (proj[k, :, 2][view_faces[face]] * bary).sum(dim=-1).to(zbuf.dtype)  # (N,) depth
+    zbuf = zbuf.reshape(NUM_VIEWS, size, size)
     return zbuf, torch.isfinite(zbuf)
 
 
