@@ -346,6 +346,26 @@ def test_sparse_equals_dense_on_the_benchmark_field(benchmark_field, one_thread)
     torch.testing.assert_close(v_sparse[f_sparse], v_dense[f_dense], rtol=0, atol=1e-4)  # grid units
 
 
+def test_margin_keeps_near_threshold_specks_of_the_tiny_model(one_thread):
+    """TSR.tiny's random field has specks a few voxels wide whose density barely exceeds the threshold; the default
+    margin (0.75) keeps them at R=64, half of it does not (so this field tells the margins apart)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.stages import object_image
+    from triposr import TSR
+
+    model = TSR.tiny(seed=0)
+    query = tmesh.scene_code_query_fn(model, model([object_image(64, (127, 127, 127))])[0])
+    args = dict(radius=RADIUS, resolution=64, threshold=25.0, chunk_size=2**18, device="cpu")
+    dense = tmesh.level_grid(query, **args) > 0
+    sparse, _ = tmesh.sparse_level_grid(query, **args)
+    assert torch.equal(dense, sparse > 0)
+    half_margin, _ = tmesh.sparse_level_grid(query, **args, margin=0.5 * tmesh.SPARSE_MARGIN)
+    assert (dense & ~(half_margin > 0)).sum() > 0
+
+
 # An analytic field on a 65^3 grid (64 cells: blocks of 4 cells, coarse points every 4th grid line).
 THIN_RES = 65
 H = 2 * RADIUS / (THIN_RES - 1)  # grid spacing
