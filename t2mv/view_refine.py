@@ -137,18 +137,41 @@ class Visibility:
 
 @dataclass
 class Render:
-    """Differentiable render at the pixels of a `Visibility`."""
+    """Differentiable render at the pixels of a `Visibility`.
 
-    normal: torch.Tensor  # (N, 3) unit export-frame normal at each covered pixel
+    The interpolated normal is affine in the pixel position within a triangle, so it is kept per (view, triangle)
+    pair: m(p) = gx * p.x + gy * p.y + h (unnormalised); `normal` evaluates it at the pixels.
+    """
+
+    gx: torch.Tensor  # (P, 3)
+    gy: torch.Tensor  # (P, 3)
+    h: torch.Tensor  # (P, 3)
     edge_coverage: torch.Tensor  # (B,) soft coverage of each silhouette pixel in [0, 1]
     vis: Visibility
+
+    @property
+    def normal(self) -> torch.Tensor:
+        """(N, 3) unit export-frame normal at each covered pixel (differentiable)."""
+        pair = self.vis.pair
+        p = self._pixel_centres()  # (N, 2)
+        m = self.gx.index_select(0, pair) * p[:, :1] + self.gy.index_select(0, pair) * p[:, 1:]
+        return F.normalize(m + self.h.index_select(0, pair), dim=-1, eps=1e-12)  # (N, 3)
+
+    def cosine(self, target: torch.Tensor) -> torch.Tensor:
+        """(N,) cosine between each pixel's normal and target (N, 3) unit vectors: `(normal * target).sum(-1)`, in
+        one fused autograd node (the optimiser's hot path: ~3x fewer tensor passes than the composed ops)."""
+        return _PixelCosine.apply(self.gx, self.gy, self.h, self.vis.pair, self._pixel_centres(), target)
+
+    def _pixel_centres(self) -> torch.Tensor:
+        return _centres(self.vis.pixel, self.vis.size, self.h.dtype)
 
     def images(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense images: normal (6, S * S, 3) (0 where uncovered) and soft coverage (6, S * S)."""
         vis = self.vis
-        normal = torch.zeros(vis.hard.numel(), 3, dtype=self.normal.dtype, device=self.normal.device)
-        normal = normal.index_put((vis.pixel,), self.normal).reshape(*vis.hard.shape, 3)
-        coverage = vis.hard.reshape(-1).to(self.normal.dtype).index_put((vis.edge_pixel,), self.edge_coverage)
+        values = self.normal  # (N, 3)
+        normal = torch.zeros(vis.hard.numel(), 3, dtype=values.dtype, device=values.device)
+        normal = normal.index_put((vis.pixel,), values).reshape(*vis.hard.shape, 3)
+        coverage = vis.hard.reshape(-1).to(values.dtype).index_put((vis.edge_pixel,), self.edge_coverage)
         return normal, coverage.reshape(vis.hard.shape)
 
 
@@ -315,11 +338,6 @@ def render(vertices: torch.Tensor, topo: Topology, camera: Camera, vis: Visibili
     gx = (ax[..., None] * dn).sum(1)  # (P, 3)
     gy = (ay[..., None] * dn).sum(1)
     h = (a0[..., None] * dn).sum(1) + n[:, 2]
-    p = _centres(vis.pixel, size, xy.dtype)  # (N, 2)
-    m = (
-        gx.index_select(0, vis.pair) * p[:, :1] + gy.index_select(0, vis.pair) * p[:, 1:] + h.index_select(0, vis.pair)
-    )  # (N, 3)
-    normal = F.normalize(m, dim=-1, eps=1e-12)  # (N, 3)
     # Soft coverage of silhouette pixels: a pixel-wide box cut by the contour edge's line.
     e = vis.edge + (vis.edge_pixel // (size * size) * num)[:, None]  # (B, 2) into xy
     ea, eb = xy[e[:, 0]], xy[e[:, 1]]  # (B, 2)
@@ -327,7 +345,33 @@ def render(vertices: torch.Tensor, topo: Topology, camera: Camera, vis: Visibili
     d = eb - ea
     cross = d[:, 0] * (q[:, 1] - ea[:, 1]) - d[:, 1] * (q[:, 0] - ea[:, 0])  # (B,)
     signed = vis.edge_sign * cross / d.norm(dim=-1).clamp(min=1e-9)  # (B,) pixels, > 0 inside
-    return Render(normal, (0.5 + signed).clamp(0.0, 1.0), vis)
+    return Render(gx, gy, h, (0.5 + signed).clamp(0.0, 1.0), vis)
+
+
+class _PixelCosine(torch.autograd.Function):
+    """cos(m(p), t) per pixel with m(p) = gx[pair] * p.x + gy[pair] * p.y + h[pair], backward by hand:
+    d cos / d m = (t - cos * m / |m|) / |m|, gathered back to the pairs with index_add."""
+
+    @staticmethod
+    def forward(ctx, gx, gy, h, pair, p, target):
+        px, py = p[:, :1], p[:, 1:]  # (N, 1)
+        m = gx.index_select(0, pair) * px + gy.index_select(0, pair) * py + h.index_select(0, pair)  # (N, 3)
+        length = m.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # (N, 1)
+        unit = m / length
+        cos = (unit * target).sum(-1)  # (N,)
+        ctx.save_for_backward(unit, length, cos, pair, p, target)
+        ctx.num_pairs = len(h)
+        return cos
+
+    @staticmethod
+    def backward(ctx, grad):
+        unit, length, cos, pair, p, target = ctx.saved_tensors
+        g = (target - cos[:, None] * unit) * (grad[:, None] / length)  # (N, 3) d loss / d m
+        zeros = torch.zeros(ctx.num_pairs, 3, dtype=g.dtype, device=g.device)
+        grad_h = zeros.index_add(0, pair, g)
+        grad_gx = zeros.index_add(0, pair, g * p[:, :1])
+        grad_gy = zeros.index_add(0, pair, g * p[:, 1:])
+        return grad_gx, grad_gy, grad_h, None, None, None
 
 
 # --------------------------------------------------------------------------------------------- Large Steps
@@ -552,7 +596,7 @@ def view_losses(rendered: Render, targets: Targets) -> tuple[torch.Tensor, torch
             hard_err,  # (6,) squared coverage error off the silhouette pixels
         )
     view, weight, target, uncovered, edge_view, edge_mask, hard_err = vis.cache[id(targets)]
-    cos = (rendered.normal * target).sum(-1)  # (N,)
+    cos = rendered.cosine(target)  # (N,)
     covered = torch.zeros(NUM_VIEWS, dtype=cos.dtype, device=cos.device).index_add(0, view, weight * (1.0 - cos))
     normal = (covered + uncovered) / targets.weight.sum(-1).clamp(min=1e-6)  # (6,)
     # Silhouette: soft coverage on the silhouette pixels, the z-buffer's elsewhere.
@@ -684,7 +728,7 @@ def refine_mesh(
     iterations: int = 200,
     device: torch.device | str | None = None,
     seed: int = 0,
-    lr: float = 3e-3,
+    lr: float = 3e-2,
     lam: float = 19.0,
     view_weights: Sequence[float] = DEFAULT_VIEW_WEIGHTS,
     silhouette_weight: float = 1.0,

@@ -197,6 +197,32 @@ def test_render_gradients_match_finite_differences(one_thread):
     assert set(torch.nonzero(moved).squeeze(1).tolist()) <= set(vis.edge.unique().tolist())
 
 
+def test_fused_pixel_cosine(one_thread):
+    """The optimiser's fused cosine node: finite differences (gradcheck) and the composed ops agree with it."""
+    gen = torch.Generator().manual_seed(1)
+    pairs, pixels = 7, 40
+    gx, gy, h = (torch.randn(pairs, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    pair = torch.randint(0, pairs, (pixels,), generator=gen)
+    p = torch.rand(pixels, 2, generator=gen, dtype=torch.float64) * 4
+    target = torch.nn.functional.normalize(torch.randn(pixels, 3, generator=gen, dtype=torch.float64), dim=-1)
+    assert torch.autograd.gradcheck(lambda *a: vr._PixelCosine.apply(*a, pair, p, target), (gx, gy, h))
+
+    mesh = bumpy_sphere(1)
+    x = torch.tensor(mesh.vertices, dtype=torch.float64, requires_grad=True)
+    topo = vr.mesh_topology(torch.tensor(mesh.faces), len(x))
+    camera = ViewCamera(scale=1.5, center=(0.0, 0.0, 0.0), image_size=32)
+    r = vr.render(x, topo, camera, vr.visibility(x, topo, camera, 32))
+    target = torch.nn.functional.normalize(
+        torch.randn(len(r.vis.pixel), 3, generator=gen, dtype=torch.float64), dim=-1
+    )
+    fused = r.cosine(target)
+    composed = (r.normal * target).sum(-1)
+    torch.testing.assert_close(fused, composed)
+    (g_fused,) = torch.autograd.grad(fused.sum(), x, retain_graph=True)
+    (g_composed,) = torch.autograd.grad(composed.sum(), x)
+    torch.testing.assert_close(g_fused, g_composed)
+
+
 def test_renderer_matches_analytic_raycast(gt, one_thread):
     """The module's renders of the ground-truth mesh agree with an independent ray-cast of the analytic surface:
     same silhouettes (also no mirror image: the bumps are asymmetric) and normals in the front camera's frame."""
