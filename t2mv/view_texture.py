@@ -291,7 +291,10 @@ def _fit(
     # Areas in NDC units (the reference grid is R², the masks S²).
     scale = ref.scale * torch.sqrt((area[ok].sum() / size**2) / (ref_area[ok].sum() / fit_size**2)).item()
     rhs = x_mesh[ok] - u[ok] / scale  # (K,) = right_k . c
-    cxz = torch.linalg.lstsq(right[ok][:, [0, 2]], rhs[:, None]).solution[:, 0]  # (2,) min-norm if rank-deficient
+    # A (K, 2) least-squares problem, solved on the host: its min-norm answer when only parallel views (front and
+    # back) are usable needs the SVD-based driver, which CUDA's lstsq lacks.
+    design = right[ok][:, [0, 2]].cpu()  # (K, 2)
+    cxz = torch.linalg.lstsq(design, rhs[:, None].cpu(), driver="gelsd").solution[:, 0].to(device)  # (2,)
     cy = (y_mesh[ok] - v[ok] / scale).mean()
     center = torch.stack([cxz[0], cy, cxz[1]])  # (3,)
 

@@ -351,3 +351,15 @@ def test_silhouettes_that_do_not_match_raise(views):
     bar[120:136, 8:248] = (90, 90, 200)  # a long thin bar: no scale/offset of the ellipsoid matches it
     with pytest.raises(vt.ViewTextureError, match="IoU"):
         vt.texture_from_views(mesh, [Image.fromarray(bar)] * 6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(views):
+    mesh = ellipsoid_mesh(subdivisions=3)
+    cpu = vt.texture_from_views(mesh, views, texture_size=512)
+    gpu = vt.texture_from_views(mesh, views, texture_size=512, device="cuda")
+    np.testing.assert_allclose(gpu.view_iou, cpu.view_iou, atol=0.01)
+    assert gpu.coverage == pytest.approx(cpu.coverage, abs=0.01)
+    texture = [np.asarray(r.mesh.visual.material.baseColorTexture, dtype=np.float64) / 255 for r in (cpu, gpu)]
+    assert np.abs(texture[0] - texture[1]).mean() < 2 / 255
+    assert np.abs(cpu.vertex_colors.astype(int) - gpu.vertex_colors.astype(int)).mean() < 2
