@@ -1,9 +1,10 @@
 """Mesh-stage speed cases (stage ``mesh-speed``): the levers of issue 10 side by side in one run.
 
-- field evaluation: dense grid vs coarse-to-fine (``method="sparse"``), both with torch marching cubes, and the
-  dense grid with PyMCubes (the previous default); each case records whether its mesh equals the dense torch mesh
-  (same triangles in the same order) or, if not, the symmetric Hausdorff distance between them in voxels;
-- marching cubes alone on one fixed level grid: torch (on the field's device) vs PyMCubes (host);
+- the mesh stage (field, marching cubes, vertex colours): dense grid vs coarse-to-fine (``method="sparse"``), both
+  with torch marching cubes; the sparse case records whether its mesh equals the dense one (same triangles in the
+  same order) or, if not, the symmetric Hausdorff distance between them in voxels, and how much it queried;
+- marching cubes alone on one level grid: torch (on the field's device) vs PyMCubes (host, the previous default;
+  the two give the same triangles);
 - TripoSR forward in float32 vs half precision (autocast: float16 on CUDA, bfloat16 on CPU) and, on the CPU,
   float16 emulated (CUDA autocast numerics: see ``emulated_fp16``); each records the scene-code difference to
   float32 and the voxelised mesh IoU (occupancy of the level grid at the case's resolution) against float32.
@@ -113,7 +114,7 @@ def emulated_fp16(modules: list[torch.nn.Module]) -> Iterator[dict[str, float]]:
 
 
 def mesh_speed_cases(b: Builder, sizes: Sizes) -> list[Case]:
-    from triposr.mesh import level_grid, scene_code_query_fn
+    from triposr.mesh import scene_code_query_fn, sparse_level_grid
     from triposr.system import HALF_DTYPES
 
     model = b.tsr()
@@ -125,7 +126,7 @@ def mesh_speed_cases(b: Builder, sizes: Sizes) -> list[Case]:
     cases: list[Case] = []
 
     # Field evaluation + marching cubes (+ vertex colours): the whole mesh stage.
-    for method, backend in (("dense", "torch"), ("sparse", "torch"), ("dense", "pymcubes")):
+    for method, backend in (("dense", "torch"), ("sparse", "torch")):
 
         def run(method=method, backend=backend):
             return model.extract_mesh(
@@ -140,8 +141,6 @@ def mesh_speed_cases(b: Builder, sizes: Sizes) -> list[Case]:
             if reference is not None and key != ("dense", "torch"):
                 info["vs_dense_torch"] = same_mesh(mesh, reference, voxel)
             if key[0] == "sparse":
-                from triposr.mesh import sparse_level_grid
-
                 _, counts = sparse_level_grid(
                     scene_code_query_fn(model, codes[0]),
                     radius=radius,
@@ -164,11 +163,11 @@ def mesh_speed_cases(b: Builder, sizes: Sizes) -> list[Case]:
             )
         )
 
-    # Marching cubes alone, on one level grid.
+    # Marching cubes alone, on one level grid (the coarse-to-fine one: the same triangles as the dense grid's).
     def level():
         if "level" not in state:
             with torch.no_grad():
-                state["level"] = level_grid(
+                state["level"], _ = sparse_level_grid(
                     scene_code_query_fn(model, codes[0]),
                     radius=radius,
                     resolution=res,

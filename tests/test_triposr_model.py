@@ -304,6 +304,10 @@ def test_half_precision_choice(tiny_dir):
     assert whole.half_dtype("cpu") is None
     loaded = TSR.from_pretrained(tiny_dir, weight_name="model.safetensors", half_precision=True)
     assert loaded.half_precision is True and loaded.dtype == torch.float32
+    assert loaded.half_dtype("cpu", half_precision=False) is None  # a per-call choice wins over the model's
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(loaded(image), loaded(image, half_precision=False))
+    torch.testing.assert_close(loaded(image, half_precision=False), TSR.from_pretrained(tiny_dir)(image))
 
 
 def _occupancy(model, code, resolution=64):

@@ -313,8 +313,9 @@ def extract_mesh(
         backend: "torch" (the default for "auto": `triposr.marching_cubes`, on `device`, PyMCubes's triangles),
             "pymcubes" or "skimage" (both on the host).
         method: "sparse" (default: coarse grid first, full resolution only near the surface, see
-            `sparse_level_grid`; the same mesh as "dense" wherever the surface comes near a coarse point) or
-            "dense" (every grid point).
+            `sparse_level_grid`: the same mesh as "dense", except that a speck of surface smaller than a 4-cell
+            block whose density stays outside 0.25..1.75x the threshold at every coarse point around it is
+            missed) or "dense" (every grid point).
 
     Returns:
         A `trimesh.Trimesh` in the export frame (glTF: +Y up, front +Z), outward normals, uint8 RGBA vertex colours

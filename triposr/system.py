@@ -32,7 +32,7 @@ DEFAULT_REPO = "stabilityai/TripoSR"
 
 # Half precision of the image tokenizer + transformer (autocast), per device type; the upsampler, the density
 # decoder and marching cubes always run in float32. "cuda": float16; "cpu": bfloat16 (float16 matmuls are
-# emulated, ~100x slower, on CPUs without native support). The defaults: see TSR.half_precision.
+# emulated, ~100x slower, on CPUs without native support). The defaults: see TSR.half_dtype.
 HALF_DTYPES = {"cuda": torch.float16, "cpu": torch.bfloat16}
 DEFAULT_HALF_PRECISION = {"cuda": True, "cpu": False}
 
@@ -236,11 +236,13 @@ class TSR(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.tokenizer.embeddings.dtype
 
-    def half_dtype(self, device: str | torch.device | None = None) -> torch.dtype | None:
+    def half_dtype(
+        self, device: str | torch.device | None = None, half_precision: bool | torch.dtype | None = None
+    ) -> torch.dtype | None:
         """The autocast dtype of the image tokenizer + triplane transformer on ``device`` (default: the model's), or
         None when they run in the model's own dtype.
 
-        From ``self.half_precision``: True: ``HALF_DTYPES`` (float16 on CUDA, bfloat16 on CPU); a dtype: that one
+        From ``half_precision`` (default: ``self.half_precision``): True: ``HALF_DTYPES`` (float16 on CUDA, bfloat16 on CPU); a dtype: that one
         (e.g. float16 on the CPU, to check CUDA's numerics there, slowly); False: never; None (default):
         ``DEFAULT_HALF_PRECISION`` of the device type. Only a float32 model runs a half trunk (a model cast to
         float16/bfloat16 as a whole runs as it is). The weights stay float32; autocast runs the transformer's
@@ -248,7 +250,7 @@ class TSR(nn.Module):
         decoder and marching cubes stay float32.
         """
         device = self.device if device is None else torch.device(device)
-        choice = self.half_precision
+        choice = self.half_precision if half_precision is None else half_precision
         if choice is None:
             choice = DEFAULT_HALF_PRECISION.get(device.type, False)
         if choice is False or self.dtype != torch.float32 or device.type not in HALF_DTYPES:
@@ -291,17 +293,23 @@ class TSR(nn.Module):
         raise TypeError(f"images must be a PIL image, a list of PIL images or a tensor, got {type(images).__name__}")
 
     @torch.no_grad()
-    def forward(self, images: ImageInput, device: str | torch.device | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        images: ImageInput,
+        device: str | torch.device | None = None,
+        half_precision: bool | torch.dtype | None = None,
+    ) -> torch.Tensor:
         """Images -> scene codes (B, 3, C, 2P, 2P) on ``device`` (default: the model's) in the model's dtype.
 
         ``images``: PIL RGB image(s) already preprocessed (object centred on 0.5 grey, see preprocess_image), or a
         float tensor (B, 3, H, W) in [0, 1]; either is resized to cond_image_size. The image tokenizer and the
-        transformer run in ``half_dtype(device)`` when that is set (autocast), the upsampler in the model's dtype.
+        transformer run in ``half_dtype(device, half_precision)`` when that is set (autocast; ``half_precision``
+        None: the model's ``half_precision``), the upsampler in the model's dtype.
         """
         device = self.device if device is None else torch.device(device)
         pixels = self._images_to_tensor(images).to(device=device, dtype=self.dtype)  # (B, 3, S, S)
         batch = pixels.shape[0]
-        half = self.half_dtype(device)
+        half = self.half_dtype(device, half_precision)
         autocast = torch.autocast(device.type, dtype=half) if half is not None else contextlib.nullcontext()
         with autocast:
             image_tokens = self.image_tokenizer(pixels).transpose(1, 2)  # (B, Nt, Cv): cross-attention context
