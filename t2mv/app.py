@@ -435,8 +435,8 @@ def build_demo(
     output_root = Path(output_dir) if output_dir is not None else Path(tempfile.gettempdir()) / "t2mv-app"
     defaults = chain.defaults
     specs = GenerationSettings.bounds()
-    has_t2i = chain.text_to_image is not None
-    has_mesh = chain.reconstructor is not None
+    has_t2i = "text_to_image" in chain.stages
+    has_mesh = "mesh" in chain.stages
     # Fonts the browser already has: gr.themes.Font adds no @font-face (plain strings would become LocalFonts,
     # fetched from /static/fonts, and the default theme loads Google Fonts).
     theme = gr.themes.Default(

@@ -43,6 +43,7 @@ from .inputs import (
     write_image,
     write_text,
 )
+from .residency import StageSlot, auto_low_memory, free_memory, move_stage
 from .settings import MAX_SEED, SMOKE_SETTINGS, GenerationSettings
 from .tiny import SMOKE_BANNER, FakeRembgSession, warn_smoke
 
@@ -222,15 +223,6 @@ def _host_peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def _move(stage: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
-    """Move a stage's weights: an object holding a diffusers ``.pipe``, a diffusers pipeline, or an nn.Module."""
-    if isinstance(stage, torch.nn.Module):
-        stage.to(device=device, dtype=dtype)
-    else:  # DiffusionPipeline.to(torch_device, torch_dtype) in diffusers 0.19
-        pipe = getattr(stage, "pipe", stage)
-        pipe.to(device, dtype)
-
-
 def resolve_device_dtype(
     device: str | torch.device | None, dtype: torch.dtype | None
 ) -> tuple[torch.device, torch.dtype]:
@@ -268,6 +260,10 @@ class TextTo3D:
         model_ids: recorded in the results' settings.
         defaults: the `GenerationSettings` a call without `settings` uses (and the UI starts from); default
             `GenerationSettings()`, or `GenerationSettings.smoke()` in smoke mode.
+        loaders: low-memory mode: {stage name: callable returning the stage} for stages that are loaded when
+            they run and freed right after (``text_to_image``, ``multiview``, ``mesh``), instead of built stages.
+        multiview_size: the multiview stage's input side when it comes from a loader (measured by
+            `from_pretrained`/`tiny`, which check every loader once).
     """
 
     def __init__(
@@ -283,27 +279,51 @@ class TextTo3D:
         smoke: bool = False,
         model_ids: dict[str, Any] | None = None,
         defaults: GenerationSettings | None = None,
+        loaders: dict[str, Callable[[], Any]] | None = None,
+        multiview_size: int | None = None,
     ):
-        if text_to_image is None and multiview is None and reconstructor is None:
+        loaders = dict(loaders or {})
+        if set(loaders) - set(STAGES):
+            raise ValueError(f"loaders: unknown stage(s) {sorted(set(loaders) - set(STAGES))}; known: {STAGES}.")
+        built = {"text_to_image": text_to_image, "multiview": multiview, "mesh": reconstructor}
+        if not any(v is not None for v in built.values()) and not loaders:
             raise ValueError("TextTo3D needs at least one stage (text_to_image, multiview or reconstructor).")
         self.device, self.dtype = resolve_device_dtype(device, dtype)
         self.offload = bool(offload) and self.device.type != "cpu"
-        self.text_to_image = text_to_image
-        self.multiview = multiview
-        self.reconstructor = reconstructor
+        # One slot per stage: a built stage (resident) or a loader (low-memory mode: loaded per run, freed after).
+        # TripoSR always runs in float32 (its density threshold and marching cubes are tuned in float32).
+        self._slots = {
+            name: StageSlot(
+                name, built[name], loaders.get(name), dtype=torch.float32 if name == "mesh" else self.dtype
+            )
+            for name in STAGES
+        }
+        self.low_memory = bool(loaders)
+        self._multiview_size_hint = multiview_size
         self.smoke = smoke
         self.model_ids = dict(model_ids or {})
         self.defaults = defaults if defaults is not None else GenerationSettings.defaults(smoke)
         self._rembg_session = None if rembg_session is None else _MemoSession(rembg_session)
         if smoke:
             warn_smoke()
-        # Without offload every stage lives on the device for the chain's lifetime; with it, on the CPU.
+        # Without offload every resident stage lives on the device for the chain's lifetime; with it, on the CPU.
         home = "cpu" if self.offload else self.device
-        for stage in (text_to_image, multiview):
-            if stage is not None:
-                _move(stage, home, self.dtype)
-        if reconstructor is not None:
-            _move(reconstructor, home, torch.float32)
+        for slot in self._slots.values():
+            if slot.resident:
+                move_stage(slot.stage, home, slot.dtype)
+
+    # The resident stages (None for a stage that is absent or loaded per run in low-memory mode: use `stages`).
+    text_to_image = property(
+        lambda self: self._slots["text_to_image"].stage,
+        lambda self, stage: setattr(self._slots["text_to_image"], "stage", stage),
+    )
+    multiview = property(
+        lambda self: self._slots["multiview"].stage,
+        lambda self, stage: setattr(self._slots["multiview"], "stage", stage),
+    )
+    reconstructor = property(
+        lambda self: self._slots["mesh"].stage, lambda self, stage: setattr(self._slots["mesh"], "stage", stage)
+    )
 
     # ------------------------------------------------------------------------------------------ building
     @classmethod
@@ -322,6 +342,7 @@ class TextTo3D:
         offload: bool = False,
         local_files_only: bool | None = None,
         rembg_session: Any = None,
+        low_memory: bool | None = False,
     ) -> TextTo3D:
         """Load the stages named in `stages` (hub ids or local folders) and compose them.
 
@@ -330,17 +351,28 @@ class TextTo3D:
         Missing weights raise `WeightsUnavailableError`, naming the repo, the fixes and smoke mode. `rembg_session`: a
         background-removal session loaded beforehand (`t2mv.inputs.new_rembg_session`), so a missing u2net is
         reported before gigabytes load; None loads it on first use.
+
+        `low_memory`: keep at most one stage in memory: each stage is loaded when it runs and freed after it (the
+        background remover stays shared). None decides by itself (`t2mv.residency.auto_low_memory`: on the CPU
+        when the host has less RAM available than the resident chain needs). In low-memory mode every stage is
+        still loaded once here, one at a time, so missing or broken weights fail now, before any work.
         """
         _check_stages(stages)
         device, dtype = resolve_device_dtype(device, dtype)  # checked before gigabytes are loaded
-        load_device = "cpu" if offload else device
+        if low_memory is None:
+            low_memory = auto_low_memory(device, dtype)
+            if low_memory:
+                logger.warning(
+                    "Less RAM available than the resident chain needs: low-memory mode (one stage at a time)."
+                )
+        load_device = "cpu" if offload or low_memory else device
         model_ids: dict[str, Any] = {}
-        t2i = mv = tsr = None
-        if "text_to_image" in stages:
+
+        def load_t2i():
             from .text_to_image import TextToImage
 
             with _naming_stage("text-to-image", t2i_model):
-                t2i = TextToImage.from_pretrained(
+                stage = TextToImage.from_pretrained(
                     str(t2i_model),
                     delta=None if t2i_delta is None else str(t2i_delta),
                     delta_variant=delta_variant,
@@ -348,12 +380,15 @@ class TextTo3D:
                     device=str(load_device),
                     local_files_only=local_files_only,
                 )
-            model_ids.update(t2i_model=str(t2i_model), t2i_delta=None if t2i_delta is None else str(t2i_delta))
-        if "multiview" in stages:
+            if device.type == "cuda":  # xformers attention when it imports; torch SDPA otherwise
+                stage.enable_xformers()
+            return stage
+
+        def load_multiview():
             from wonder3d_perflow import MultiviewPipeline
 
             with _naming_stage("multiview", multiview_model):
-                mv = MultiviewPipeline.from_pretrained(
+                stage = MultiviewPipeline.from_pretrained(
                     str(multiview_model),
                     delta=None if multiview_delta is None else str(multiview_delta),
                     delta_variant=delta_variant,
@@ -361,24 +396,33 @@ class TextTo3D:
                     device=str(load_device),
                     local_files_only=local_files_only,
                 )
+            if device.type == "cuda":
+                stage.enable_xformers_if_available()
+            return stage
+
+        def load_tsr():
+            from triposr import TSR
+
+            with _naming_stage("mesh (TripoSR)", triposr_model):
+                return TSR.from_pretrained(str(triposr_model), local_files_only=local_files_only)
+
+        loaders = {"text_to_image": load_t2i, "multiview": load_multiview, "mesh": load_tsr}
+        loaders = {name: fn for name, fn in loaders.items() if name in stages}
+        if "text_to_image" in stages:
+            model_ids.update(t2i_model=str(t2i_model), t2i_delta=None if t2i_delta is None else str(t2i_delta))
+        if "multiview" in stages:
             model_ids.update(
                 multiview_model=str(multiview_model),
                 multiview_delta=None if multiview_delta is None else str(multiview_delta),
             )
         if "mesh" in stages:
-            from triposr import TSR
-
-            with _naming_stage("mesh (TripoSR)", triposr_model):
-                tsr = TSR.from_pretrained(str(triposr_model), local_files_only=local_files_only)
             model_ids.update(triposr_model=str(triposr_model))
         model_ids["delta_variant"] = delta_variant
-        if device.type == "cuda":  # xformers attention when it imports; both stages fall back to torch SDPA
-            for stage, method in ((t2i, "enable_xformers"), (mv, "enable_xformers_if_available")):
-                if stage is not None and hasattr(stage, method):
-                    getattr(stage, method)()
-        return cls(
-            t2i, mv, tsr, device=device, dtype=dtype, offload=offload, model_ids=model_ids, rembg_session=rembg_session
-        )
+        common = dict(device=device, dtype=dtype, offload=offload, model_ids=model_ids, rembg_session=rembg_session)
+        if low_memory:
+            return cls(loaders=loaders, multiview_size=_check_loaders(loaders), **common)
+        built = {name: fn() for name, fn in loaders.items()}
+        return cls(built.get("text_to_image"), built.get("multiview"), built.get("mesh"), **common)
 
     @classmethod
     def tiny(
@@ -389,8 +433,10 @@ class TextTo3D:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         offload: bool = False,
+        low_memory: bool = False,
     ) -> TextTo3D:
-        """Smoke mode: tiny random weights for every stage and a weightless background remover. Output is noise."""
+        """Smoke mode: tiny random weights for every stage and a weightless background remover. Output is noise.
+        `low_memory` builds each stage when it runs and frees it after (as `from_pretrained(low_memory=True)`)."""
         from triposr import TSR
         from wonder3d_perflow import MultiviewPipeline
 
@@ -398,14 +444,14 @@ class TextTo3D:
 
         _check_stages(stages)
         resolve_device_dtype(device, dtype)
-        t2i = TextToImage.tiny(seed=seed) if "text_to_image" in stages else None
-        mv = MultiviewPipeline.tiny(seed=seed) if "multiview" in stages else None
-        tsr = TSR.tiny(seed=seed) if "mesh" in stages else None
+        loaders = {
+            "text_to_image": lambda: TextToImage.tiny(seed=seed),
+            "multiview": lambda: MultiviewPipeline.tiny(seed=seed),
+            "mesh": lambda: TSR.tiny(seed=seed),
+        }
+        loaders = {name: fn for name, fn in loaders.items() if name in stages}
         tiny_id = f"tiny(seed={seed})"
-        return cls(
-            t2i,
-            mv,
-            tsr,
+        common = dict(
             device=device,
             dtype=dtype,
             offload=offload,
@@ -413,6 +459,10 @@ class TextTo3D:
             smoke=True,
             model_ids={"t2i_model": tiny_id, "multiview_model": tiny_id, "triposr_model": tiny_id},
         )
+        if low_memory:
+            return cls(loaders=loaders, multiview_size=_check_loaders(loaders), **common)
+        built = {name: fn() for name, fn in loaders.items()}
+        return cls(built.get("text_to_image"), built.get("multiview"), built.get("mesh"), **common)
 
     @property
     def rembg_session(self) -> Any:
@@ -427,8 +477,8 @@ class TextTo3D:
 
     @property
     def stages(self) -> tuple[str, ...]:
-        present = (self.text_to_image, self.multiview, self.reconstructor)
-        return tuple(name for name, stage in zip(STAGES, present) if stage is not None)
+        """The stages this chain has (resident or loaded per run)."""
+        return tuple(name for name in STAGES if self._slots[name].present)
 
     # ------------------------------------------------------------------------------------------ running
     def settings_for(self, settings: GenerationSettings | None = None, **options: Any) -> GenerationSettings:
@@ -447,7 +497,7 @@ class TextTo3D:
         if image is None:
             if prompt is None or not str(prompt).strip():
                 raise BadInputError("Enter a prompt (or give an image instead of a prompt).")
-            if self.text_to_image is None:
+            if "text_to_image" not in self.stages:
                 raise BadInputError("This chain was built without the text-to-image stage: give an image instead.")
 
     def needs_background_removal(
@@ -455,7 +505,7 @@ class TextTo3D:
     ) -> bool:
         """Whether a run will call rembg: a preprocessing stage runs, removal is on, and the image has no alpha
         (a generated image, `image=None`, never has)."""
-        preprocessing = (multiview and self.multiview is not None) or (mesh and self.reconstructor is not None)
+        preprocessing = (multiview and "multiview" in self.stages) or (mesh and "mesh" in self.stages)
         return preprocessing and settings.remove_background and (image is None or not has_alpha(image))
 
     def __call__(
@@ -506,8 +556,8 @@ class TextTo3D:
         self.check_request(prompt, image)
         formats = check_mesh_formats(mesh_formats)
         folder = None if output_dir is None else check_output_folder(output_dir)
-        run_multiview = multiview and self.multiview is not None
-        run_mesh = mesh and self.reconstructor is not None
+        run_multiview = multiview and "multiview" in self.stages
+        run_mesh = mesh and "mesh" in self.stages
         messages: list[str] = []
         if image is not None and prompt is not None and str(prompt).strip():
             messages.append("An image was given, so the prompt was not used.")
@@ -539,6 +589,7 @@ class TextTo3D:
             "device": self.device.type,
             "dtype": str(self.dtype).removeprefix("torch."),
             "offload": self.offload,
+            "low_memory": self.low_memory,
             "smoke": self.smoke,
             "versions": _versions(),
         }
@@ -575,8 +626,8 @@ class TextTo3D:
                 done("input")
             else:  # 2. Text to image.
                 start = enter("text_to_image")
-                with self._on_device(self.text_to_image, self.dtype):
-                    out = self.text_to_image(
+                with self._slots["text_to_image"].use(self.device, offload=self.offload) as text_to_image:
+                    out = text_to_image(
                         str(prompt),
                         negative_prompt=negative_prompt,
                         num_inference_steps=settings.t2i_steps,
@@ -618,8 +669,8 @@ class TextTo3D:
             # 4. Six normals and six colors.
             if run_multiview:
                 start = enter("multiview")
-                with self._on_device(self.multiview, self.dtype):
-                    mv_out = self.multiview(
+                with self._slots["multiview"].use(self.device, offload=self.offload) as multiview_stage:
+                    mv_out = multiview_stage(
                         result.mv_input,
                         num_inference_steps=settings.mv_steps,
                         guidance_scale=settings.mv_guidance,
@@ -633,9 +684,9 @@ class TextTo3D:
             # 5. Mesh (and texture, while TripoSR is on the device).
             if run_mesh:
                 start = enter("mesh")
-                with self._on_device(self.reconstructor, torch.float32):
-                    scene_codes = self.reconstructor([result.mesh_input], device=self.device)  # (1, 3, C, H, W)
-                    result_mesh = self.reconstructor.extract_mesh(
+                with self._slots["mesh"].use(self.device, offload=self.offload) as reconstructor:
+                    scene_codes = reconstructor([result.mesh_input], device=self.device)  # (1, 3, C, H, W)
+                    result_mesh = reconstructor.extract_mesh(
                         scene_codes, resolution=settings.mc_resolution, threshold=settings.mc_threshold
                     )[0]
                     if settings.simplify_faces:
@@ -649,7 +700,7 @@ class TextTo3D:
 
                         start = enter("texture")
                         result.mesh = bake_texture(
-                            self.reconstructor, scene_codes[0], result_mesh, texture_size=settings.texture_size
+                            reconstructor, scene_codes[0], result_mesh, texture_size=settings.texture_size
                         )
                         leave("texture", start)
         except BaseException as error:
@@ -686,32 +737,14 @@ class TextTo3D:
             logger.warning("could not write %s: %s", folder / FAILED_MARKER, e)
 
     def _multiview_size(self) -> int:
-        unet_config = self.multiview.unet.config
-        return int(unet_config.sample_size * self.multiview.vae_scale_factor)
-
-    def _on_device(self, stage: Any, dtype: torch.dtype) -> _Placement:
-        return _Placement(stage, self.device, dtype, self.offload)
+        if self.multiview is None:  # low-memory mode: measured when the stage was checked at construction
+            return int(self._multiview_size_hint)
+        return _multiview_size(self.multiview)
 
     def with_defaults(self, **changes: Any) -> TextTo3D:
         """Change the default settings (e.g. ``chain.with_defaults(mc_resolution=128)``), validated; returns self."""
         self.defaults = self.defaults.with_changes(**changes).validate()
         return self
-
-
-class _Placement:
-    """Context manager: with offload, move a stage to the device for the block and back to the CPU after."""
-
-    def __init__(self, stage: Any, device: torch.device, dtype: torch.dtype, offload: bool):
-        self.stage, self.device, self.dtype, self.offload = stage, device, dtype, offload
-
-    def __enter__(self) -> None:
-        if self.offload:
-            _move(self.stage, self.device, self.dtype)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.offload:
-            _move(self.stage, "cpu")
-            torch.cuda.empty_cache()
 
 
 class _naming_stage:
@@ -734,6 +767,24 @@ class _naming_stage:
                 f"Could not load the {self.stage} model {self.repo!r}: {exc} {SMOKE_HINT}", repo=self.repo
             ) from exc
         return False
+
+
+def _multiview_size(pipe: Any) -> int:
+    """The multiview stage's input side: its UNet's latent size times the VAE's scale (256 for Wonder3D)."""
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+def _check_loaders(loaders: dict[str, Callable[[], Any]]) -> int | None:
+    """Low-memory mode: load each stage once, one at a time, and free it, so that missing or broken weights fail
+    at construction rather than minutes into a run. Returns the multiview stage's input size (None without it)."""
+    size = None
+    for name, load in loaders.items():
+        stage = load()
+        if name == "multiview":
+            size = _multiview_size(stage)
+        del stage
+        free_memory()
+    return size
 
 
 def _versions() -> dict[str, str]:

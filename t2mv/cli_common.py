@@ -60,6 +60,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=DTYPES, default="auto", help="diffusion stages' dtype; auto = float16 on CUDA, else float32"
     )
     group.add_argument("--offload", action="store_true", help="keep stages on the CPU, each on the GPU only to run")
+    group.add_argument(
+        "--low-memory",
+        action="store_true",
+        default=None,
+        help="keep at most one stage in memory (load, run, free); automatic on a CPU host with too little RAM",
+    )
     group.add_argument("--t2i-model", default=DEFAULT_T2I_MODEL, help="SD1.5 model (hub id or folder)")
     group.add_argument("--t2i-delta", default=None, help="PeRFlow ΔW to merge into --t2i-model (if not merged)")
     group.add_argument("--multiview-model", default=DEFAULT_MULTIVIEW_MODEL, help="Wonder3D model")
@@ -98,7 +104,13 @@ def load_chain(args: argparse.Namespace, stages: Sequence[str], device: Any = No
     device = device if device is not None else args.device
     if smoke_requested(args.tiny):
         print_smoke_banner()
-        return TextTo3D.tiny(stages=stages, device=device or "cpu", dtype=_dtype(args.dtype), offload=args.offload)
+        return TextTo3D.tiny(
+            stages=stages,
+            device=device or "cpu",
+            dtype=_dtype(args.dtype),
+            offload=args.offload,
+            low_memory=bool(args.low_memory),
+        )
     return TextTo3D.from_pretrained(
         args.t2i_model,
         t2i_delta=args.t2i_delta,
@@ -110,6 +122,7 @@ def load_chain(args: argparse.Namespace, stages: Sequence[str], device: Any = No
         device=device,
         dtype=_dtype(args.dtype),
         offload=args.offload,
+        low_memory=args.low_memory,  # None (flag absent): decided from the host's free RAM
         local_files_only=True if args.local_files_only else None,
         rembg_session=new_rembg_session(off_switch="pass --no-remove-bg") if needs_rembg else None,
     )

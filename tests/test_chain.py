@@ -214,14 +214,18 @@ def test_image_only_chain_asks_for_an_image():
 
 
 def test_offload_moves_each_stage_only_while_it_runs(monkeypatch):
+    from t2mv import residency
+    from t2mv.residency import StageSlot
+
     moves = []
-    monkeypatch.setattr(chain_module, "_move", lambda stage, device, dtype=None: moves.append((stage, str(device))))
+    monkeypatch.setattr(residency, "move_stage", lambda stage, device, dtype=None: moves.append((stage, str(device))))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     stage = object()
-    with chain_module._Placement(stage, torch.device("cuda"), torch.float16, offload=True):
+    slot = StageSlot("toy", stage, dtype=torch.float16)
+    with slot.use(torch.device("cuda"), offload=True):
         assert moves == [(stage, "cuda")]
     assert moves == [(stage, "cuda"), (stage, "cpu")]
-    with chain_module._Placement(stage, torch.device("cuda"), torch.float16, offload=False):
+    with slot.use(torch.device("cuda"), offload=False):
         pass
     assert len(moves) == 2
     assert not TextTo3D.tiny(stages=("mesh",), offload=True).offload  # nothing to offload to on a CPU
@@ -465,3 +469,71 @@ def test_fully_transparent_and_animated_images(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(BadInputError, match="empty"):
         open_image(tmp_path / "empty.png")
+
+
+def test_low_memory_chain_equals_the_resident_chain_and_keeps_no_stage(tiny_chain, text_result):
+    """Low-memory mode loads each stage when it runs and frees it after; the outputs do not change."""
+    import gc
+    import weakref
+
+    from t2mv.text_to_image import TextToImage
+
+    alive = []
+    real_tiny = TextToImage.tiny
+
+    chain = TextTo3D.tiny(seed=0, low_memory=True)
+    assert chain.low_memory and chain.stages == ("text_to_image", "multiview", "mesh")
+    assert chain.text_to_image is None and chain.multiview is None and chain.reconstructor is None  # none resident
+
+    def tracked_tiny(seed=0):
+        stage = real_tiny(seed=seed)
+        alive.append(weakref.ref(stage))
+        return stage
+
+    chain._slots["text_to_image"].loader = lambda: tracked_tiny(seed=0)
+    result = chain("a red teapot", settings=tiny_chain.defaults, seed=7)
+    gc.collect()
+    assert alive and alive[0]() is None  # the text-to-image stage was freed after it ran
+    assert result.settings["low_memory"] is True and text_result.settings["low_memory"] is False
+    assert np.array_equal(np.asarray(result.image), np.asarray(text_result.image))
+    for a, b in zip(result.normals + result.colors, text_result.normals + text_result.colors):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert np.array_equal(result.mesh.faces, text_result.mesh.faces)
+    assert np.allclose(result.mesh.vertices, text_result.mesh.vertices)
+
+
+def test_low_memory_from_pretrained_checks_every_stage_once_at_construction(monkeypatch):
+    """Missing weights fail when the chain is built, not minutes into a run; each stage is then loaded per run."""
+    from t2mv.text_to_image import TextToImage
+    from triposr import TSR
+    from wonder3d_perflow import MultiviewPipeline
+
+    loads = []
+    for cls in (TextToImage, MultiviewPipeline, TSR):
+        monkeypatch.setattr(
+            cls, "from_pretrained", lambda *a, _cls=cls, **k: loads.append(_cls.__name__) or _cls.tiny(seed=0)
+        )
+    chain = TextTo3D.from_pretrained(device="cpu", local_files_only=True, low_memory=True)
+    assert loads == ["TextToImage", "MultiviewPipeline", "TSR"] and chain.low_memory
+    assert chain._multiview_size() == MultiviewPipeline.tiny(seed=0).unet.config.sample_size * 8
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("no model.ckpt")
+
+    monkeypatch.setattr(TSR, "from_pretrained", missing)
+    with pytest.raises(WeightsUnavailableError, match="TripoSR"):
+        TextTo3D.from_pretrained(device="cpu", local_files_only=True, low_memory=True)
+
+
+def test_low_memory_is_chosen_automatically_when_ram_is_short(monkeypatch):
+    from t2mv import residency
+    from t2mv.text_to_image import TextToImage
+    from triposr import TSR
+    from wonder3d_perflow import MultiviewPipeline
+
+    for cls in (TextToImage, MultiviewPipeline, TSR):
+        monkeypatch.setattr(cls, "from_pretrained", lambda *a, _cls=cls, **k: _cls.tiny(seed=0))
+    monkeypatch.setattr(residency, "available_host_memory_gib", lambda: 4.0)
+    assert TextTo3D.from_pretrained(device="cpu", low_memory=None).low_memory
+    monkeypatch.setattr(residency, "available_host_memory_gib", lambda: 64.0)
+    assert not TextTo3D.from_pretrained(device="cpu", low_memory=None).low_memory
