@@ -548,9 +548,9 @@ def texture_from_views(
         colors: 6 PIL images in `VIEW_NAMES` order (square, one size; Wonder3D's are 256²), white background.
         masks: optional 6 PIL "L" images (255 = object); derived from the white background when absent.
         texture_size: UV texture size, 512..4096.
-        fallback: maps (N, 3) export-frame points to (N, 3) colours in [0, 1] for surface no view sees (e.g.
-            TripoSR's colour field); without one, unseen surface takes a smooth fill diffused over the mesh from
-            the seen surface around it.
+        fallback: maps (N, 3) export-frame points to (N, 3) colours in [0, 1] for surface no view sees (TripoSR's
+            colour field: `triposr.texture.field_color_fn(triposr.mesh.scene_code_query_fn(model, code))`);
+            without one, unseen surface takes a smooth fill diffused over the mesh from the seen surface around it.
         device: where the tensor work runs (default CPU).
         atlas: "projection" (default: `triposr.texture.projection_atlas`, well under a second at 100k faces) or
             "xatlas" (fewer seams; tens of seconds at 100k faces on a CPU, minutes at 500k).

@@ -96,6 +96,13 @@ def test_bake_uses_the_model_frame():
     assert baked.visual.material.metallicFactor == 0.0
 
 
+def test_field_color_fn_takes_export_frame_points():
+    points = torch.rand(100, 3) - 0.5
+    colors = texture.field_color_fn(linear_color_field, chunk_size=7)(points)
+    torch.testing.assert_close(colors, linear_color_field(tmesh.export_to_native(points))["color"])
+    assert not torch.allclose(colors, linear_color_field(points)["color"])
+
+
 def test_rasterizer_covers_a_full_quad_once():
     uvs = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
     faces = torch.tensor([[0, 1, 2], [0, 2, 3]])

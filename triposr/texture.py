@@ -10,7 +10,7 @@ its centre at u = (c + 0.5) / S, v = 1 - (r + 0.5) / S, as samplers in glTF/Open
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -483,12 +483,22 @@ def bake_texture_from_field(
     points = (verts_t[faces_t[face]] * bary[..., None]).sum(dim=1)  # (N, 3) export frame
 
     # 3. Colours from the field (queried in the model frame), written into the texture, then edge padding.
-    colors = query_in_chunks(query_fn, export_to_native(points), "color", chunk_size).clamp(0.0, 1.0)  # (N, 3)
+    colors = field_color_fn(query_fn, chunk_size)(points)  # (N, 3)
     image = torch.zeros(size * size, 3, device=device)  # (S*S, 3)
     mask = torch.zeros(size * size, dtype=torch.bool, device=device)
     image[texel] = colors
     mask[texel] = True
     return textured_mesh(vertices, faces, uvs, image.reshape(size, size, 3), mask.reshape(size, size), padding)
+
+
+def field_color_fn(query_fn: QueryFn, chunk_size: int = 2**18) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The field's colour at export-frame points: (N, 3) -> (N, 3) in [0, 1] (queried in the model frame, in
+    chunks), e.g. the `fallback` of `t2mv.view_texture.texture_from_views`. Call it under `torch.no_grad()`."""
+
+    def colors(points: torch.Tensor) -> torch.Tensor:
+        return query_in_chunks(query_fn, export_to_native(points), "color", chunk_size).clamp(0.0, 1.0)
+
+    return colors
 
 
 def bake_texture(
