@@ -1,0 +1,152 @@
+"""Low-memory vs resident chain: peak host RSS and time, each variant in its own process.
+
+Peak RSS is a per-process high-water mark (``ru_maxrss``), so the two variants cannot share a process: this
+module runs itself once per variant (``--child``) and collects the JSON each child prints.
+
+    python -m benchmarks.low_memory --out benchmarks/results/low-memory-cpu.json          # real sizes, CPU fp32
+    python -m benchmarks.low_memory --mode tiny                                           # seconds, for tests
+
+The stages are the benchmark's random-weight builds at the real architectures (`benchmarks.stages.Builder`), so a
+"load" here is a random initialisation, not a read from the hub cache; the memory the weights take is the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("resident", "low_memory")
+
+
+def _child(mode: str, variant: str) -> dict[str, Any]:
+    import torch
+
+    from t2mv.chain import TextTo3D
+    from t2mv.settings import GenerationSettings
+    from t2mv.tiny import FakeRembgSession
+
+    from .stages import PROMPT, Builder, Sizes, calibrate_density
+
+    rss_after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    device = torch.device("cpu")
+    builder = Builder(mode, device, torch.float32)
+    sizes = Sizes.preset(mode)
+
+    def build_tsr():
+        tsr = builder._build_tsr()
+        if mode == "real":  # random weights: re-calibrate the density on the chain's own scene code (as chain_cases)
+            forward = tsr.forward
+
+            def calibrated_forward(*args, **kwargs):
+                codes = forward(*args, **kwargs)
+                with torch.no_grad():
+                    calibrate_density(tsr, codes[0])
+                return codes
+
+            tsr.forward = calibrated_forward
+        return tsr
+
+    loaders = {"text_to_image": builder._build_t2i, "multiview": builder._build_multiview, "mesh": build_tsr}
+    started = time.perf_counter()
+    if variant == "resident":
+        chain = TextTo3D(
+            loaders["text_to_image"](), loaders["multiview"](), loaders["mesh"](), device=device, dtype=torch.float32,
+            rembg_session=FakeRembgSession(),
+        )  # fmt: skip
+        mv_size = None
+    else:
+        mv_size = 256 if mode == "real" else builder._build_multiview().unet.config.sample_size * 8
+        chain = TextTo3D(
+            loaders=loaders, multiview_size=mv_size, device=device, dtype=torch.float32,
+            rembg_session=FakeRembgSession(),
+        )  # fmt: skip
+    build_s = time.perf_counter() - started
+    settings = GenerationSettings.defaults(mode == "tiny").with_changes(
+        height=sizes.t2i_size, width=sizes.t2i_size, mc_resolution=sizes.chain_mc_resolution
+    )
+    started = time.perf_counter()
+    result = chain(PROMPT, settings=settings)
+    run_s = time.perf_counter() - started
+    return {
+        "variant": variant,
+        "build_s": build_s,
+        "run_s": run_s,
+        "stage_timings_s": dict(result.timings),
+        "memory_gib": dict(result.memory),
+        "peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "rss_after_imports_gib": rss_after_import,
+        "mesh_faces": 0 if result.mesh is None else len(result.mesh.faces),
+        "image_sha_prefix": __import__("hashlib").sha256(result.image.tobytes()).hexdigest()[:16],
+    }
+
+
+def run(mode: str) -> dict[str, Any]:
+    records = []
+    for variant in VARIANTS:
+        load_before = os.getloadavg()
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.low_memory", "--child", variant, "--mode", mode],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        if proc.returncode != 0:
+            records.append({"variant": variant, "error": proc.stderr.strip().splitlines()[-1:]})
+            continue
+        record = json.loads(proc.stdout.strip().splitlines()[-1])
+        record["load_average_before"] = list(load_before)
+        record["load_average_after"] = list(os.getloadavg())
+        records.append(record)
+    report: dict[str, Any] = {
+        "benchmark": "low_memory",
+        "mode": mode,
+        "device": "cpu",
+        "dtype": "fp32",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "note": "each variant in its own process; peak RSS = ru_maxrss; 'build' of the low-memory variant is the "
+        "construction only (its stages are built inside run_s: random initialisation, not a disk read)",
+        "records": records,
+    }
+    ok = {r["variant"]: r for r in records if "error" not in r}
+    if len(ok) == 2:
+        res, low = ok["resident"], ok["low_memory"]
+        report["summary"] = {
+            "peak_rss_gib": {"resident": res["peak_host_rss_gib"], "low_memory": low["peak_host_rss_gib"]},
+            "same_image": res["image_sha_prefix"] == low["image_sha_prefix"],
+            "time_s_build_plus_run": {
+                "resident": res["build_s"] + res["run_s"],
+                "low_memory": low["build_s"] + low["run_s"],
+            },
+            "time_s_run_only": {"resident": res["run_s"], "low_memory": low["run_s"]},
+        }
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("tiny", "real"), default="real")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here (default: print it)")
+    parser.add_argument("--child", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(args.mode, args.child)))
+        return 0
+    report = run(args.mode)
+    text = json.dumps(report, indent=2, sort_keys=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
