@@ -731,7 +731,7 @@ def refine_mesh(
     lr: float = 3e-2,
     lam: float = 19.0,
     view_weights: Sequence[float] = DEFAULT_VIEW_WEIGHTS,
-    silhouette_weight: float = 1.0,
+    silhouette_weight: float = 0.1,
     smooth_weight: float = 0.02,
     raster_every: int = 10,
     max_drift: float = 1.0,
