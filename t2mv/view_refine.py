@@ -16,6 +16,16 @@ Renderer:
   projected contour edge (an edge between a front- and a back-facing triangle). That is the area a straight edge
   covers of a pixel-wide box, and it gives the silhouette its gradient to the contour vertices (the role of
   nvdiffrast's `antialias`).
+
+Optimisation (`refine_mesh`): loss = per view (weighted as Wonder3D's own reconstruction weighs them) the
+reliability-weighted mean of 1 - cos(rendered normal, map normal) over the mask (pixels near the mask's rim and
+normals seen at grazing angles count less) + 0.1 x the squared soft-silhouette error + a small Laplacian energy of
+the displacement. Views with an empty mask, or whose normal map contradicts its own mask's outline or the input
+mesh, are left out with a warning. The iterate with the lowest loss is kept, and it replaces the input only if the
+data loss went down and nothing degenerated (non-finite vertices, folded faces, new self-intersections).
+The faces are kept (no remeshing): vertex colours and any per-vertex data stay valid, and at the 20k-100k faces of a
+TripoSR mesh a triangle already covers only a few of the normal maps' pixels (about 3 at 20k faces, under 1 at
+100k), so splitting edges would add vertices the maps cannot place.
 """
 
 from __future__ import annotations
