@@ -808,8 +808,8 @@ def refine_mesh(
     size = targets.size
     if int(camera.image_size) != size:
         raise ValueError(f"camera.image_size {camera.image_size} differs from the maps' size {size}")
-    x0 = torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32, device=device)  # (V, 3)
-    faces = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.long, device=device)  # (F, 3)
+    x0 = torch.as_tensor(np.ascontiguousarray(mesh.vertices), dtype=torch.float32, device=device)  # (V, 3)
+    faces = torch.as_tensor(np.ascontiguousarray(mesh.faces), dtype=torch.long, device=device)  # (F, 3)
     if float(face_normals(x0.double(), faces).mul(x0.double()[faces[:, 0]]).sum()) < 0:
         # Negative signed volume: the faces wind inwards; the renderer needs outward normals.
         faces = faces.flip(1)

@@ -316,6 +316,18 @@ def test_refinement_is_deterministic(targets, one_thread):
     assert a.losses["history"] == b.losses["history"]
 
 
+def test_inward_winding_is_handled(targets, one_thread):
+    """A mesh whose faces wind inwards is refined with outward normals; its own faces come back unchanged."""
+    normals, masks = targets
+    mesh = trimesh.creation.icosphere(subdivisions=3, radius=RADIUS)
+    inward = trimesh.Trimesh(mesh.vertices, mesh.faces[:, ::-1], process=False)
+    a = vr.refine_mesh(mesh, normals, masks, CAMERA, iterations=8, check_intersections=False)
+    b = vr.refine_mesh(inward, normals, masks, CAMERA, iterations=8, check_intersections=False)
+    assert b.accepted and any("inwards" in w for w in b.warnings)
+    assert np.array_equal(b.mesh.faces, inward.faces)
+    np.testing.assert_allclose(b.mesh.vertices, a.mesh.vertices, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------- robustness
 
 
