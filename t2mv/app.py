@@ -61,6 +61,9 @@ SETTING_CONTROLS = (
     "mesh_foreground_ratio",
     "mc_resolution",
     "mc_threshold",
+    "texture_source",
+    "refine",
+    "refine_iterations",
     "bake_texture",
     "texture_size",
     "simplify_faces",
@@ -76,8 +79,11 @@ OUTPUTS = (
     "timings",
     "seed",
     "status",
+    "field_mesh",
+    "view_report",
 )
 TIMING_HEADERS = ["stage", "seconds", "GPU peak (GiB)", "host RSS (GiB)"]
+VIEW_REPORT_HEADERS = ["view", "silhouette IoU", "surface share"]
 MESH_FORMATS = ("glb", "obj", "ply")
 REQUEST_PREFIX = "run-"
 REQUEST_MARKER = ".t2mv-request"  # only folders carrying it are ever deleted by the clean-up
@@ -163,12 +169,34 @@ def timing_table(timings: dict[str, float], memory: dict[str, float]) -> dict[st
 
 
 def _status(result: Any, seed: int) -> str:
-    """The one-line summary shown under the results: time, seed, and how the object was cut out."""
+    """The one-line summary shown under the results: time, seed, how the object was cut out, what coloured the
+    mesh (with the views' coverage) and whether refinement was kept."""
     parts = [f"Done in {result.timings.get('total', 0.0):.1f} s", f"seed {seed}"]
     mask = result.settings.get("object_mask")
     if result.settings.get("input") == "image" and mask in OBJECT_MASK_NOTES:
         parts.append(f"Background: {OBJECT_MASK_NOTES[mask]}")
+    texture = result.info.get("view_texture", {})
+    if "coverage" in texture:
+        parts.append(f"Mesh textured from the six views: {texture['coverage']:.0%} of the surface seen")
+    elif result.settings.get("texture_source") == "field" and result.mesh is not None:
+        parts.append("Mesh colours from TripoSR's field")
+    refine = result.info.get("refine")
+    if refine is not None:
+        parts.append("Shape refined from the normal maps" if refine.get("accepted") else "Refinement not kept")
     return " · ".join(parts) + "."
+
+
+def view_report(result: Any) -> list[list[Any]]:
+    """Rows of the views-texture table: per view its silhouette IoU against the mesh and its share of the
+    surface, then the total coverage (empty when the mesh was not textured from the views)."""
+    texture = {} if result is None else result.info.get("view_texture", {})
+    if "coverage" not in texture:
+        return []
+    rows = [
+        [view, round(float(iou), 3), round(float(texture["view_share"].get(view, 0.0)), 3)]
+        for view, iou in texture["view_iou"].items()
+    ]
+    return rows + [["coverage (all views)", None, round(float(texture["coverage"]), 3)]]
 
 
 def _outputs(folder: Path, result: Any, seed: int, status: str) -> tuple:
@@ -210,6 +238,8 @@ def _outputs(folder: Path, result: Any, seed: int, status: str) -> tuple:
         table,
         seed,
         status,
+        file("mesh_field.glb"),
+        view_report(result),
     )
 
 
@@ -477,7 +507,31 @@ def build_demo(
                 gallery = {"columns": 6, "rows": 1, "height": 190, "object_fit": "contain"}
                 normals = gr.Gallery(label="Normals", elem_id="normals", **gallery)
                 colors = gr.Gallery(label="Colors", elem_id="colors", **gallery)
+                show = gr.Radio(
+                    ["views", "field"],
+                    value="views",
+                    label="Show the mesh coloured by",
+                    info="views: textured from the six generated views; field: TripoSR's own colours (to compare)",
+                    visible=has_mesh,
+                    elem_id="show-colours",
+                )
                 viewer = gr.Model3D(label="Mesh (GLB)", visible=has_mesh, height=360, elem_id="viewer")
+                field_viewer = gr.Model3D(
+                    label="Mesh with TripoSR's field colours (GLB)", visible=False, height=360, elem_id="field-viewer"
+                )
+                show.change(
+                    lambda which: (gr.update(visible=which == "views"), gr.update(visible=which == "field")),
+                    [show],
+                    [viewer, field_viewer],
+                    api_name=False,
+                )
+                report = gr.Dataframe(
+                    headers=VIEW_REPORT_HEADERS,
+                    label="Views → mesh texture: silhouette fit and surface share per view",
+                    interactive=False,
+                    visible=has_mesh,
+                    elem_id="view-report",
+                )
                 downloads = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
                 timings = gr.Dataframe(
                     headers=TIMING_HEADERS,
@@ -487,6 +541,7 @@ def build_demo(
                 )
         inputs = [prompt, negative, seed, randomize, image, *controls]
         outputs = [out_image, out_mv_input, out_mesh_input, normals, colors, viewer, downloads, timings, seed, status]
+        outputs += [field_viewer, report]
         generate = make_generate(chain, output_root, keep_requests=keep_requests, keep_hours=keep_hours)
         button.click(generate, inputs, outputs, api_name="generate", concurrency_limit=1)
         prompt.submit(generate, inputs, outputs, api_name=False, concurrency_limit=1)

@@ -95,6 +95,10 @@ class ChainResult:
         settings: everything needed to reproduce the run (prompt, seed, steps, models, device, versions).
         warnings: messages for the user (e.g. a prompt longer than CLIP's 77 tokens was truncated).
         finished: the stages that finished, in order (``text_to_image``/``input``, ``preprocess``, ...).
+        field_mesh: the mesh with TripoSR's field colours (vertex colours), kept beside a views-textured `mesh`
+            for comparison (None otherwise).
+        info: what the view stages measured: ``view_texture`` (coverage, per-view silhouette IoU and share,
+            the fitted camera, texture source used) and ``refine`` (accepted, losses summary, timings).
     """
 
     image: Image.Image | None = None
@@ -109,6 +113,8 @@ class ChainResult:
     settings: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
+    field_mesh: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
 
     def save_stage(
         self, stage: str, folder: str | os.PathLike, *, mesh_formats: Sequence[str] = ("glb",)
@@ -117,9 +123,11 @@ class ChainResult:
 
         Stages and their files: ``text_to_image`` / ``input``: ``image.png``; ``preprocess``: ``mv_input.png``,
         ``mesh_input.png``; ``multiview``: ``normal_<i>_<view>.png``, ``color_<i>_<view>.png`` and the strips
-        ``normals.png`` / ``colors.png``; ``mesh`` / ``texture``: ``mesh.<fmt>`` for each of `mesh_formats`
-        (``.obj`` also writes ``.mtl`` and the texture when baked); ``record``: ``settings.json`` (deterministic:
-        same settings, same file) and ``timings.json``.
+        ``normals.png`` / ``colors.png``; ``mesh`` / ``refine`` / ``texture``: ``mesh.<fmt>`` for each of
+        `mesh_formats` (``.obj`` also writes ``.mtl`` and the texture when textured), and with a views texture
+        ``mesh_field.glb`` (the field-coloured mesh, for comparison); ``record``: ``settings.json`` (deterministic:
+        same settings, same file), ``timings.json`` and ``info.json`` (coverage, per-view IoU, camera, refinement
+        losses).
         """
         folder = Path(folder)
         paths: dict[str, Path] = {}
@@ -140,17 +148,22 @@ class ChainResult:
                     put(f"{kind}_{i}_{name}", view)
                 if views:
                     put(f"{kind}s", horizontal_strip(views))
-        elif stage in ("mesh", "texture") and self.mesh is not None:
+        elif stage in ("mesh", "refine", "texture") and self.mesh is not None:
             from triposr.export import export_mesh
 
             folder.mkdir(parents=True, exist_ok=True)
             for fmt in check_mesh_formats(mesh_formats):
                 for written in export_mesh(self.mesh, folder / f"mesh.{fmt}"):  # atomic; .obj also .mtl (+ .png)
                     paths[written.name] = written
+            if stage == "texture" and self.field_mesh is not None:
+                for written in export_mesh(self.field_mesh, folder / "mesh_field.glb"):
+                    paths[written.name] = written
         elif stage == "record":
             paths["settings"] = write_text(_json(self.settings), folder / "settings.json")
             record = {"timings": self.timings, "memory": self.memory, "warnings": self.warnings}
             paths["timings"] = write_text(_json(record), folder / "timings.json")
+            if self.info:
+                paths["info"] = write_text(_json(self.info), folder / "info.json")
         return paths
 
     def save(self, folder: str | os.PathLike, *, mesh_formats: Sequence[str] = ("glb",)) -> dict[str, Path]:
@@ -569,7 +582,13 @@ class TextTo3D:
         text_input = image is None
         stage_names = (["text_to_image"] if text_input else []) + (["preprocess"] if run_multiview or run_mesh else [])
         stage_names += (["multiview"] if run_multiview else []) + (["mesh"] if run_mesh else [])
-        stage_names += ["texture"] if run_mesh and settings.bake_texture else []
+        # Colours from the views need the views; without the multiview stage the field's colours are used.
+        views_texture = run_mesh and run_multiview and settings.texture_source == "views"
+        refine = views_texture and settings.refine
+        if run_mesh and not run_multiview and (settings.texture_source == "views" or settings.refine):
+            messages.append("The multiview stage did not run, so the mesh keeps TripoSR's field colours and shape.")
+        stage_names += ["refine"] if refine else []
+        stage_names += ["texture"] if views_texture or (run_mesh and settings.bake_texture) else []
         if (run_multiview or run_mesh) and settings.remove_background and not use_rembg:
             object_mask = "input alpha"  # the cut-out the user gave; rembg did not run
         else:
@@ -583,7 +602,9 @@ class TextTo3D:
             "remove_background": use_rembg,  # what happened: False when the input's alpha was used
             "object_mask": object_mask,
             "simplify_faces": settings.simplify_faces or None,
-            "bake_texture": bool(settings.bake_texture and run_mesh),
+            "bake_texture": bool(settings.bake_texture and run_mesh and not views_texture),
+            "texture_source": ("views" if views_texture else "field") if run_mesh else None,
+            "refine": refine,
             "stages": [s for s in stage_names if s not in ("preprocess", "texture")],
             "models": self.model_ids,
             "device": self.device.type,
@@ -695,7 +716,9 @@ class TextTo3D:
                         result_mesh = simplify(result_mesh, settings.simplify_faces)
                     result.mesh = result_mesh
                     leave("mesh", start)
-                    if settings.bake_texture:
+                    if views_texture:
+                        self._views_to_mesh(result, settings, reconstructor, scene_codes[0], refine, enter, leave)
+                    elif settings.bake_texture:
                         from triposr.texture import bake_texture
 
                         start = enter("texture")
@@ -719,6 +742,92 @@ class TextTo3D:
             result.save_stage("record", folder)
             (folder / FAILED_MARKER).unlink(missing_ok=True)  # an earlier failed run's marker: the folder is whole now
         return result
+
+    def _views_to_mesh(
+        self,
+        result: ChainResult,
+        settings: GenerationSettings,
+        reconstructor: Any,
+        scene_code: torch.Tensor,
+        refine: bool,
+        enter: Callable[[str], float],
+        leave: Callable[[str, float], None],
+    ) -> None:
+        """Steps 6–7: the six views shape (optionally) and texture the TripoSR mesh, in place on `result`.
+
+        The silhouette fit (`fit_camera`) aligns the mesh with the views; refinement fits the vertices to the normal
+        maps (rejected, with a warning, when it fits worse); the texture is projected from the colour views onto the
+        (refined) mesh, with TripoSR's colour field where no view sees the surface. Views that cannot be aligned
+        leave the field's colours, with a warning: the mesh and the views are kept either way.
+        """
+        from triposr.mesh import scene_code_query_fn
+        from triposr.texture import bake_texture, field_color_fn
+
+        from .view_texture import ViewTextureError, fit_camera, texture_from_views, view_masks
+
+        field_mesh = result.mesh
+        if refine:
+            from .view_refine import refine_mesh
+
+            start = enter("refine")
+            masks = view_masks(result.colors)  # 6 x (S, S) bool: the generated views' white background
+            try:
+                camera, _ = fit_camera(field_mesh, masks, device=self.device)
+                refined = refine_mesh(
+                    field_mesh,
+                    result.normals,
+                    torch.stack(masks).float(),
+                    camera,
+                    iterations=settings.refine_iterations,
+                    device=self.device,
+                    seed=settings.seed,
+                )
+            except ValueError as e:  # the views cannot be aligned: the TripoSR shape stays
+                result.warnings.append(f"Refinement skipped: {e}")
+                result.info["refine"] = {"accepted": False, "error": str(e)}
+            else:
+                result.warnings += [f"Refinement: {w}" for w in refined.warnings]
+                field_mesh = result.mesh = refined.mesh
+                result.info["refine"] = {
+                    "accepted": refined.accepted,
+                    "losses": {k: v for k, v in refined.losses.items() if k != "history"},
+                    "loss_first_last": _first_last(refined.losses.get("history")),
+                    "timings": refined.timings,
+                }
+                result.timings.update({f"refine.{k}": v for k, v in refined.timings.items()})
+            leave("refine", start)
+
+        start = enter("texture")
+        with torch.no_grad():
+            fallback = field_color_fn(scene_code_query_fn(reconstructor, scene_code))
+            try:
+                textured = texture_from_views(
+                    field_mesh,
+                    result.colors,
+                    texture_size=settings.texture_size,
+                    fallback=fallback,
+                    device=self.device,
+                )
+            except ViewTextureError as e:
+                result.warnings.append(f"The views could not texture the mesh ({e}); it keeps TripoSR's colours.")
+                result.info["view_texture"] = {"texture_source": "field", "error": str(e)}
+                result.settings["texture_source"] = "field"
+                if settings.bake_texture:
+                    result.mesh = bake_texture(
+                        reconstructor, scene_code, field_mesh, texture_size=settings.texture_size
+                    )
+            else:
+                result.field_mesh, result.mesh = field_mesh, textured.mesh
+                result.warnings += [f"View texture: {w}" for w in textured.warnings]
+                result.info["view_texture"] = {
+                    "texture_source": "views",
+                    "coverage": textured.coverage,
+                    "view_iou": dict(zip(result.view_names, textured.view_iou)),
+                    "view_share": dict(zip(result.view_names, textured.view_share)),
+                    "camera": {"scale": textured.camera.scale, "center": list(textured.camera.center)},
+                }
+                result.timings.update({f"texture.{k}": v for k, v in textured.timings.items()})
+        leave("texture", start)
 
     @staticmethod
     def _mark_failed(folder: Path, stage: str, error: BaseException, result: ChainResult) -> None:
@@ -767,6 +876,11 @@ class _naming_stage:
                 f"Could not load the {self.stage} model {self.repo!r}: {exc} {SMOKE_HINT}", repo=self.repo
             ) from exc
         return False
+
+
+def _first_last(history: Sequence[float] | None) -> list[float] | None:
+    """The first and last of a loss history (info.json keeps the summary, not every iteration)."""
+    return None if not history else [float(history[0]), float(history[-1])]
 
 
 def _multiview_size(pipe: Any) -> int:

@@ -44,6 +44,7 @@ MIN_MC_RESOLUTION = max(TRIPOSR_MIN_RESOLUTION, 32)
 MAX_MC_RESOLUTION = min(TRIPOSR_MAX_RESOLUTION, CHAIN_MAX_MC_RESOLUTION)
 MAX_SIMPLIFY_FACES = 10_000_000
 MV_PREPROCESS_MODES = ("wonder3d", "perflow")
+TEXTURE_SOURCES = ("views", "field")
 GROUPS = ("seed", "text_to_image", "preprocess", "multiview", "mesh")
 
 
@@ -243,6 +244,32 @@ class GenerationSettings:
     mc_threshold: float = option(
         25.0, group="mesh", label="Density threshold", help="density level of the surface", step=0.5
     )
+    texture_source: str = option(
+        "views",
+        group="mesh",
+        label="Mesh colours from",
+        help="views: a UV texture projected from the six generated colour views (field colours where no view "
+        "sees the surface); field: TripoSR's colour field (vertex colours, or a baked texture with --bake-texture). "
+        "Without the multiview stage the field is used",
+        choices=TEXTURE_SOURCES,
+    )
+    refine: bool = option(
+        False,
+        group="mesh",
+        label="Refine the shape from the normal maps",
+        help="fit the mesh to the six generated normal maps and silhouettes before texturing (needs the multiview "
+        "stage; a result that fits worse than the input is rejected with a warning)",
+    )
+    refine_iterations: int = option(
+        200,
+        group="mesh",
+        label="Refinement iterations",
+        help="optimisation steps of --refine",
+        low=10,
+        high=2000,
+        smoke=20,
+        step=10,
+    )
     bake_texture: bool = option(
         False, group="mesh", label="Bake a UV texture", help="bake a UV texture instead of vertex colours"
     )
@@ -250,7 +277,7 @@ class GenerationSettings:
         1024,
         group="mesh",
         label="Texture size",
-        help="baked texture side in texels",
+        help="texture side in texels (views texture and baked field texture)",
         low=MIN_TEXTURE_SIZE,
         high=MAX_TEXTURE_SIZE,
         smoke=512,

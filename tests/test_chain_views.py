@@ -1,0 +1,156 @@
+"""The six views reach the mesh in the chain (smoke mode): views texture, field fallback, files, refinement wiring.
+
+The tiny random models draw noise (the smoke-mode TripoSR mesh is a dozen ragged blobs filling its box), so these
+tests give the chain an object it can be checked on: the mesh stage returns an ellipsoid with green "field" vertex
+colours, and the multiview stage returns colour views rendered from that ellipsoid (left half red, right half blue,
+white background) by the screen rasteriser at a known camera. The texture the chain writes must then come from
+those views, not from the field.
+"""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from PIL import Image
+
+from t2mv.chain import TextTo3D
+from triposr.export import load_mesh
+from triposr.texture import rasterize_screen
+from wonder3d_perflow.cameras import VIEW_NAMES
+
+RED, BLUE = np.array([220, 30, 30]), np.array([30, 30, 220])
+
+
+def object_image(size=96):
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    pixels = np.asarray(image).copy()
+    pixels[20:80, 28:68] = (200, 120, 40)
+    return Image.fromarray(pixels)
+
+
+def render_views(mesh: trimesh.Trimesh, size: int) -> list[Image.Image]:
+    """Six orthographic colour views of `mesh` (export frame): surface with x < centre red, else blue."""
+    from t2mv.view_texture import ViewCamera
+
+    vertices = torch.tensor(np.asarray(mesh.vertices), dtype=torch.float32)  # (V, 3)
+    faces = torch.tensor(np.asarray(mesh.faces), dtype=torch.long)  # (F, 3)
+    centre = (vertices.amax(0) + vertices.amin(0)) / 2  # (3,)
+    radius = float((vertices - centre).norm(dim=-1).max())
+    camera = ViewCamera(scale=0.8 / radius, center=tuple(centre.tolist()), image_size=size)
+    projected = camera.project(vertices)  # (6, V, 3)
+    views = []
+    for k in range(len(VIEW_NAMES)):
+        pixel, face, bary = rasterize_screen(projected[k, :, :2], projected[k, :, 2], faces, size, size)
+        points = (vertices[faces[face]] * bary[..., None]).sum(1)  # (N, 3)
+        image = np.full((size * size, 3), 255, dtype=np.uint8)
+        image[pixel.numpy()] = np.where((points[:, 0] < centre[0]).numpy()[:, None], RED, BLUE)
+        views.append(Image.fromarray(image.reshape(size, size, 3)))
+    return views
+
+
+class ViewsStage:
+    """A multiview stage that returns fixed views: `colors`, and `normals` (the tiny stage's, made once)."""
+
+    def __init__(self, real, colors, normals):
+        self.real, self.colors, self.normals = real, colors, normals
+        self.unet, self.vae_scale_factor = real.unet, real.vae_scale_factor
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def __call__(self, image, **kwargs):
+        return SimpleNamespace(normals=self.normals, colors=self.colors, view_names=VIEW_NAMES, timings={})
+
+
+GREEN = (60, 160, 60, 255)
+
+
+def ellipsoid() -> trimesh.Trimesh:
+    mesh = trimesh.creation.icosphere(subdivisions=3)
+    mesh.apply_scale((0.35, 0.45, 0.3))
+    mesh.visual.vertex_colors = np.tile(GREEN, (len(mesh.vertices), 1))  # the "field" colours
+    return mesh
+
+
+@pytest.fixture(scope="module")
+def chain_and_field():
+    chain = TextTo3D.tiny(seed=0, stages=("multiview", "mesh"))
+    chain.reconstructor.extract_mesh = lambda *args, **kwargs: [ellipsoid()]
+    field = chain(image=object_image(), texture_source="field", remove_background=False)
+    assert field.settings["texture_source"] == "field" and field.field_mesh is None
+    size = chain._multiview_size()
+    chain.multiview = ViewsStage(chain.multiview, render_views(field.mesh, size), field.normals)
+    return chain, field
+
+
+def _left_right(mesh: trimesh.Trimesh, colors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(mesh.vertices)[:, 0]
+    centre, half = (x.max() + x.min()) / 2, (x.max() - x.min()) / 2
+    left, right = x < centre - 0.3 * half, x > centre + 0.3 * half
+    return colors[left, :3].astype(float).mean(0), colors[right, :3].astype(float).mean(0)
+
+
+def test_views_texture_the_mesh_and_every_format_carries_it(chain_and_field, tmp_path):
+    chain, field = chain_and_field
+    result = chain(
+        image=object_image(), remove_background=False, output_dir=tmp_path, mesh_formats=("glb", "obj", "ply")
+    )
+    info = result.info["view_texture"]
+    assert result.settings["texture_source"] == "views" and info["texture_source"] == "views"
+    assert info["coverage"] > 0.8
+    assert min(info["view_iou"].values()) > 0.9 and list(info["view_iou"]) == list(VIEW_NAMES)
+    assert "texture" in result.timings and result.field_mesh is not None
+    for name in ("mesh.glb", "mesh.obj", "mesh.ply", "mesh_field.glb", "info.json", "settings.json"):
+        assert (tmp_path / name).is_file(), name
+
+    # The GLB is UV-textured from the views: left red, right blue (the field's colours are random noise).
+    glb = load_mesh(tmp_path / "mesh.glb")
+    assert glb.visual.kind == "texture"
+    sampled = glb.visual.to_color().vertex_colors  # texture sampled at the vertices
+    left, right = _left_right(glb, np.asarray(sampled))
+    assert left[0] > left[2] + 80 and right[2] > right[0] + 80, (left, right)
+    # The PLY carries the same colours as vertex colours; the OBJ references its texture.
+    ply = load_mesh(tmp_path / "mesh.ply")
+    left, right = _left_right(ply, np.asarray(ply.visual.vertex_colors))
+    assert left[0] > left[2] + 80 and right[2] > right[0] + 80, (left, right)
+    assert "map_Kd" in next(tmp_path.glob("*.mtl")).read_text()
+    # ... and it is not the field's colouring, which is kept beside it for comparison.
+    field_glb = load_mesh(tmp_path / "mesh_field.glb")
+    assert (np.asarray(field_glb.visual.vertex_colors) == GREEN).all()
+    assert np.allclose(field_glb.vertices, field.mesh.vertices, atol=1e-5)
+
+
+def test_an_unusable_view_set_keeps_the_field_colours_with_a_warning(chain_and_field, tmp_path):
+    chain, _ = chain_and_field
+    good = chain.multiview
+    white = [Image.new("RGB", good.colors[0].size, (255, 255, 255))] * 6
+    chain.multiview = ViewsStage(good.real, white, good.normals)
+    try:
+        result = chain(image=object_image(), remove_background=False, output_dir=tmp_path, mesh_formats=("glb",))
+    finally:
+        chain.multiview = good
+    assert result.settings["texture_source"] == "field"
+    assert any("could not texture the mesh" in w for w in result.warnings)
+    assert result.mesh.visual.kind == "vertex" and result.field_mesh is None
+    for name in ("mesh.glb", "normals.png", "colors.png", "settings.json"):  # nothing lost
+        assert (tmp_path / name).is_file(), name
+
+
+def test_without_the_multiview_stage_the_field_colours_are_used():
+    chain = TextTo3D.tiny(seed=0, stages=("mesh",))
+    chain.reconstructor.extract_mesh = lambda *args, **kwargs: [ellipsoid()]
+    result = chain(image=object_image(), remove_background=False, refine=True)
+    assert result.settings["texture_source"] == "field" and result.settings["refine"] is False
+    assert any("multiview stage did not run" in w for w in result.warnings)
+
+
+def test_refine_runs_before_texturing_and_is_recorded(chain_and_field, tmp_path):
+    chain, _ = chain_and_field
+    result = chain(image=object_image(), remove_background=False, refine=True, refine_iterations=10)
+    refine = result.info["refine"]
+    assert set(refine) >= {"accepted", "losses", "timings"}
+    assert "refine" in result.timings and "texture" in result.timings
+    assert result.settings["refine"] is True and result.settings["refine_iterations"] == 10
+    assert list(result.timings).index("refine") < list(result.timings).index("texture")
