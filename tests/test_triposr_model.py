@@ -399,3 +399,41 @@ def test_extract_mesh_is_one_mesh_per_scene_code():
     np.testing.assert_allclose(single.vertices, meshes[1].vertices, atol=1e-6)
     with pytest.raises(ValueError, match="scene_codes"):
         model.extract_mesh(codes[0, 0])
+
+
+def test_mesh_speed_benchmark_runs_at_tiny_size(tmp_path, one_thread):
+    """benchmarks/mesh_speed.py (stage "mesh-speed"): every case runs and reports its comparison."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.run import main
+
+    out = tmp_path / "mesh-speed.json"
+    argv = ["--stages", "mesh-speed", "--tiny", "--runs", "1", "--warmup", "0", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    cases = {c["params"].get("method") or c["params"].get("backend") or c["params"]["precision"]: c for c in
+             json.loads(out.read_text())["cases"]}  # fmt: skip
+    sparse = cases["sparse"]["result"]
+    assert sparse["sparse"]["points_queried"] < sparse["sparse"]["points_total"]
+    assert sparse["vs_dense_torch"]["hausdorff_voxels"] >= 0
+    assert cases["torch"]["result"]["faces"] == cases["pymcubes"]["result"]["faces"] > 0
+    emulated = next(c["result"] for name, c in cases.items() if "emulated" in name)
+    assert 0 < emulated["scene_code_vs_float32"]["max_abs_diff"] < 2e-3
+    assert emulated["vs_float32"]["mesh_iou"] > 0.99 and not emulated["float16_overflow"]
+
+
+def test_emulated_fp16_rounds_and_restores(tiny_model, image):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.mesh_speed import emulated_fp16
+
+    weight = tiny_model.backbone.proj_in.weight
+    before = weight.detach().clone()
+    with emulated_fp16([tiny_model.backbone]) as stats:
+        assert torch.equal(weight, before.half().float()) and not torch.equal(weight, before)
+        codes = tiny_model(image, half_precision=False)
+    assert torch.equal(weight, before) and stats["max_abs_output"] > 0
+    assert 0 < (codes - tiny_model(image, half_precision=False)).abs().max() < 2e-3
