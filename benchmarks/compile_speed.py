@@ -206,6 +206,8 @@ def measure_stage(
             try:
                 first = run()
                 compile_s = first.timings.get("compile")
+                # Recorded at once: on a slow machine the paired runs below may not finish.
+                add({"lever": f"compile ({args.backend}, mode={args.mode}): first call", "compile_s": compile_s})
                 compiled = {name: m._compiled_call_impl for name, m in owner._compiled.modules.items()}
 
                 def set_compiled(on: bool):

@@ -213,6 +213,7 @@ def test_diffusion_levers_side_by_side(tmp_path):
         "text encoder: one batch (ours) vs two calls",
         "sdpa kernels (eager call, profiler)",
         "channels-last (unet + vae)",
+        "compile (eager, mode=None): first call",
         "compile (eager, mode=None)",
     }
     assert _positive(levers["eager (current path)"]["time_s"]["median"])
