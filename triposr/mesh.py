@@ -238,8 +238,7 @@ def sparse_level_grid(
     local = torch.arange(block + 1, device=device)
     li, lj, lk = torch.meshgrid(local, local, local, indexing="ij")
     local_ijk = torch.stack([li, lj, lk], dim=-1).reshape(1, -1, 3)  # (1, (block+1)^3, 3)
-    directions = [(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1) if (a, b, c) != (0, 0, 0)]
-    steps = torch.tensor(directions, device=device)  # (26, 3)
+    steps = torch.tensor([(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)], device=device)
     selected = torch.zeros(nb, nb, nb, dtype=torch.bool, device=device)
     pending = seeds
     rounds = 0
@@ -262,13 +261,19 @@ def sparse_level_grid(
         values = level[flat].reshape(-1, side, side, side)  # (n, b+1, b+1, b+1)
         any_pos, all_pos = _any_all_corners(values > 0)
         crossing = any_pos & ~all_pos  # (n, b, b, b)
+        # Which of the 27 (3 x 3 x 3) neighbour directions each block's crossing cells touch: per axis, bin the cells
+        # into "touches the low side" (index 0), "any" and "touches the high side" (index block-1).
+        touches = crossing
+        for axis in (1, 2, 3):
+            low = touches.narrow(axis, 0, 1).any(axis, keepdim=True)
+            high = touches.narrow(axis, block - 1, 1).any(axis, keepdim=True)
+            touches = torch.cat([low, touches.any(axis, keepdim=True), high], dim=axis)
+        touches = touches.reshape(-1, 27)  # (n, 27), direction (a, b, c) in {-1, 0, 1}^3 at 9(a+1) + 3(b+1) + c+1
+        neighbour = (blocks[:, None, :] + steps[None]).reshape(-1, 3)  # (n*27, 3)
+        valid = touches.reshape(-1) & ((neighbour >= 0) & (neighbour < nb)).all(1)
+        neighbour = neighbour[valid]
         pending = torch.zeros_like(selected)
-        for d, step in zip(directions, steps):
-            face = tuple(slice(0, 1) if x < 0 else slice(block - 1, block) if x > 0 else slice(None) for x in d)
-            touches = crossing[(slice(None), *face)].flatten(1).any(1)  # (n,)
-            neighbour = blocks[touches] + step  # (m, 3)
-            neighbour = neighbour[((neighbour >= 0) & (neighbour < nb)).all(1)]
-            pending[neighbour[:, 0], neighbour[:, 1], neighbour[:, 2]] = True
+        pending[neighbour[:, 0], neighbour[:, 1], neighbour[:, 2]] = True
 
     # 4. Never-queried points: their block's coarse corner value (all 8 corners of such a block are on one side).
     owner = (torch.arange(res, device=device) // block).clamp_max(nb - 1)  # (R,) block of each index (lower one)
