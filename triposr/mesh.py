@@ -277,8 +277,11 @@ def sparse_level_grid(
 
     # 4. Never-queried points: their block's coarse corner value (all 8 corners of such a block are on one side).
     owner = (torch.arange(res, device=device) // block).clamp_max(nb - 1)  # (R,) block of each index (lower one)
-    fill = coarse[owner][:, owner][:, :, owner].reshape(-1)  # (R^3,)
-    level = torch.where(known, level, fill).reshape(res, res, res)
+    level, known = level.view(res, res, res), known.view(res, res, res)
+    for start in range(0, res, 32):  # in slabs: no second R^3 grid
+        rows = owner[start : start + 32]
+        fill = coarse[rows][:, owner][:, :, owner]  # (slab, R, R)
+        level[start : start + 32] = torch.where(known[start : start + 32], level[start : start + 32], fill)
     info = {
         "points_queried": int(known.sum()),
         "points_total": res**3,
