@@ -589,7 +589,8 @@ class TextToImage:
             if self._compiled is not None:
                 # Untimed warm-up at this call's shapes; its own noise, so the caller's generator is not consumed.
                 rows = len(prompts) * num_images_per_prompt * (2 if do_cfg else 1)
-                shape = (rows, height, width, output_type != "latent")
+                # Device and dtype too: moving or casting the pipeline recompiles (dynamo guards on both).
+                shape = (rows, height, width, output_type != "latent", str(self.device), self.dtype)
                 warm_latents = None if latents is None else latents.clone()
                 seconds = run_compile_warm_up(
                     self, shape, lambda: generate(torch.Generator("cpu").manual_seed(0), warm_latents), logger

@@ -320,7 +320,7 @@ class MultiviewPipeline(DiffusionPipeline):
             warm = torch.Generator("cpu").manual_seed(0) if latents is None else None
             compile_seconds = run_compile_warm_up(
                 self,
-                (guidance_scale > 1.0, size),
+                (guidance_scale > 1.0, size, str(self._execution_device), self.unet.dtype),  # new key: compile
                 lambda: self._generate(image, num_inference_steps, guidance_scale, warm, "pt", latents, eta),
                 logger,
             )
