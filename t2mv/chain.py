@@ -277,6 +277,9 @@ class TextTo3D:
             they run and freed right after (``text_to_image``, ``multiview``, ``mesh``), instead of built stages.
         multiview_size: the multiview stage's input side when it comes from a loader (measured by
             `from_pretrained`/`tiny`, which check every loader once).
+        compile: compiled mode for the diffusion stages (`TextToImage.enable_compile`,
+            `MultiviewPipeline.enable_compile`); the first call at new shapes compiles (reported as
+            ``<stage>.compile`` in the timings). Ignored, with a warning, in low-memory and offload modes.
     """
 
     def __init__(
@@ -294,6 +297,7 @@ class TextTo3D:
         defaults: GenerationSettings | None = None,
         loaders: dict[str, Callable[[], Any]] | None = None,
         multiview_size: int | None = None,
+        compile: bool = False,
     ):
         loaders = dict(loaders or {})
         if set(loaders) - set(STAGES):
@@ -324,6 +328,23 @@ class TextTo3D:
         for slot in self._slots.values():
             if slot.resident:
                 move_stage(slot.stage, home, slot.dtype)
+        self.compiled = self._enable_compile() if compile else {}
+
+    def _enable_compile(self) -> dict[str, bool]:
+        """Compiled mode for the diffusion stages (UNet + VAE decoder, static shapes; each stage's
+        `enable_compile`), compiled on the first call at new shapes and reused. Returns {stage: compiled}."""
+        if self.low_memory or self.offload:
+            logger.warning(
+                "--compile is ignored with %s: stages are rebuilt or moved per run, which would recompile every time.",
+                "low-memory mode" if self.low_memory else "offload",
+            )
+            return {}
+        compiled = {}
+        for name in ("text_to_image", "multiview"):
+            stage = self._slots[name].stage
+            if stage is not None and hasattr(stage, "enable_compile"):
+                compiled[name] = bool(stage.enable_compile())
+        return compiled
 
     # The resident stages (None for a stage that is absent or loaded per run in low-memory mode: use `stages`).
     text_to_image = property(
@@ -356,6 +377,7 @@ class TextTo3D:
         local_files_only: bool | None = None,
         rembg_session: Any = None,
         low_memory: bool | None = False,
+        compile: bool = False,
     ) -> TextTo3D:
         """Load the stages named in `stages` (hub ids or local folders) and compose them.
 
@@ -431,7 +453,14 @@ class TextTo3D:
         if "mesh" in stages:
             model_ids.update(triposr_model=str(triposr_model))
         model_ids["delta_variant"] = delta_variant
-        common = dict(device=device, dtype=dtype, offload=offload, model_ids=model_ids, rembg_session=rembg_session)
+        common = dict(
+            device=device,
+            dtype=dtype,
+            offload=offload,
+            model_ids=model_ids,
+            rembg_session=rembg_session,
+            compile=compile,
+        )
         if low_memory:
             return cls(loaders=loaders, multiview_size=_check_loaders(loaders), **common)
         built = {name: fn() for name, fn in loaders.items()}
@@ -447,6 +476,7 @@ class TextTo3D:
         dtype: torch.dtype | None = None,
         offload: bool = False,
         low_memory: bool = False,
+        compile: bool = False,
     ) -> TextTo3D:
         """Smoke mode: tiny random weights for every stage and a weightless background remover. Output is noise.
         `low_memory` builds each stage when it runs and frees it after (as `from_pretrained(low_memory=True)`)."""
@@ -471,6 +501,7 @@ class TextTo3D:
             rembg_session=FakeRembgSession(),
             smoke=True,
             model_ids={"t2i_model": tiny_id, "multiview_model": tiny_id, "triposr_model": tiny_id},
+            compile=compile,
         )
         if low_memory:
             return cls(loaders=loaders, multiview_size=_check_loaders(loaders), **common)
@@ -611,6 +642,7 @@ class TextTo3D:
             "dtype": str(self.dtype).removeprefix("torch."),
             "offload": self.offload,
             "low_memory": self.low_memory,
+            "compiled": self.compiled,
             "smoke": self.smoke,
             "versions": _versions(),
         }

@@ -61,6 +61,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--offload", action="store_true", help="keep stages on the CPU, each on the GPU only to run")
     group.add_argument(
+        "--compile",
+        action="store_true",
+        help="compiled mode: torch.compile the UNets and VAE decoders (first run compiles; then faster on CUDA)",
+    )
+    group.add_argument(
         "--low-memory",
         action="store_true",
         default=None,
@@ -110,6 +115,7 @@ def load_chain(args: argparse.Namespace, stages: Sequence[str], device: Any = No
             dtype=_dtype(args.dtype),
             offload=args.offload,
             low_memory=bool(args.low_memory),
+            compile=args.compile,
         )
     return TextTo3D.from_pretrained(
         args.t2i_model,
@@ -123,6 +129,7 @@ def load_chain(args: argparse.Namespace, stages: Sequence[str], device: Any = No
         dtype=_dtype(args.dtype),
         offload=args.offload,
         low_memory=args.low_memory,  # None (flag absent): decided from the host's free RAM
+        compile=args.compile,
         local_files_only=True if args.local_files_only else None,
         rembg_session=new_rembg_session(off_switch="pass --no-remove-bg") if needs_rembg else None,
     )

@@ -539,3 +539,18 @@ def test_low_memory_is_chosen_automatically_when_ram_is_short(monkeypatch):
     assert TextTo3D.from_pretrained(device="cpu", low_memory=None).low_memory
     monkeypatch.setattr(residency, "available_host_memory_gib", lambda: 64.0)
     assert not TextTo3D.from_pretrained(device="cpu", low_memory=None).low_memory
+
+
+def test_compile_turns_on_each_diffusion_stages_compiled_mode(monkeypatch):
+    from t2mv.text_to_image import TextToImage
+    from wonder3d_perflow import MultiviewPipeline
+
+    called = []
+    for cls in (TextToImage, MultiviewPipeline):
+        monkeypatch.setattr(cls, "enable_compile", lambda self, _n=cls.__name__, **k: called.append(_n) or True)
+    chain = TextTo3D.tiny(stages=("text_to_image", "multiview"), compile=True)
+    assert called == ["TextToImage", "MultiviewPipeline"]
+    assert chain.compiled == {"text_to_image": True, "multiview": True}
+    called.clear()
+    assert TextTo3D.tiny(stages=("text_to_image",), compile=True, low_memory=True).compiled == {}
+    assert called == []  # a stage rebuilt per run would recompile every run: compiled mode is off there
