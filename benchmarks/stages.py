@@ -524,6 +524,9 @@ def chain_cases(b: Builder, sizes: Sizes) -> list[Case]:
         info = {"stage_timings_s": dict(result.timings), "memory_gib": dict(result.memory)}
         if result.mesh is not None:
             info.update(_mesh_info(result.mesh))
+        # Random multiview weights draw noise views: record whether they textured the mesh or fell back to the field.
+        info["texture_source"] = result.settings.get("texture_source")
+        info["view_texture"] = result.info.get("view_texture")
         return info
 
     return [
