@@ -679,8 +679,9 @@ class TextTo3D:
                 done("input")
             else:  # 2. Text to image.
                 start = enter("text_to_image")
-                with self._slots["text_to_image"].use(self.device, offload=self.offload) as text_to_image:
-                    out = text_to_image(
+                out = self._slots["text_to_image"].run(
+                    self.device,
+                    lambda text_to_image: text_to_image(
                         str(prompt),
                         negative_prompt=negative_prompt,
                         num_inference_steps=settings.t2i_steps,
@@ -688,7 +689,9 @@ class TextTo3D:
                         height=settings.height,
                         width=settings.width,
                         generator=torch.Generator("cpu").manual_seed(settings.seed),
-                    )
+                    ),
+                    offload=self.offload,
+                )
                 result.image = out.images[0]
                 messages += list(getattr(out, "warnings", []))
                 timings.update({f"text_to_image.{k}": v for k, v in getattr(out, "timings", {}).items()})
@@ -722,13 +725,16 @@ class TextTo3D:
             # 4. Six normals and six colors.
             if run_multiview:
                 start = enter("multiview")
-                with self._slots["multiview"].use(self.device, offload=self.offload) as multiview_stage:
-                    mv_out = multiview_stage(
+                mv_out = self._slots["multiview"].run(
+                    self.device,
+                    lambda multiview_stage: multiview_stage(
                         result.mv_input,
                         num_inference_steps=settings.mv_steps,
                         guidance_scale=settings.mv_guidance,
                         generator=torch.Generator("cpu").manual_seed(settings.seed),
-                    )
+                    ),
+                    offload=self.offload,
+                )
                 result.normals, result.colors = list(mv_out.normals), list(mv_out.colors)
                 result.view_names = tuple(mv_out.view_names)
                 timings.update({f"multiview.{k}": v for k, v in getattr(mv_out, "timings", {}).items()})
@@ -737,27 +743,13 @@ class TextTo3D:
             # 5. Mesh (and texture, while TripoSR is on the device).
             if run_mesh:
                 start = enter("mesh")
-                with self._slots["mesh"].use(self.device, offload=self.offload) as reconstructor:
-                    scene_codes = reconstructor([result.mesh_input], device=self.device)  # (1, 3, C, H, W)
-                    result_mesh = reconstructor.extract_mesh(
-                        scene_codes, resolution=settings.mc_resolution, threshold=settings.mc_threshold
-                    )[0]
-                    if settings.simplify_faces:
-                        from triposr.mesh import simplify
-
-                        result_mesh = simplify(result_mesh, settings.simplify_faces)
-                    result.mesh = result_mesh
-                    leave("mesh", start)
-                    if views_texture:
-                        self._views_to_mesh(result, settings, reconstructor, scene_codes[0], refine, enter, leave)
-                    elif settings.bake_texture:
-                        from triposr.texture import bake_texture
-
-                        start = enter("texture")
-                        result.mesh = bake_texture(
-                            reconstructor, scene_codes[0], result_mesh, texture_size=settings.texture_size
-                        )
-                        leave("texture", start)
+                self._slots["mesh"].run(
+                    self.device,
+                    lambda reconstructor: self._mesh_stages(
+                        reconstructor, result, settings, start, views_texture, refine, enter, leave
+                    ),
+                    offload=self.offload,
+                )
         except BaseException as error:
             if folder is None or not result.finished:
                 raise
@@ -774,6 +766,38 @@ class TextTo3D:
             result.save_stage("record", folder)
             (folder / FAILED_MARKER).unlink(missing_ok=True)  # an earlier failed run's marker: the folder is whole now
         return result
+
+    def _mesh_stages(
+        self,
+        reconstructor: Any,
+        result: ChainResult,
+        settings: GenerationSettings,
+        start: float,
+        views_texture: bool,
+        refine: bool,
+        enter: Callable[[str], float],
+        leave: Callable[[str, float], None],
+    ) -> None:
+        """Steps 5–7 while TripoSR is on the device: scene code → mesh (+ simplify), then the views' refinement and
+        texture, or the field's baked texture. Results go into `result`."""
+        scene_codes = reconstructor([result.mesh_input], device=self.device)  # (1, 3, C, H, W)
+        result_mesh = reconstructor.extract_mesh(
+            scene_codes, resolution=settings.mc_resolution, threshold=settings.mc_threshold
+        )[0]
+        if settings.simplify_faces:
+            from triposr.mesh import simplify
+
+            result_mesh = simplify(result_mesh, settings.simplify_faces)
+        result.mesh = result_mesh
+        leave("mesh", start)
+        if views_texture:
+            self._views_to_mesh(result, settings, reconstructor, scene_codes[0], refine, enter, leave)
+        elif settings.bake_texture:
+            from triposr.texture import bake_texture
+
+            start = enter("texture")
+            result.mesh = bake_texture(reconstructor, scene_codes[0], result_mesh, texture_size=settings.texture_size)
+            leave("texture", start)
 
     def _views_to_mesh(
         self,

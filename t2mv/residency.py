@@ -2,7 +2,7 @@
 
 The chain holds each stage in a `StageSlot`: either a built stage (resident: loaded once, kept for the chain's
 lifetime) or a loader (low-memory mode: loaded when the stage runs and freed right after, so at most one stage's
-weights are in memory at a time). `StageSlot.use(...)` is the one place where stages are placed, moved and freed.
+weights are in memory at a time). `StageSlot.run(...)` is the one place where stages are placed, moved and freed.
 
 Why a loader and not "move to disk": a stage's weights are read back from the hub cache, which the OS keeps in its
 page cache when there is room, so re-loading costs seconds, while keeping three fp32 stages resident on a CPU costs
@@ -15,7 +15,7 @@ import contextlib
 import ctypes
 import gc
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -93,30 +93,30 @@ class StageSlot:
     def resident(self) -> bool:
         return self.stage is not None
 
-    @contextlib.contextmanager
-    def use(self, device: torch.device, *, offload: bool = False) -> Iterator[Any]:
-        """The stage on `device` for the block.
+    def run(self, device: torch.device, fn: Callable[[Any], Any], *, offload: bool = False) -> Any:
+        """``fn(stage)`` with the stage on `device`; returns what `fn` returns.
 
-        Resident: it is already there (or, with `offload`, moved to `device` for the block and back to the CPU after).
-        Loader: built, moved to `device`, and freed after the block (low-memory mode), even when the block fails.
+        Resident: the stage is already there (with `offload`, it is moved to `device` for the call and back to the
+        CPU after). Loader: the stage is built, moved to `device`, and freed after the call (low-memory mode), even
+        when `fn` fails. The stage is handed to `fn` instead of being yielded to a ``with`` block because a
+        ``with ... as stage`` name outlives the block: the memory could not be given back until the caller returned.
         """
         if self.stage is not None:
-            if offload:
-                move_stage(self.stage, device, self.dtype)
+            if not offload:
+                return fn(self.stage)
+            move_stage(self.stage, device, self.dtype)
             try:
-                yield self.stage
+                return fn(self.stage)
             finally:
-                if offload:
-                    move_stage(self.stage, "cpu")
-                    free_memory(device)
-            return
+                move_stage(self.stage, "cpu")
+                free_memory(device)
         if self.loader is None:
             raise RuntimeError(f"the chain has no {self.name} stage")
         stage = self.loader()
         try:
             move_stage(stage, device, self.dtype)
-            yield stage
+            return fn(stage)
         finally:
-            del stage
+            del stage  # the last reference: fn's frame is gone
             free_memory(device)
             logger.info("low-memory mode: %s stage freed", self.name)

@@ -224,12 +224,10 @@ def test_offload_moves_each_stage_only_while_it_runs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     stage = object()
     slot = StageSlot("toy", stage, dtype=torch.float16)
-    with slot.use(torch.device("cuda"), offload=True):
-        assert moves == [(stage, "cuda")]
-    assert moves == [(stage, "cuda"), (stage, "cpu")]
-    with slot.use(torch.device("cuda"), offload=False):
-        pass
-    assert len(moves) == 2
+    slot.run(torch.device("cuda"), lambda s: moves.append("ran") or s, offload=True)
+    assert moves == [(stage, "cuda"), "ran", (stage, "cpu")]
+    slot.run(torch.device("cuda"), lambda s: s, offload=False)
+    assert len(moves) == 3
     assert not TextTo3D.tiny(stages=("mesh",), offload=True).offload  # nothing to offload to on a CPU
 
 
@@ -493,9 +491,17 @@ def test_low_memory_chain_equals_the_resident_chain_and_keeps_no_stage(tiny_chai
         return stage
 
     chain._slots["text_to_image"].loader = lambda: tracked_tiny(seed=0)
+    load_multiview = chain._slots["multiview"].loader
+    freed_before_next = []
+
+    def checking_multiview_loader():
+        gc.collect()
+        freed_before_next.append(alive[0]() is None)  # text-to-image is gone before the next stage loads
+        return load_multiview()
+
+    chain._slots["multiview"].loader = checking_multiview_loader
     result = chain("a red teapot", settings=tiny_chain.defaults, seed=7)
-    gc.collect()
-    assert alive and alive[0]() is None  # the text-to-image stage was freed after it ran
+    assert freed_before_next == [True]
     assert result.settings["low_memory"] is True and text_result.settings["low_memory"] is False
     assert np.array_equal(np.asarray(result.image), np.asarray(text_result.image))
     for a, b in zip(result.normals + result.colors, text_result.normals + text_result.colors):

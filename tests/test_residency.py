@@ -18,12 +18,9 @@ def test_loader_slot_builds_per_use_and_frees_after():
     slot = StageSlot("toy", loader=loader, dtype=torch.float32)
     assert slot.present and not slot.resident
     for _ in range(2):
-        with slot.use(torch.device("cpu")) as stage:
-            assert isinstance(stage, torch.nn.Linear)
-            assert built[-1]() is stage
-        del stage
-        gc.collect()
-        assert built[-1]() is None  # nothing of the stage survives the block
+        name = slot.run(torch.device("cpu"), lambda stage: (type(stage).__name__, built[-1]() is stage))
+        assert name == ("Linear", True)
+        assert built[-1]() is None  # nothing of the stage survives the call (run collects garbage itself)
     assert len(built) == 2
 
 
@@ -36,8 +33,12 @@ def test_loader_slot_frees_when_the_block_fails():
         return module
 
     slot = StageSlot("toy", loader=loader)
-    with pytest.raises(RuntimeError, match="boom"), slot.use(torch.device("cpu")):
+
+    def boom(stage):
         raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        slot.run(torch.device("cpu"), boom)
     gc.collect()
     assert ref[0]() is None
 
@@ -45,10 +46,8 @@ def test_loader_slot_frees_when_the_block_fails():
 def test_resident_slot_keeps_the_same_stage():
     module = torch.nn.Linear(2, 2)
     slot = StageSlot("toy", stage=module)
-    with slot.use(torch.device("cpu")) as a:
-        pass
-    with slot.use(torch.device("cpu"), offload=True) as b:
-        pass
+    a = slot.run(torch.device("cpu"), lambda stage: stage)
+    b = slot.run(torch.device("cpu"), lambda stage: stage, offload=True)
     assert a is b is module
 
 
@@ -57,8 +56,8 @@ def test_slot_rejects_both_and_reports_missing():
         StageSlot("toy", stage=object(), loader=object)
     empty = StageSlot("toy")
     assert not empty.present
-    with pytest.raises(RuntimeError, match="no toy stage"), empty.use(torch.device("cpu")):
-        pass
+    with pytest.raises(RuntimeError, match="no toy stage"):
+        empty.run(torch.device("cpu"), lambda stage: None)
 
 
 @pytest.mark.parametrize(
