@@ -35,9 +35,9 @@ from diffusers.utils import randn_tensor
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from t2mv.accel import CompiledRun, enable_compile_on, preferred_sdpa, run_compile_warm_up
 from t2mv.perflow.hub import MissingWeightsError, resolve_pretrained
 from t2mv.perflow.scheduler import PeRFlowScheduler
-from t2mv.text_to_image import CompiledRun, enable_compile_on, preferred_sdpa, run_compile_warm_up
 
 from .cameras import VIEW_NAMES, camera_embedding
 from .unet_mv2d import UNetMV2DConditionModel, load_weights_file
@@ -151,7 +151,10 @@ class MultiviewPipeline(DiffusionPipeline):
         if delta is not None:  # fetched first, so that a missing ΔW fails before the 1.8 GB UNet loads
             from t2mv.perflow.delta import load_delta_weights
 
-            delta_weights = load_delta_weights(delta, variant=delta_variant, local_files_only=local_files_only)
+            # lazy: read one ΔW tensor at a time while merging (the whole 1.7 GB ΔW never sits in RAM)
+            delta_weights = load_delta_weights(
+                delta, variant=delta_variant, local_files_only=local_files_only, lazy=True
+            )
 
         unet = UNetMV2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=torch_dtype)
         vae = _load_vae(root / "vae", torch_dtype)
