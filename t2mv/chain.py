@@ -616,7 +616,8 @@ class TextTo3D:
         # Colours from the views need the views; without the multiview stage the field's colours are used.
         views_texture = run_mesh and run_multiview and settings.texture_source == "views"
         refine = views_texture and settings.refine
-        if run_mesh and not run_multiview and (settings.texture_source == "views" or settings.refine):
+        # "views" is the default texture source whenever the views exist; only an explicit refine request is told.
+        if run_mesh and not run_multiview and settings.refine:
             messages.append("The multiview stage did not run, so the mesh keeps TripoSR's field colours and shape.")
         stage_names += ["refine"] if refine else []
         stage_names += ["texture"] if views_texture or (run_mesh and settings.bake_texture) else []

@@ -43,6 +43,9 @@ DEFAULTS = {
     "mesh_foreground_ratio": 0.85,
     "mc_resolution": 32,
     "mc_threshold": 25.0,
+    "texture_source": "views",
+    "refine": False,
+    "refine_iterations": 20,
     "bake_texture": False,
     "texture_size": 512,
     "simplify_faces": 0,
@@ -506,3 +509,27 @@ def test_the_app_starts_without_u2net_and_says_what_still_works(launched, monkey
     assert app.main(["--tiny"]) == 0 and "launch" in launched
     err = capsys.readouterr().err
     assert "warning:" in err and "u2net" in err and "transparent background" in err
+
+
+def test_views_textured_mesh_with_the_field_mesh_to_compare_and_the_fit_table(tmp_path):
+    """The page gets the views-textured GLB, the field-coloured GLB for the toggle, and the per-view fit table."""
+    from test_chain_views import ViewsStage, ellipsoid, object_image, render_views
+
+    chain = TextTo3D.tiny(seed=0, stages=("multiview", "mesh"))
+    chain.reconstructor.extract_mesh = lambda *args, **kwargs: [ellipsoid()]
+    field = chain(image=object_image(), texture_source="field", remove_background=False)
+    chain.multiview = ViewsStage(chain.multiview, render_views(field.mesh, chain._multiview_size()), field.normals)
+    path = tmp_path / "object.png"
+    object_image().save(path)
+    out = call(app.make_generate(chain, tmp_path / "runs"), image=str(path), prompt="", remove_background=False)
+    glb, field_glb, report = out[OUT["mesh"]], out[OUT["field_mesh"]], out[OUT["view_report"]]
+    assert glb.endswith("mesh.glb") and field_glb.endswith("mesh_field.glb")
+    assert trimesh.load(glb, force="mesh").visual.kind == "texture"
+    rows = {row[0]: row for row in report}
+    assert list(rows)[:6] == ["front", "front_right", "right", "back", "left", "front_left"]
+    assert all(rows[v][1] > 0.9 for v in list(rows)[:6]) and rows["coverage (all views)"][2] > 0.8
+    assert "textured from the six views" in out[OUT["status"]]
+    # field colours only: no comparison mesh, an empty table, and the status says so
+    out = call(app.make_generate(chain, tmp_path / "runs"), image=str(path), prompt="", texture_source="field")
+    assert out[OUT["field_mesh"]] is None and out[OUT["view_report"]] == []
+    assert "TripoSR's field" in out[OUT["status"]]
