@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="input image (PNG/JPEG/WebP; transparency is used as the object mask)")
     _output_arg(p, "outputs/image-to-mesh", "output folder (created; files in it are replaced)")
     p.add_argument("--no-multiview", action="store_true", help="skip the multiview stage (mesh only)")
-    add_arguments(p, ("seed", "preprocess", "multiview", "mesh"))
+    add_arguments(p, ("seed", "preprocess", "multiview", "mesh", "views"))
     _format_arg(p, ["glb", "obj", "ply"])
     add_model_args(p)
 

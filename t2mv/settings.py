@@ -45,7 +45,7 @@ MAX_MC_RESOLUTION = min(TRIPOSR_MAX_RESOLUTION, CHAIN_MAX_MC_RESOLUTION)
 MAX_SIMPLIFY_FACES = 10_000_000
 MV_PREPROCESS_MODES = ("wonder3d", "perflow")
 TEXTURE_SOURCES = ("views", "field")
-GROUPS = ("seed", "text_to_image", "preprocess", "multiview", "mesh")
+GROUPS = ("seed", "text_to_image", "preprocess", "multiview", "mesh", "views")
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,8 @@ class OptionSpec:
         choices: allowed values of a ``str`` option.
         multiple_of: ints only: the value must be a multiple of it.
         zero_allowed: ints only: 0 is allowed besides [low, high] (``simplify_faces``: 0 = keep all faces).
-        group: ``seed``, ``text_to_image``, ``preprocess``, ``multiview`` or ``mesh`` (which commands show it).
+        group: ``seed``, ``text_to_image``, ``preprocess``, ``multiview``, ``mesh`` or ``views`` (which commands
+            show it).
         label: a short label for the UI; `help` the longer text for ``--help``.
         flag: the command-line flag (a bool option with default True gets a ``--no-...`` flag).
         step: the UI slider step.
@@ -246,7 +247,7 @@ class GenerationSettings:
     )
     texture_source: str = option(
         "views",
-        group="mesh",
+        group="views",
         label="Mesh colours from",
         help="views: a UV texture projected from the six generated colour views (field colours where no view "
         "sees the surface); field: TripoSR's colour field (vertex colours, or a baked texture with --bake-texture). "
@@ -255,14 +256,14 @@ class GenerationSettings:
     )
     refine: bool = option(
         False,
-        group="mesh",
+        group="views",
         label="Refine the shape from the normal maps",
         help="fit the mesh to the six generated normal maps and silhouettes before texturing (needs the multiview "
         "stage; a result that fits worse than the input is rejected with a warning)",
     )
     refine_iterations: int = option(
         200,
-        group="mesh",
+        group="views",
         label="Refinement iterations",
         help="optimisation steps of --refine",
         low=10,
@@ -489,6 +490,7 @@ def add_arguments(
         "preprocess": "background removal and stage inputs",
         "multiview": "multiview",
         "mesh": "mesh",
+        "views": "the six views shape and texture the mesh",
     }
     for group_name in groups:
         specs = [s for s in GenerationSettings.bounds().values() if s.group == group_name and s.name not in exclude]

@@ -171,3 +171,20 @@ def test_missing_u2net_is_reported_before_the_models_load(tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert "u2net" in err and "--no-remove-bg" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_views_options_reach_the_chain_and_are_checked_first(tmp_path, capsys):
+    image = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), (250, 250, 250)).save(image)
+    out = tmp_path / "field"
+    args = ["image-to-mesh", str(image), "--tiny", "--no-remove-bg", "--mc-resolution", "32"]
+    assert main([*args, "-o", str(out), "--texture-source", "field"]) == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["texture_source"] == "field" and settings["refine"] is False
+    assert not (out / "mesh_field.glb").exists()
+    capsys.readouterr()
+    for bad in (["--texture-source", "photo"], ["--refine", "--refine-iterations", "5"]):
+        assert main([*args, "-o", str(tmp_path / "bad"), *bad]) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in err[0], err
+        assert not (tmp_path / "bad").exists()  # checked before anything was written
