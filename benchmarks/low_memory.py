@@ -33,7 +33,7 @@ def _child(mode: str, variant: str) -> dict[str, Any]:
     from t2mv.settings import GenerationSettings
     from t2mv.tiny import FakeRembgSession
 
-    from .stages import PROMPT, Builder, Sizes, calibrate_density
+    from .stages import PROMPT, Builder, Sizes, recalibrate_per_call
 
     rss_after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     device = torch.device("cpu")
@@ -43,15 +43,7 @@ def _child(mode: str, variant: str) -> dict[str, Any]:
     def build_tsr():
         tsr = builder._build_tsr()
         if mode == "real":  # random weights: re-calibrate the density on the chain's own scene code (as chain_cases)
-            forward = tsr.forward
-
-            def calibrated_forward(*args, **kwargs):
-                codes = forward(*args, **kwargs)
-                with torch.no_grad():
-                    calibrate_density(tsr, codes[0])
-                return codes
-
-            tsr.forward = calibrated_forward
+            recalibrate_per_call(tsr)
         return tsr
 
     loaders = {"text_to_image": builder._build_t2i, "multiview": builder._build_multiview, "mesh": build_tsr}

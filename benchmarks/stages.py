@@ -293,6 +293,21 @@ def calibrate_density(model, scene_code: torch.Tensor, *, above_fraction: float 
 # --------------------------------------------------------------------------------------------- cases
 
 
+def recalibrate_per_call(tsr) -> None:
+    """Random weights: the density level depends on the input image, so a chain's own mesh input could give an
+    empty (or full) grid at the fixed threshold. Re-calibrate the decoder on every scene code the model produces
+    (a 24³ query, milliseconds) so the chain's mesh is object-sized like the mesh stage's."""
+    forward = tsr.forward
+
+    def calibrated_forward(*args, **kwargs):
+        codes = forward(*args, **kwargs)
+        with torch.no_grad():
+            calibrate_density(tsr, codes[0])
+        return codes
+
+    tsr.forward = calibrated_forward
+
+
 def _generator(seed: int = 0) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
@@ -496,18 +511,7 @@ def chain_cases(b: Builder, sizes: Sizes) -> list[Case]:
         }
     )
     if b.mode == "real" and "forward" not in tsr.__dict__:
-        # Random weights: the density level depends on the input image, so the chain's own mesh input could give
-        # an empty (or full) grid at the fixed threshold. Re-calibrate the decoder on the scene code the chain
-        # produces (a 24³ query, milliseconds) so its mesh is object-sized like the mesh stage's.
-        forward = tsr.forward
-
-        def calibrated_forward(*args, **kwargs):
-            codes = forward(*args, **kwargs)
-            with torch.no_grad():
-                calibrate_density(tsr, codes[0])
-            return codes
-
-        tsr.forward = calibrated_forward
+        recalibrate_per_call(tsr)
     chain = TextTo3D(t2i, mv, tsr, device=b.device, dtype=b.dtype, rembg_session=FakeRembgSession(), defaults=defaults)
     modules = {
         "text_encoder": t2i.pipe.text_encoder,

@@ -244,16 +244,6 @@ def _segment_candidates(
     return (row * size + col)[keep], seg[keep], dist[keep]
 
 
-def _first_min(pixel: torch.Tensor, score: torch.Tensor, num_pixels: int) -> torch.Tensor:
-    """Candidate indices (N,) that win their pixel: the smallest score, among equals the first candidate."""
-    best = torch.full((num_pixels,), float("inf"), dtype=score.dtype, device=score.device)
-    best.scatter_reduce_(0, pixel, score, reduce="amin")
-    candidates = torch.nonzero(score <= best[pixel]).squeeze(1)  # (M,)
-    owner = torch.full((num_pixels,), pixel.numel(), dtype=torch.long, device=pixel.device)
-    owner.scatter_reduce_(0, pixel[candidates], candidates, reduce="amin")
-    return owner[owner < pixel.numel()]  # (N,)
-
-
 def _mixed_neighbourhood(hard: torch.Tensor, size: int) -> torch.Tensor:
     """(6, S * S) bool: pixels whose 3x3 neighbourhood holds both covered and uncovered pixels."""
     img = hard.reshape(-1, 1, size, size).float()  # (6, 1, S, S)
@@ -297,7 +287,7 @@ def visibility(
         pix, seg, dist = _segment_candidates(xy[edges[:, 0]], xy[edges[:, 1]], size, margin)
         on_edge = mixed[k, pix]
         pix, seg, dist = pix[on_edge], seg[on_edge], dist[on_edge]
-        chosen = _first_min(pix, dist, n_pix)
+        chosen = _texture.first_best(pix, dist, n_pix)
         edge_pixels.append(pix[chosen] + k * n_pix)
         edges_out.append(edges[seg[chosen]])
         signs.append(sign[seg[chosen]])

@@ -250,7 +250,7 @@ def _triangle_candidates(
         yield px[near], py[near], face[near], bary[near]
 
 
-def _first_best(pixel: torch.Tensor, score: torch.Tensor, num_pixels: int) -> torch.Tensor:
+def first_best(pixel: torch.Tensor, score: torch.Tensor, num_pixels: int) -> torch.Tensor:
     """Indices of the candidates that win their pixel: the smallest score, among equals the first candidate.
     pixel (T,) flat pixel indices, score (T,). Returns (N,) candidate indices, one per covered pixel."""
     best = torch.full((num_pixels,), float("inf"), dtype=score.dtype, device=score.device)
@@ -312,7 +312,7 @@ def rasterize_uv(
         return empty, empty, torch.empty(0, 3, device=device)
     texel, face, bary, dist = torch.cat(texels), torch.cat(faces_out), torch.cat(barys), torch.cat(dists)
     # Nearest triangle per texel: the smallest distance wins; among equals (shared edges) the first does.
-    chosen = _first_best(texel, dist, size * size)  # (N,)
+    chosen = first_best(texel, dist, size * size)  # (N,)
     return texel[chosen], face[chosen], bary[chosen]
 
 
@@ -353,7 +353,7 @@ def rasterize_screen(
         empty = torch.empty(0, dtype=torch.long, device=device)
         return empty, empty, torch.empty(0, 3, device=device)
     pixel, face, bary, z = torch.cat(pixels), torch.cat(faces_out), torch.cat(barys), torch.cat(depths)
-    chosen = _first_best(pixel, -z, height * width)  # (N,) the closest candidate per pixel
+    chosen = first_best(pixel, -z, height * width)  # (N,) the closest candidate per pixel
     return pixel[chosen], face[chosen], bary[chosen].float()
 
 
