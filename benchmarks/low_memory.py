@@ -55,9 +55,11 @@ def _child(mode: str, variant: str) -> dict[str, Any]:
         )  # fmt: skip
         mv_size = None
     else:
+        from t2mv.chain import _low_memory_loaders
+
         mv_size = 256 if mode == "real" else builder._build_multiview().unet.config.sample_size * 8
         chain = TextTo3D(
-            loaders=loaders, multiview_size=mv_size, device=device, dtype=torch.float32,
+            loaders=_low_memory_loaders(loaders), multiview_size=mv_size, device=device, dtype=torch.float32,
             rembg_session=FakeRembgSession(),
         )  # fmt: skip
     build_s = time.perf_counter() - started
@@ -80,9 +82,9 @@ def _child(mode: str, variant: str) -> dict[str, Any]:
     }
 
 
-def run(mode: str) -> dict[str, Any]:
+def run(mode: str, variants: tuple[str, ...] = VARIANTS) -> dict[str, Any]:
     records = []
-    for variant in VARIANTS:
+    for variant in variants:
         load_before = os.getloadavg()
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.low_memory", "--child", variant, "--mode", mode],
@@ -126,12 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("tiny", "real"), default="real")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here (default: print it)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: resident,low_memory")
     parser.add_argument("--child", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(_child(args.mode, args.child)))
         return 0
-    report = run(args.mode)
+    report = run(args.mode, tuple(v for v in args.variants.split(",") if v))
     text = json.dumps(report, indent=2, sort_keys=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -91,6 +91,9 @@ class MultiviewPipeline(DiffusionPipeline):
         )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.num_views = unet.config.num_views
+        # Views decoded per VAE call (None: all 12 at once). The decoder's activations at 256² dominate the stage's
+        # peak memory beside the weights (~0.2 GB per view in float32), so a memory-bound caller decodes fewer at a time.
+        self.decode_batch_size: int | None = None
         # What the loader did (repo, revision, ΔW report); copied into every output's settings.
         self.load_settings: dict[str, Any] = {}
         self.delta_report = None
@@ -353,8 +356,10 @@ class MultiviewPipeline(DiffusionPipeline):
             latents, timesteps, step_parameters, encode_done, denoise_done = self._denoise(
                 image, num_inference_steps, guidance_scale, generator, latents, eta, latent_shape
             )
-            # 6. Decode all 12 views.
-            decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+            # 6. Decode all 12 views (in groups of `decode_batch_size`: each view decodes on its own, so the same).
+            scaled = latents.to(self.vae.dtype) / self.vae.config.scaling_factor  # (12, 4, h, w)
+            chunk = self.decode_batch_size or scaled.shape[0]
+            decoded = torch.cat([self.vae.decode(part).sample for part in scaled.split(chunk)])  # (12, 3, H, W)
         images = (decoded.float() / 2 + 0.5).clamp(0, 1).cpu()  # (12, 3, H, W) in [0, 1]
         decode_done = time.perf_counter()
         views = self.num_views
