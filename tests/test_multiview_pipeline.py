@@ -331,13 +331,16 @@ def test_real_checkpoint_loads_strictly_and_runs(request):
     assert out.colors_tensor[:, :, :8, :8].mean() > 0.8
 
 
-def test_decoding_views_one_at_a_time_gives_the_same_views():
+def test_low_memory_decoding_and_encoder_release_give_the_same_views():
     """Low-memory mode decodes the 12 views one by one; each view decodes on its own (GroupNorm per sample)."""
     pipe = MultiviewPipeline.tiny(seed=0)
     image = Image.new("RGB", (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2, (250, 250, 250))
     whole = pipe(image, generator=torch.Generator().manual_seed(3), output_type="pt")
     pipe.decode_batch_size = 1
+    pipe.release_encoders_after_use = True  # low-memory mode: encoders freed once the condition is encoded
     one_by_one = pipe(image, generator=torch.Generator().manual_seed(3), output_type="pt")
+    assert pipe.image_encoder.device.type == "meta" and next(pipe.vae.encoder.parameters()).is_meta
+    assert not next(pipe.vae.decoder.parameters()).is_meta and not next(pipe.unet.parameters()).is_meta
     # batch-size-dependent conv kernels round differently: equal up to float rounding
     torch.testing.assert_close(one_by_one.normals_tensor, whole.normals_tensor, rtol=0, atol=2e-5)
     torch.testing.assert_close(one_by_one.colors_tensor, whole.colors_tensor, rtol=0, atol=2e-5)

@@ -94,6 +94,10 @@ class MultiviewPipeline(DiffusionPipeline):
         # Views decoded per VAE call (None: all 12 at once). The decoder's activations at 256² dominate the stage's
         # peak memory beside the weights (~0.2 GB per view in float32), so a memory-bound caller decodes fewer at a time.
         self.decode_batch_size: int | None = None
+        # Low-memory callers that build the pipeline for one call: once the condition is encoded, the CLIP image
+        # encoder (1.2 GB in float32) and the VAE encoder are moved to the meta device, freeing their memory for the
+        # denoising loop. The pipeline cannot encode again afterwards.
+        self.release_encoders_after_use = False
         # What the loader did (repo, revision, ΔW report); copied into every output's settings.
         self.load_settings: dict[str, Any] = {}
         self.delta_report = None
@@ -425,6 +429,13 @@ class MultiviewPipeline(DiffusionPipeline):
             encoder_hidden_states = torch.cat([cond_embeds] * 2)  # (12, 1, D)
             image_latents = torch.cat([cond_image] * 2)  # (12, 4, h, w)
         class_labels = camera_embedding(classifier_free_guidance=do_cfg, dtype=dtype, device=device)  # (12|24, 10)
+        if self.release_encoders_after_use:
+            self.image_encoder.to("meta")
+            self.vae.encoder.to("meta")
+            self.vae.quant_conv.to("meta")
+            import gc
+
+            gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         encode_done = time.perf_counter()
