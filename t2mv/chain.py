@@ -948,7 +948,8 @@ def _multiview_size(pipe: Any) -> int:
 def _low_memory_loaders(loaders: dict[str, Callable[[], Any]]) -> dict[str, Callable[[], Any]]:
     """Loaders for low-memory mode. The multiview stage is the largest (5.2 GB of float32 weights): it releases its
     CLIP and VAE encoders once the condition is encoded (1.3 GB: the stage is rebuilt for the next run anyway) and
-    decodes its 12 views one at a time (the decoder's 256² activations for 12 views at once are ~2.5 GB)."""
+    decodes its 12 views one at a time (the decoder's 256² activations for 12 views at once are ~2.5 GB). The
+    text-to-image stage releases its text encoder once the prompts are encoded."""
 
     def multiview():
         stage = loaders["multiview"]()
@@ -956,7 +957,13 @@ def _low_memory_loaders(loaders: dict[str, Callable[[], Any]]) -> dict[str, Call
         stage.release_encoders_after_use = True
         return stage
 
-    return {**loaders, "multiview": multiview} if "multiview" in loaders else dict(loaders)
+    def text_to_image():
+        stage = loaders["text_to_image"]()
+        stage.release_encoders_after_use = True  # the text encoder, once the prompts are encoded
+        return stage
+
+    wrapped = {"multiview": multiview, "text_to_image": text_to_image}
+    return {name: wrapped.get(name, load) for name, load in loaders.items()}
 
 
 def _check_loaders(loaders: dict[str, Callable[[], Any]]) -> int | None:

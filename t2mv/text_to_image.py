@@ -15,6 +15,7 @@ upstream's demos pass ``safety_checker=None`` too. PeRFlow weights are CC-BY-NC-
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import tempfile
@@ -271,6 +272,10 @@ class TextToImage:
         self.settings = dict(settings or {})
         self.default_size = default_size
         self._compiled: CompiledRun | None = None
+        # Low-memory callers that build the stage for one call: the text encoder is moved to the meta device once the
+        # prompts are encoded, freeing its memory for the UNet and the decode.
+        # The stage cannot encode again afterwards.
+        self.release_encoders_after_use = False
 
     @property
     def device(self) -> torch.device:
@@ -585,6 +590,12 @@ class TextToImage:
 
         def generate(generator, latents):
             prompt_embeds, negative_embeds = self.encode_prompts(prompts, negatives, do_cfg)
+            if self.release_encoders_after_use:
+                # Emptied in place, not moved to "meta": diffusers 0.19 takes the pipeline's device and dtype from the
+                # text encoder's first weight, so it must stay a CPU/CUDA module of the right dtype.
+                for tensor in [*self.pipe.text_encoder.parameters(), *self.pipe.text_encoder.buffers()]:
+                    tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+                gc.collect()
             return self.pipe(
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_embeds,

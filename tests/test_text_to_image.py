@@ -551,3 +551,14 @@ def test_real_dreamshaper_plus_delta():
     out = t2i("a red sports car, side view", num_inference_steps=4, guidance_scale=4.5, seed=42, output_type="np")
     assert out.images.shape == (1, 512, 512, 3) and np.isfinite(out.images).all()
     assert out.images.std() > 0.05  # an image, not a flat or NaN-cleared canvas
+
+
+def test_low_memory_release_of_the_encoders_keeps_the_image():
+    """Low-memory mode frees the text encoder once the prompts are encoded."""
+    stage = TextToImage.tiny(seed=0)
+    reference = stage("a red car", seed=4, output_type="pt").images
+    stage.release_encoders_after_use = True
+    released = stage("a red car", seed=4, output_type="pt").images
+    assert torch.equal(released, reference)
+    assert all(p.numel() == 0 for p in stage.pipe.text_encoder.parameters())  # its memory is given back
+    assert not next(stage.pipe.unet.parameters()).is_meta and not next(stage.pipe.vae.decoder.parameters()).is_meta
