@@ -7,7 +7,6 @@ a plain, lower-resolution sphere (what TripoSR's smoothing leaves of such detail
 
 from __future__ import annotations
 
-import math
 import sys
 
 import numpy as np
@@ -17,6 +16,7 @@ import trimesh
 from PIL import Image
 from scipy.spatial import cKDTree
 
+from benchmarks.view_refine import bump_centres
 from t2mv import view_refine as vr
 from t2mv.view_texture import ViewCamera
 from wonder3d_perflow.cameras import VIEW_NAMES, view_axes
@@ -29,16 +29,7 @@ CAMERA = ViewCamera(scale=1.4, center=(0.01, 0.02, -0.01), image_size=SIZE)
 FAST = {"iterations": 60, "lr": 5e-2, "lam": 10.0}  # converges on these small meshes in a test's time
 
 
-def _bump_centres() -> np.ndarray:
-    centres = []
-    for lat in (-30, 0, 30):
-        for lon in range(0, 360, 60):
-            la, lo = math.radians(lat), math.radians(lon + lat + 10)
-            centres.append([math.cos(la) * math.sin(lo), math.sin(la), math.cos(la) * math.cos(lo)])
-    return np.array(centres)  # (18, 3)
-
-
-CENTRES = _bump_centres()
+CENTRES = bump_centres()  # the benchmark's ground truth, shared
 
 
 def bump_radius(d: np.ndarray) -> np.ndarray:
