@@ -1,0 +1,144 @@
+"""Best of N: the 3D-suitability score on constructed images, the choice and its override, the derived seeds."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from t2mv.candidates import (
+    MAX_CANDIDATES,
+    candidate_generators,
+    candidate_seeds,
+    choose,
+    object_mask,
+    score_images,
+    score_mask,
+)
+from t2mv.tiny import FakeRembgSession
+
+SIZE = 128
+
+
+def disc_mask(*centres_and_radii, size=SIZE) -> np.ndarray:
+    """A binary (H, W) float mask of filled discs ((row, col, radius), ...)."""
+    rows, cols = np.mgrid[:size, :size]
+    mask = np.zeros((size, size), dtype=np.float32)
+    for r, c, radius in centres_and_radii:
+        mask[(rows - r) ** 2 + (cols - c) ** 2 <= radius**2] = 1.0
+    return mask
+
+
+def picture(mask: np.ndarray, background: np.ndarray | None = None) -> np.ndarray:
+    """A red object on a white (or the given) background: (H, W, 3) uint8."""
+    bg = np.full((*mask.shape, 3), 255, np.uint8) if background is None else background
+    return np.where(mask[..., None] > 0.5, np.array([200, 30, 30], np.uint8), bg)
+
+
+CENTRED = disc_mask((64, 64, 36))
+
+
+def test_a_centred_single_object_scores_high():
+    score = score_mask(CENTRED, picture(CENTRED))
+    assert score.score > 0.95
+    assert score.weakest == "none"
+
+
+def test_an_object_cut_by_the_frame_loses_to_a_centred_one():
+    cut = disc_mask((64, 10, 36))  # a third of the disc lies outside the left edge
+    centred, cut_score = score_mask(CENTRED, picture(CENTRED)), score_mask(cut, picture(cut))
+    assert cut_score.score < 0.5 * centred.score
+    assert cut_score.weakest == "framing"
+
+
+def test_two_objects_lose_to_one():
+    two = disc_mask((64, 34, 22), (64, 94, 22))
+    score = score_mask(two, picture(two))
+    assert score.score < 0.3
+    assert score.weakest == "dominance"
+
+
+def test_a_small_second_object_costs_less_than_an_equal_one():
+    small_extra = disc_mask((64, 50, 30), (20, 110, 10))
+    equal = disc_mask((64, 34, 22), (64, 94, 22))
+    assert score_mask(equal).dominance < score_mask(small_extra).dominance < score_mask(CENTRED).dominance
+
+
+def test_a_tiny_object_loses_to_a_sensible_one():
+    tiny = disc_mask((64, 64, 4))
+    score = score_mask(tiny, picture(tiny))
+    assert score.score < 0.5
+    assert score.weakest == "size"
+
+
+def test_a_busy_background_loses_to_a_plain_one():
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    busy = score_mask(CENTRED, picture(CENTRED, noise))  # the same clean mask, a busy picture around it
+    assert busy.score < 0.2
+    assert busy.weakest == "clean"
+
+
+def test_a_soft_undecided_mask_loses_to_a_decisive_one():
+    soft = np.where(CENTRED > 0, 0.55, 0.3).astype(np.float32)  # the remover was unsure everywhere
+    assert score_mask(soft).clean < 0.1 < score_mask(CENTRED).clean
+
+
+def test_an_empty_mask_scores_zero():
+    assert score_mask(np.zeros((SIZE, SIZE), np.float32)).score == 0.0
+
+
+def test_scores_through_a_background_remover_rank_the_pictures():
+    """End to end through a rembg-like session: the centred object beats the cut, double, tiny and busy ones."""
+    rng = np.random.default_rng(1)
+    noise = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    masks = [CENTRED, disc_mask((64, 8, 36)), disc_mask((64, 34, 22), (64, 94, 22)), disc_mask((64, 64, 4))]
+    images = [Image.fromarray(picture(m)) for m in masks] + [Image.fromarray(picture(CENTRED, noise))]
+    scores = score_images(images, FakeRembgSession())
+    assert choose(scores) == 0
+    assert all(s.score < 0.5 * scores[0].score for s in scores[1:])
+
+
+def test_object_mask_is_the_sessions_alpha_in_unit_range():
+    image = Image.fromarray(picture(CENTRED))
+    mask = object_mask(image, FakeRembgSession())
+    assert mask.shape == (SIZE, SIZE) and mask.dtype == np.float32
+    np.testing.assert_array_equal(mask > 0.5, CENTRED > 0.5)
+
+
+def _score(value):
+    from t2mv.candidates import CandidateScore
+
+    return CandidateScore(value, 1.0, 1.0, 1.0, 1.0, "none")
+
+
+def test_choose_takes_the_best_and_the_first_of_equals():
+    assert choose([_score(0.2), _score(0.9), _score(0.5)]) == 1
+    assert choose([_score(0.7), _score(0.7)]) == 0
+
+
+def test_choose_override_wins_and_is_checked():
+    assert choose([_score(0.2), _score(0.9)], override=0) == 0
+    with pytest.raises(ValueError, match="out of range"):
+        choose([_score(0.2), _score(0.9)], override=2)
+
+
+def test_candidate_seeds_start_at_the_seed_and_wrap():
+    assert candidate_seeds(42, 3) == [42, 43, 44]
+    assert candidate_seeds(2**32 - 1, 2) == [2**32 - 1, 0]
+    for bad in (0, MAX_CANDIDATES + 1):
+        with pytest.raises(ValueError):
+            candidate_seeds(0, bad)
+
+
+def test_a_batched_candidate_is_reproduced_alone_from_its_seed(one_thread):
+    """Candidate k of one batched call is the single image made with seed + k (diffusers: one generator per image)."""
+    from t2mv.text_to_image import TextToImage
+
+    t2i = TextToImage.tiny(seed=0)
+    batch = t2i("a red chair", num_images_per_prompt=3, generator=candidate_generators(7, 3), output_type="np")
+    alone = t2i("a red chair", seed=9, output_type="np")
+    other = t2i("a red chair", seed=7, output_type="np")
+    images = np.asarray(batch.images)  # (3, H, W, 3)
+    assert images.shape[0] == 3
+    np.testing.assert_allclose(images[2], np.asarray(alone.images)[0], atol=2e-3)
+    np.testing.assert_allclose(images[0], np.asarray(other.images)[0], atol=2e-3)
+    assert np.abs(images[0] - images[2]).max() > 0.05  # the candidates differ
