@@ -4,7 +4,7 @@ One path for ``t2mv`` (every subcommand), ``t2mv-multiview``, ``t2mv-mesh``, the
 
 - `open_image`: readable, not a decompression bomb (checked from the header, before decoding), at least
   ``MIN_IMAGE_SIDE`` pixels a side, not fully transparent; any mode, bit depth or animation becomes one RGB
-  (or RGBA, when it carries transparency) frame.
+  (or RGBA, when it carries transparency) frame, turned upright by its EXIF orientation.
 - `check_output_folder` / `check_output_file`: the path is not an existing file (or folder), its nearest existing
   parent is a folder we can write to. Nothing is created by the checks.
 - `write_image`, `write_text`: write to a temporary name next to the target and rename, so a crash never leaves a
@@ -19,13 +19,14 @@ torch.
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import BadInputError, WeightsUnavailableError
 
@@ -60,7 +61,8 @@ def open_image(source: str | os.PathLike | Image.Image, *, name: str | None = No
         name: how to call the image in messages (default: the file name, or "The image").
 
     Returns:
-        A loaded PIL image, mode RGB or RGBA (only when some pixel is not opaque). Greyscale, palette, CMYK,
+        A loaded PIL image, upright (EXIF orientation applied), mode RGB or RGBA (only when some pixel is not
+        opaque). Greyscale, palette, CMYK,
         16-bit and float images are converted (16-bit scaled to 8 bits, not clipped); an animation gives its
         first frame.
 
@@ -108,13 +110,22 @@ def open_image(source: str | os.PathLike | Image.Image, *, name: str | None = No
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadInputError(f"{label} is damaged or truncated ({e}). Re-export it and try again.") from e
-    converted = _normalise_mode(image)
+    converted = _normalise_mode(_upright(image))
     if converted.mode == "RGBA" and converted.getchannel("A").getextrema()[1] == 0:
         raise BadInputError(
             f"{label} is fully transparent: there is no object to reconstruct. Give an image whose object is "
             "opaque (a cut-out with a transparent background works best)."
         )
     return converted
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image as it is meant to be displayed: phones store "rotate me" in the EXIF orientation tag, which every
+    viewer applies; the models must see the same picture. A damaged EXIF block is ignored (the pixels are fine)."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError):
+        return image
 
 
 def _normalise_mode(image: Image.Image) -> Image.Image:
@@ -228,11 +239,11 @@ def image_output_path(path: str | os.PathLike, *, default_name: str = "image.png
 # ---------------------------------------------------------------------------------------------- atomic writes
 def _atomic(path: Path, write: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
+    # Created 0666 less the umask, as any ordinary output (tempfile.mkstemp would make it 0600).
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(6)}.partial"
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        write(Path(temporary))
-        os.chmod(temporary, 0o644)  # mkstemp makes 0600; outputs are ordinary files
+        write(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

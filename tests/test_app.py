@@ -484,13 +484,16 @@ def test_every_flag_start_sh_mentions_exists():
 
 def test_an_upload_is_turned_upright_by_its_exif_orientation(mesh_chain, tmp_path, toasts):
     """gradio used to apply EXIF orientation while re-encoding uploads; now the file arrives as is, so we do."""
-    photo = Image.new("RGB", (96, 48), (240, 240, 240))
-    photo.paste((30, 30, 200), (10, 10, 40, 38))
+    pixels = np.full((48, 96, 3), 240, np.uint8)  # (H, W, 3): a blue block near the top-left corner
+    pixels[10:38, 10:40] = (30, 30, 200)
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
-    photo.save(tmp_path / "phone.jpg", exif=exif)
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=95)
     out = call(app.make_generate(mesh_chain, tmp_path / "runs"), image=str(tmp_path / "phone.jpg"), prompt="")
-    assert Image.open(out[OUT["image"]]).size == (48, 96)
+    shown = np.asarray(Image.open(out[OUT["image"]]).convert("RGB"), dtype=np.float64)
+    upright, wrong_way = np.rot90(pixels, -1), np.rot90(pixels, 1)  # clockwise (numpy's k<0), anticlockwise
+    assert shown.shape == upright.shape
+    assert np.abs(shown - upright).mean() < 3.0 < 20.0 < np.abs(shown - wrong_way).mean()
 
 
 def test_the_app_starts_without_u2net_and_says_what_still_works(launched, monkeypatch, capsys):

@@ -136,3 +136,17 @@ def test_failed_write_leaves_nothing_half_written(tmp_path, monkeypatch):
         export.export_mesh(colored_mesh(), target)
     assert target.read_text() == "old"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_mesh_files_get_the_ordinary_mode_less_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        written = export.export_mesh(textured_mesh(), tmp_path / "mesh.obj")  # .obj + .mtl + .png
+        written += export.export_mesh(colored_mesh(), tmp_path / "mesh.glb")
+        written += export.export_mesh(colored_mesh(), tmp_path / "mesh.ply")
+    finally:
+        os.umask(previous)
+    assert sorted(p.name for p in written) == ["mesh.glb", "mesh.mtl", "mesh.obj", "mesh.ply", "mesh.png"]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: oct(0o666 & ~umask) for p in written}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)  # no temporary left

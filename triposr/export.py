@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import struct
-import tempfile
 from pathlib import Path
 
 import trimesh
@@ -94,6 +94,17 @@ def _encode(mesh: trimesh.Trimesh, path: Path) -> dict[str, bytes]:
     raise ValueError(f"unsupported mesh format {path.suffix!r} for {path}; use one of .glb, .obj, .ply")
 
 
+def _create_temporary(folder: Path, name: str) -> tuple[int, str]:
+    """A new hidden file next to its final name, created with mode 0666 less the umask like any ordinary output
+    (`tempfile.mkstemp` creates 0600, and `os.replace` would keep that mode on the mesh files)."""
+    while True:
+        tmp = str(folder / f".{name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:  # a name collision (2^-48): draw another
+            continue
+
+
 def export_mesh(mesh: trimesh.Trimesh, path: str | os.PathLike) -> list[Path]:
     """Write `mesh` to `path`, format by suffix (.glb, .obj, .ply); returns every file written.
 
@@ -108,7 +119,7 @@ def export_mesh(mesh: trimesh.Trimesh, path: str | os.PathLike) -> list[Path]:
     staged: list[tuple[str, Path]] = []
     try:
         for name, data in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path.parent)
+            fd, tmp = _create_temporary(path.parent, name)
             staged.append((tmp, path.parent / name))
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
