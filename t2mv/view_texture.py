@@ -192,6 +192,106 @@ def view_masks(colors: Sequence[Image.Image], masks: Sequence[Image.Image] | Non
     return out
 
 
+# A normal-map pixel is surface when it is at least this far (RGB in [0, 1], Euclidean) from white: a unit normal's
+# encoding (n + 1) / 2 is never closer to white than 0.37 (n = (1, 1, 1) / sqrt 3), so white is always background,
+# and a rim pixel blurred halfway with the background still counts as surface.
+NORMAL_WHITE_DISTANCE = 0.18
+# The normal maps' and the colour views' silhouettes may disagree by this many pixels (misregistration, blur).
+MASK_RIM_PX = 2
+# Enclosed background in the normal maps' silhouette smaller than this fraction of the image is noise, filled;
+# a larger one is a real hole (a handle) unless the colour view shows object there.
+MAX_NOISE_HOLE_FRACTION = 0.0015
+
+
+@dataclass(frozen=True)
+class ViewMasks:
+    """The six views' masks (`object_masks`), each (6, S, S) bool.
+
+    object: the object's silhouette in the normal maps (with the colour views' help, holes filled): the refinement's
+    silhouette target and what its camera is fitted to. color: the colour views' own silhouettes (a pixel or two off
+    the normal maps' at worst; white regions of the object kept): what the texture's camera is fitted to and where
+    it samples.
+    """
+
+    object: torch.Tensor
+    color: torch.Tensor
+
+
+def check_views(colors: Sequence[Image.Image], normals: Sequence[Image.Image] | None = None) -> int:
+    """Validate six colour views (and six normal maps when given); return the common image size."""
+    size = _check_views(colors, None)
+    if normals is not None:
+        if isinstance(normals, Image.Image) or not isinstance(normals, Sequence) or len(normals) != NUM_VIEWS:
+            raise ValueError(f"normals must be a list of {NUM_VIEWS} PIL images ({', '.join(VIEW_NAMES)})")
+        if not all(isinstance(n, Image.Image) for n in normals):
+            raise ValueError("every normal map must be a PIL image")
+        if any(n.size != (size, size) for n in normals):
+            raise ValueError(
+                f"the normal maps must match the colour views' size {size}², got {[n.size for n in normals]}"
+            )
+    return size
+
+
+def _disk(radius: int) -> np.ndarray:
+    r = np.arange(-radius, radius + 1)
+    return (r[:, None] ** 2 + r[None, :] ** 2) <= radius * radius  # (2r+1, 2r+1)
+
+
+def _normal_foreground(normal: Image.Image) -> np.ndarray:
+    rgb = np.asarray(normal.convert("RGB"), dtype=np.float32) / 255.0  # (S, S, 3)
+    return np.linalg.norm(1.0 - rgb, axis=-1) >= NORMAL_WHITE_DISTANCE  # (S, S)
+
+
+def _fill_holes(fg: np.ndarray, color_fg: np.ndarray) -> np.ndarray:
+    """Fill enclosed background of `fg` that is small (noise) or that the colour view shows as object."""
+    labels, count = ndimage.label(~fg)
+    if count == 0:
+        return fg
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    areas = np.bincount(labels.ravel(), minlength=count + 1)  # (count + 1,)
+    object_votes = np.bincount(labels.ravel(), weights=color_fg.ravel(), minlength=count + 1)
+    fill = (areas <= MAX_NOISE_HOLE_FRACTION * fg.size) | (object_votes > 0.5 * areas)
+    fill[0] = False
+    fill[border] = False
+    return fg | fill[labels]
+
+
+def object_masks(colors: Sequence[Image.Image], normals: Sequence[Image.Image] | None = None) -> ViewMasks:
+    """The six views' masks from the normal maps and the colour views together.
+
+    The normal maps decide the silhouette: their background is pure white, which no unit normal encodes, so a white
+    object (a white shirt, a white mug) keeps its mask where a colour view's white background test would bite into
+    it. Enclosed holes are filled when small or when the colour view shows object there; colour-view object more
+    than MASK_RIM_PX inside the outline also counts. Without normal maps, or where a normal map is blank, the colour
+    view's mask (`view_masks`) is used.
+
+    Args:
+        colors: 6 PIL RGB images, white background. normals: 6 PIL normal maps (same size) or None.
+
+    Returns:
+        `ViewMasks` (object, color), CPU bool tensors (6, S, S).
+    """
+    check_views(colors, normals)
+    color_fg = [m.numpy() for m in view_masks(colors)]  # 6 x (S, S)
+    if normals is None:
+        stack = torch.from_numpy(np.stack(color_fg))
+        return ViewMasks(object=stack, color=stack.clone())
+    rim = _disk(MASK_RIM_PX)
+    objects, color_masks = [], []
+    for k in range(NUM_VIEWS):
+        fg = _normal_foreground(normals[k])
+        if fg.sum() < MIN_MASK_PIXELS:
+            fg = color_fg[k]
+        inner_color = ndimage.binary_erosion(color_fg[k], rim)
+        fg = _fill_holes(_clean_mask(fg | inner_color), color_fg[k])  # (S, S)
+        # The colour view's own silhouette, where the outline agrees with the object's within the rim; a white
+        # region of the object well inside the outline is object colour too.
+        color = (color_fg[k] & ndimage.binary_dilation(fg, rim)) | ndimage.binary_erosion(fg, rim)
+        objects.append(fg)
+        color_masks.append(color)
+    return ViewMasks(object=torch.from_numpy(np.stack(objects)), color=torch.from_numpy(np.stack(color_masks)))
+
+
 def _view_colors(colors: Sequence[Image.Image], device: torch.device) -> torch.Tensor:
     arrays = [np.asarray(c.convert("RGB"), dtype=np.float32) / 255.0 for c in colors]  # 6 x (S, S, 3)
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(device)  # (6, 3, S, S)
@@ -535,7 +635,7 @@ def texture_from_views(
     mesh: trimesh.Trimesh,
     colors: Sequence[Image.Image],
     *,
-    masks: Sequence[Image.Image] | None = None,
+    masks: ViewMasks | Sequence[Image.Image] | None = None,
     texture_size: int = 1024,
     fallback: Callable[[torch.Tensor], torch.Tensor] | None = None,
     device: torch.device | str | None = None,
@@ -546,7 +646,8 @@ def texture_from_views(
     Args:
         mesh: trimesh in the export frame (TripoSR's `extract_mesh` output).
         colors: 6 PIL images in `VIEW_NAMES` order (square, one size; Wonder3D's are 256²), white background.
-        masks: optional 6 PIL "L" images (255 = object); derived from the white background when absent.
+        masks: `object_masks(colors, normals)` (its `color` masks: the colour views' own silhouettes, white
+            regions of the object kept), or 6 PIL "L" images (255 = object); None: `view_masks(colors)`.
         texture_size: UV texture size, 512..4096.
         fallback: maps (N, 3) export-frame points to (N, 3) colours in [0, 1] for surface no view sees (TripoSR's
             colour field: `triposr.texture.field_color_fn(triposr.mesh.scene_code_query_fn(model, code))`);
@@ -568,14 +669,21 @@ def texture_from_views(
     timings: dict[str, float] = {}
     notes: list[str] = []
     size = check_texture_size(texture_size)
-    _check_views(colors, masks)
+    if isinstance(masks, ViewMasks):
+        view_size = _check_views(colors, None)
+        if masks.object.shape != (NUM_VIEWS, view_size, view_size) or masks.color.shape != masks.object.shape:
+            raise ValueError(f"masks must be ({NUM_VIEWS}, {view_size}, {view_size}), got {tuple(masks.object.shape)}")
+    else:
+        _check_views(colors, masks)
     if atlas not in ("projection", "xatlas"):
         raise ValueError(f"atlas must be 'projection' or 'xatlas', got {atlas!r}")
     device = torch.device("cpu") if device is None else torch.device(device)
     vertices, faces = _mesh_tensors(mesh, device)
 
     t = time.perf_counter()
-    mask_t = torch.stack(view_masks(colors, masks)).to(device)  # (6, S, S)
+    # The colour views are fitted and sampled by their own silhouettes (the normal maps' may sit a pixel or two off).
+    mask_t = masks.color if isinstance(masks, ViewMasks) else torch.stack(view_masks(colors, masks))
+    mask_t = mask_t.to(device)  # (6, S, S)
     used = mask_t.flatten(1).sum(-1) >= MIN_MASK_PIXELS  # (6,)
     for k in torch.nonzero(~used).flatten().tolist():
         notes.append(f"view {VIEW_NAMES[k]!r} has no foreground (all white?); it is left out")
