@@ -1,0 +1,95 @@
+"""benchmarks.view_scenes / benchmarks.view_quality: the ground-truth scenes are what they claim (views at the
+stand-in's camera, normals in the export frame, imperfections that act), and the metrics give known answers."""
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import view_scenes as vs
+from t2mv.view_texture import view_masks
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors on 2 shared cores: one thread is faster
+
+
+@pytest.fixture(scope="module")
+def gear():
+    return vs.make_case("gear", preset="small")
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def _silhouettes(mesh, camera) -> np.ndarray:
+    """(6, S, S) bool: which pixels `mesh` covers through `camera` (the project's rasteriser)."""
+    from triposr.texture import rasterize_screen
+
+    size = camera.image_size
+    vertices = torch.from_numpy(np.asarray(mesh.vertices, dtype=np.float32))
+    faces = torch.from_numpy(np.asarray(mesh.faces, dtype=np.int64))
+    proj = camera.project(vertices)  # (6, V, 3)
+    out = np.zeros((6, size * size), dtype=bool)
+    for k in range(6):
+        pixel, _, _ = rasterize_screen(proj[k, :, :2], proj[k, :, 2], faces, size, size)
+        out[k, pixel.numpy()] = True
+    return out.reshape(6, size, size)
+
+
+def test_case_shapes_and_truth_is_one_closed_piece(gear):
+    size = gear.preset.view_size
+    for images in (gear.colors, gear.normals, gear.clean_colors, gear.clean_normals):
+        assert len(images) == 6 and all(im.size == (size, size) and im.mode == "RGB" for im in images)
+    assert gear.truth.is_watertight and len(gear.truth.split(only_watertight=False)) == 1
+    assert 1000 < len(gear.start.faces) < 10000  # the small preset: a few thousand faces
+    colors = gear.fallback(torch.from_numpy(np.asarray(gear.start.vertices[:10])).float())
+    assert colors.shape == (10, 3) and colors.dtype == torch.float32 and 0 <= colors.min() <= colors.max() <= 1
+
+
+def test_start_camera_sees_the_stand_in_where_the_views_show_the_truth(gear):
+    """The stand-in is the truth smoothed, at another scale and centre: through `start_camera` its silhouettes
+    match the clean masks (a wrong transform or camera would not)."""
+    truth_frame = _silhouettes(gear.truth, gear.camera)
+    masks = np.stack([np.asarray(m) >= 128 for m in gear.clean_masks])
+    start = _silhouettes(gear.start, gear.start_camera)
+    for k in range(6):
+        assert _iou(truth_frame[k], masks[k]) > 0.97
+        assert _iou(start[k], masks[k]) > 0.85
+    np.testing.assert_allclose(gear.to_truth(gear.start.vertices).mean(0), gear.truth.vertices.mean(0), atol=0.05)
+
+
+def test_normal_maps_are_export_frame_normals(gear):
+    """Front view of the gear's face: +Z (RGB ~ (128, 128, 255)); the right view sees the rim's +X side."""
+    size = gear.preset.view_size
+    front = np.asarray(gear.clean_normals[0], dtype=np.float64) / 255 * 2 - 1  # (S, S, 3)
+    mask = np.asarray(gear.clean_masks[0]) >= 128
+    # The front face of the gear between the recess and the teeth: a ring at ~0.6 of the gear's radius.
+    ring = front[mask][np.abs(front[mask][:, 2]) > 0.9]
+    assert len(ring) > 0.2 * mask.sum() and ring[:, 2].mean() > 0.98
+    right = np.asarray(gear.clean_normals[2], dtype=np.float64)[size // 2 - 10 : size // 2 + 10, size // 2]
+    assert np.median((right / 255 * 2 - 1)[:, 0]) > 0.9  # the rim seen from +X faces +X (teeth gaps aside)
+
+
+def test_imperfections_act_and_the_back_view_is_worst():
+    clean = vs.make_case("mug", imperfect=None, preset="small")
+    worse = vs.make_case("mug", preset="small")  # the typical imperfections, white patch included
+    # Colour error on the pixels both views cover: every view is off; the back view more than the front.
+    err = []
+    for k in range(6):
+        a = np.asarray(clean.clean_colors[k], dtype=np.float64)
+        b = np.asarray(worse.colors[k], dtype=np.float64)
+        both = (a < 240).any(-1) & (b < 240).any(-1)
+        err.append(np.abs(a[both] - b[both]).mean())
+    assert min(err) > 1.0 and err[3] > err[0]
+    # The white patch punches a hole into the white-background mask of some view (where it meets the outline).
+    colour_masks = [m.numpy() for m in view_masks(worse.clean_colors)]
+    lost = [int((np.asarray(worse.clean_masks[k]) >= 128).sum() - colour_masks[k].sum()) for k in range(6)]
+    assert max(lost) > 30
+    # The normal maps' outlines differ from the colour views' by the mismatch dial (grown or shrunk).
+    normal_masks = [m.numpy() for m in view_masks(worse.normals)]
+    colour_masks = [m.numpy() for m in view_masks(worse.colors)]
+    assert all((n ^ c).sum() > 20 for n, c in zip(normal_masks, colour_masks))
+
+
+def test_make_case_rejects_unknown_object():
+    with pytest.raises(ValueError, match="unknown object"):
+        vs.make_case("teapot")
