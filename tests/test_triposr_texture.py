@@ -273,6 +273,32 @@ def test_dilate_fills_the_gutter_with_neighbour_colours():
     torch.testing.assert_close(out[2:4, 2:4], image[2:4, 2:4])
 
 
+def test_dilate_takes_each_gutter_texel_from_its_own_neighbours():
+    """Two charts of different colours: the gutter beside each takes that chart's colour (a global mean would be
+    purple), and a texel touching both takes the mean of exactly its filled 8-neighbours (hand-computed)."""
+    red, blue = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0])
+    image = torch.zeros(8, 8, 3)
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    image[:, 0], image[:, 7] = red, blue
+    mask[:, 0] = mask[:, 7] = True
+    out, grown = texture.dilate(image, mask, 3)
+    assert grown.all()
+    for col in (1, 2, 3):
+        torch.testing.assert_close(out[:, col], red.expand(8, 3))
+    for col in (4, 5, 6):
+        torch.testing.assert_close(out[:, col], blue.expand(8, 3))
+
+    # One texel between a red and a blue texel, and one more seeing red twice and blue once.
+    image = torch.zeros(3, 3, 3)
+    mask = torch.zeros(3, 3, dtype=torch.bool)
+    image[0, 0], image[2, 0], image[0, 2] = red, red, blue
+    mask[0, 0] = mask[2, 0] = mask[0, 2] = True
+    out, _ = texture.dilate(image, mask, 1)
+    torch.testing.assert_close(out[0, 1], (red + blue) / 2)  # filled neighbours: (0,0) red, (0,2) blue
+    torch.testing.assert_close(out[1, 1], (2 * red + blue) / 3)  # (0,0), (2,0) red; (0,2) blue
+    torch.testing.assert_close(out[1, 0], red)  # (0,0), (2,0): both red
+
+
 @pytest.mark.parametrize("size", [256, 511, 4097, 1024.0])
 def test_texture_size_range(size):
     sphere = trimesh.creation.icosphere(subdivisions=1)
