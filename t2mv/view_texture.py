@@ -627,6 +627,85 @@ def _harmonic_fill(faces: torch.Tensor, colors: torch.Tensor, known: torch.Tenso
     return filled
 
 
+def _atlas_fits(components: int, size: int, padding: int) -> bool:
+    """Whether `components` charts (at least one per connected piece) can fit a size² atlas at this padding: each
+    takes a (2 padding + 2)² square at the least. Checked first: a hopeless packing costs seconds to fail."""
+    return components * (2 * padding + 2) ** 2 <= size * size
+
+
+def _atlas(
+    mesh: trimesh.Trimesh, size: int, method: str, notes: list[str]
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], int] | None:
+    """The mesh's UV atlas ((vmapping, faces, uvs), gutter in texels), degrading instead of failing: the chosen method at the usual
+    gutter; the projection atlas at a one-texel gutter (a fragmented mesh: many pieces, many charts); None (the
+    caller keeps vertex colours), each step with a warning."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    faces = np.asarray(mesh.faces, dtype=np.int64)
+    count = len(mesh.vertices)
+    edges = faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)  # (3F, 2)
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(count, count))
+    used = np.zeros(count, dtype=bool)
+    used[faces.reshape(-1)] = True
+    pieces = connected_components(graph, directed=False)[0] - int((~used).sum())  # isolated vertices are no piece
+    padding = default_padding(size)
+    attempts = [(method, padding), ("projection", 1)]
+    for k, (how, pad) in enumerate(attempts):
+        if not _atlas_fits(pieces, size, pad):
+            continue
+        try:
+            packed = mesh_atlas(mesh, size, pad, method=how, max_cost=ATLAS_MAX_COST)
+        except ValueError:  # the packer gave up (many charts): try the next way
+            continue
+        if k > 0:
+            notes.append(f"the mesh is fragmented ({pieces} pieces): its {size}² texture atlas has a one-texel gutter")
+        return packed, pad
+    notes.append(
+        f"the mesh is too fragmented ({pieces} pieces) for a {size}² texture atlas; "
+        "the views' colours are kept as vertex colours"
+    )
+    return None
+
+
+def _texture_image(
+    mesh: trimesh.Trimesh,
+    vertices: torch.Tensor,
+    normals: torch.Tensor,
+    packed: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], int],
+    size: int,
+    views: _Views,
+    fallback: Callable[[torch.Tensor], torch.Tensor] | None,
+    filled: torch.Tensor | None,
+) -> trimesh.Trimesh:
+    """The UV-textured mesh: every texel of the atlas blends the views; without a fallback, unseen texels take the
+    vertices' diffused fill `filled` (V, 3) interpolated inside their face."""
+    device = vertices.device
+    (vmapping, atlas_faces, uvs), padding = packed
+    vmap_t = torch.from_numpy(vmapping).to(device)  # (V',)
+    atlas_faces_t = torch.from_numpy(atlas_faces).to(device)  # (F', 3)
+    texel, face, bary = rasterize_uv(torch.from_numpy(uvs).to(device), atlas_faces_t, size)
+    corners = vmap_t[atlas_faces_t[face]]  # (N, 3) original vertex ids
+    texel_points = (vertices[corners] * bary[..., None]).sum(dim=1)  # (N, 3)
+    texel_normals = F.normalize((normals[corners] * bary[..., None]).sum(dim=1), dim=-1)  # (N, 3)
+    texel_colors, texel_alpha, _ = _blend(texel_points, texel_normals, views, fallback)
+    if filled is not None:
+        a = texel_alpha[:, None]
+        texel_colors = a * texel_colors + (1 - a) * (filled[corners] * bary[..., None]).sum(dim=1)  # (N, 3)
+    image = torch.zeros(size * size, 3, device=device)  # (S*S, 3)
+    written = torch.zeros(size * size, dtype=torch.bool, device=device)
+    image[texel] = texel_colors.clamp(0, 1)
+    written[texel] = True
+    return textured_mesh(
+        np.asarray(mesh.vertices, dtype=np.float32)[vmapping],
+        atlas_faces,
+        uvs,
+        image.reshape(size, size, 3),
+        written.reshape(size, size),
+        padding,
+    )
+
+
 # --------------------------------------------------------------------------------------------- entry point
 
 
@@ -705,22 +784,12 @@ def texture_from_views(
         notes.append(f"view {VIEW_NAMES[k]!r} matches the mesh's silhouette poorly (IoU {float(iou[k]):.2f})")
 
     t = time.perf_counter()
-    padding = default_padding(size)
-    vmapping, atlas_faces, uvs = mesh_atlas(mesh, size, padding, method=atlas, max_cost=ATLAS_MAX_COST)
+    packed = _atlas(mesh, size, atlas, notes)
     timings["atlas"] = time.perf_counter() - t
 
     t = time.perf_counter()
     views = _Views(camera, view_colors, zbuf, _edge_distance(mask_t, zbuf, camera), used)
     normals, face_area = _vertex_normals(vertices, faces)  # (V, 3), (F,)
-    vmap_t = torch.from_numpy(vmapping).to(device)  # (V',)
-    atlas_faces_t = torch.from_numpy(atlas_faces).to(device)  # (F', 3)
-    texel, face, bary = rasterize_uv(torch.from_numpy(uvs).to(device), atlas_faces_t, size)
-    corners = vmap_t[atlas_faces_t[face]]  # (N, 3) original vertex ids
-    texel_points = (vertices[corners] * bary[..., None]).sum(dim=1)  # (N, 3)
-    texel_normals = F.normalize((normals[corners] * bary[..., None]).sum(dim=1), dim=-1)  # (N, 3)
-    timings["raster"] = time.perf_counter() - t
-
-    t = time.perf_counter()
     # Coverage and view shares on face centroids, weighted by face area.
     centroids = vertices[faces].mean(dim=1)  # (F, 3)
     face_normals = F.normalize(normals[faces].sum(dim=1), dim=-1)  # (F, 3)
@@ -730,33 +799,20 @@ def texture_from_views(
     coverage = float((face_area * seen).sum() / total_area)
     share = [float((face_area * (seen & (face_best == k))).sum() / total_area) for k in range(NUM_VIEWS)]
 
+    vertex_colors, vertex_alpha, _ = _blend(vertices, normals, views, fallback)
+    filled = None
     if fallback is None:
         # Unseen surface: a smooth fill diffused over the mesh from the seen vertices, interpolated inside faces.
-        vertex_colors, vertex_alpha, _ = _blend(vertices, normals, views, None)
         filled = _harmonic_fill(faces, vertex_colors, vertex_alpha >= 0.5, FILL_ITERATIONS)  # (V, 3)
-
         a = vertex_alpha[:, None]
         vertex_colors = a * vertex_colors + (1 - a) * filled
-        texel_colors, texel_alpha, _ = _blend(texel_points, texel_normals, views, None)
-        a = texel_alpha[:, None]
-        texel_fill = (filled[corners] * bary[..., None]).sum(dim=1)  # (N, 3)
-        texel_colors = a * texel_colors + (1 - a) * texel_fill
-    else:
-        texel_colors, _, _ = _blend(texel_points, texel_normals, views, fallback)
-        vertex_colors, _, _ = _blend(vertices, normals, views, fallback)
-    image = torch.zeros(size * size, 3, device=device)  # (S*S, 3)
-    written = torch.zeros(size * size, dtype=torch.bool, device=device)
-    image[texel] = texel_colors.clamp(0, 1)
-    written[texel] = True
-    textured = textured_mesh(
-        np.asarray(mesh.vertices, dtype=np.float32)[vmapping],
-        atlas_faces,
-        uvs,
-        image.reshape(size, size, 3),
-        written.reshape(size, size),
-        padding,
-    )
     vertex_u8 = (vertex_colors.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()  # (V, 3)
+    if packed is None:
+        textured = trimesh.Trimesh(
+            np.asarray(mesh.vertices), np.asarray(mesh.faces), vertex_colors=vertex_u8, process=False
+        )
+    else:
+        textured = _texture_image(mesh, vertices, normals, packed, size, views, fallback, filled)
     timings["blend"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     if coverage < 0.5:

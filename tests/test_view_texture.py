@@ -256,6 +256,38 @@ def test_xatlas_and_inside_out_meshes(views, cameras, atlas, inverted):
     assert len(out.mesh.faces) >= 0.99 * len(mesh.faces)  # xatlas may drop sub-epsilon slivers, nothing else
 
 
+def fragmented(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """The same surface as disconnected triangles (every face its own vertices): every face is its own chart."""
+    corners = np.asarray(mesh.vertices)[np.asarray(mesh.faces)].reshape(-1, 3)
+    return trimesh.Trimesh(corners, np.arange(len(corners)).reshape(-1, 3), process=False)
+
+
+@pytest.mark.parametrize("pieces", [11776, 20480])
+def test_a_fragmented_mesh_degrades_instead_of_failing(views, cameras, pieces):
+    # Thousands of separate triangles: no 512² atlas with the usual gutter holds that many charts (the packer raised
+    # "cannot pack ... charts" and failed the whole run). 11776 fit with a one-texel gutter; 20480 do not, and the
+    # views' colours stay on the vertices.
+    if pieces == 20480:
+        mesh = fragmented(ellipsoid_mesh(subdivisions=5))
+    else:
+        sphere = trimesh.creation.uv_sphere(count=[48, 64])
+        mesh = fragmented(trimesh.Trimesh(to_mesh_frame(sphere.vertices * SEMI_AXES + ELLIPSOID_CENTRE), sphere.faces))
+    assert len(mesh.faces) == pieces
+    out = vt.texture_from_views(mesh, views, texture_size=512)
+    assert any("fragmented" in w for w in out.warnings), out.warnings
+    true_points = to_true_frame(np.asarray(mesh.vertices))
+    seen = seen_by_a_view(true_points, cameras)
+    assert np.abs(out.vertex_colors / 255.0 - true_color(true_points)).mean(axis=1)[seen].mean() <= 0.04
+    if pieces == 11776:
+        points, sampled = sample_texture(out.mesh, 5000)
+        true_points = to_true_frame(points)
+        seen = seen_by_a_view(true_points, cameras)
+        assert np.abs(sampled - true_color(true_points)).mean(axis=1)[seen].mean() <= 0.05
+    else:
+        assert out.mesh.visual.kind == "vertex"
+        np.testing.assert_array_equal(out.mesh.visual.vertex_colors[:, :3], out.vertex_colors)
+
+
 # --------------------------------------------------------------------------------------------- fallback
 
 
@@ -308,11 +340,23 @@ def test_unseen_surface_blends_into_the_fallback(flat):
 def test_without_fallback_unseen_surface_takes_nearby_seen_colours(flat):
     views, mesh = flat
     out = vt.texture_from_views(mesh, views, texture_size=512)
-    path = texture_at(out.mesh, meridian(mesh))
-    seen_colors = true_color(to_true_frame(np.asarray(mesh.vertices)))
-    # The pole's colour is one the surface really has near it (not black, not a neutral grey far from all).
-    assert np.min(np.abs(seen_colors - path[-1]).max(axis=1)) < 0.1
-    assert np.abs(np.diff(path, axis=0)).max() < 0.12
+    # The top and bottom are edge-on to every view: along a meridian, from the equator to the pole, the views'
+    # colour gives way to the fill. On the +X meridian the surface nearby is red (red grows with x), on the -X one
+    # it is not: the fill must follow the surface around it on each side, not be one colour for all unseen surface.
+    for points in (meridian(mesh), mirrored_meridian(mesh)):
+        path = texture_at(out.mesh, points)  # (60, 3) equator -> pole
+        truth = true_color(to_true_frame(points))  # smooth here: the nearby seen colour continues it
+        assert np.abs(path - truth).max() < 0.09, np.abs(path - truth).max(axis=1)
+        assert np.abs(np.diff(path, axis=0)).max() < 0.12
+    unseen = texture_at(out.mesh, meridian(mesh)[36:48]), texture_at(out.mesh, mirrored_meridian(mesh)[36:48])
+    assert (unseen[0][:, 0] - unseen[1][:, 0]).min() > 0.2  # red on the +X side, not on the -X side
+
+
+def mirrored_meridian(mesh, count=60):
+    """The -X meridian (from the equator to the top pole), in the mesh frame."""
+    angle = np.linspace(0, np.pi / 2, count)
+    true = ELLIPSOID_CENTRE + np.stack([-np.cos(angle), np.sin(angle), np.zeros_like(angle)], 1) * FLAT_AXES
+    return to_mesh_frame(true)
 
 
 # --------------------------------------------------------------------------------------------- bad view sets
