@@ -3,14 +3,13 @@ triangles in the same order, same vertex positions), vertex sharing, watertightn
 
 import itertools
 
+import mcubes  # PyMCubes is a hard requirement (requirements.txt): the reference these tests compare with
 import numpy as np
 import pytest
 import torch
 import trimesh
 
 from triposr.marching_cubes import CORNER_OFFSETS, TRIANGLE_TABLE, cube_codes, marching_cubes
-
-mcubes = pytest.importorskip("mcubes")
 
 EDGE_CORNERS = ((0, 1), (1, 2), (2, 3), (3, 0), (4, 5), (5, 6), (6, 7), (7, 4), (0, 4), (1, 5), (2, 6), (3, 7))
 
