@@ -19,6 +19,7 @@ from benchmarks import SCHEMA, configs  # noqa: E402
 from benchmarks.harness import CallRecorder, PeakMemory, count_flops, max_diffs, summarize, time_runs  # noqa: E402
 from benchmarks.report import markdown  # noqa: E402
 from benchmarks.run import main  # noqa: E402
+from benchmarks.variants import TOLERANCE  # noqa: E402
 
 ALL_STAGES = "t2i,multiview,triposr,mesh,texture,export,chain"
 
@@ -94,6 +95,8 @@ def test_tiny_run_variants(tmp_path):
         assert math_attn["error"] is None and math_attn["within_tolerance"], math_attn
         bf16 = by_key[(stage, "bf16")]
         assert bf16["error"] is None and math.isfinite(bf16["max_abs_diff"]) and bf16["max_abs_diff"] > 0
+        # bf16 really ran in bf16 (it differs) and still matches the fp32 reference within the half tolerance
+        assert bf16["within_tolerance"] and bf16["max_abs_diff"] <= TOLERANCE["half"], bf16
         assert "CPU" in by_key[(stage, "fp16")]["skipped"] and "CUDA" in by_key[(stage, "xformers")]["skipped"]
     table = markdown(report)
     assert "| t2i | sdpa-math |" in table and "unet 4×b2" in table
