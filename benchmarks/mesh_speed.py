@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .builders import MESH_THRESHOLD, Builder, Case, Sizes, _tsr_modules
 from .harness import max_diffs
-from .stages import MESH_THRESHOLD, Builder, Case, Sizes, _tsr_modules
 
 FP16_MAX = 65504.0
 

@@ -59,7 +59,7 @@ def view_refine_cases(b, sizes) -> list:
     from t2mv.view_refine import refine_mesh
     from t2mv.view_texture import ViewCamera
 
-    from .stages import Case
+    from .builders import Case
 
     real = b.mode == "real"
     gt_sub, start_sub, size, iterations = (6, 5, 256, 200) if real else (4, 3, 128, 50)

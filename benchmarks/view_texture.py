@@ -71,7 +71,7 @@ def view_texture_cases(b, sizes) -> list:
     """One case: texture_from_views on a 100k-face mesh (tiny mode: ~5k faces) with a 1024² texture (tiny: 512²)."""
     from t2mv.view_texture import texture_from_views
 
-    from .stages import Case
+    from .builders import Case
 
     real = b.mode == "real"
     target_faces, grid = (100_000, 200) if real else (5_000, 48)
