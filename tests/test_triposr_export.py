@@ -1,4 +1,4 @@
-"""triposr.export: GLB / OBJ / PLY with vertex colours or a baked texture, read back; atomic writes."""
+"""triposr.export: GLB / OBJ / PLY / STL with vertex colours or a baked texture, read back; atomic writes."""
 
 import json
 import os
@@ -108,7 +108,7 @@ def test_textured_ply_gets_colors_from_the_texture(tmp_path):
 
 def test_bad_suffix_and_empty_mesh(tmp_path):
     with pytest.raises(ValueError, match="unsupported mesh format"):
-        export.export_mesh(colored_mesh(), tmp_path / "m.stl")
+        export.export_mesh(colored_mesh(), tmp_path / "m.fbx")
     with pytest.raises(ValueError, match="empty mesh"):
         export.export_mesh(trimesh.Trimesh(), tmp_path / "m.glb")
     assert not list(tmp_path.iterdir())
@@ -150,3 +150,26 @@ def test_mesh_files_get_the_ordinary_mode_less_the_umask(tmp_path, umask):
     assert sorted(p.name for p in written) == ["mesh.glb", "mesh.mtl", "mesh.obj", "mesh.ply", "mesh.png"]
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: oct(0o666 & ~umask) for p in written}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)  # no temporary left
+
+
+def test_stl_loads_back_in_trimesh_with_the_same_surface(tmp_path, caplog):
+    mesh = textured_mesh()  # a texture is dropped: STL is geometry only
+    with caplog.at_level("WARNING", logger="triposr.export"):
+        (path,) = export.export_mesh(mesh, tmp_path / "mesh.stl")
+    assert path.name == "mesh.stl" and not caplog.records  # a closed sphere: no warning
+    assert path.stat().st_size == 84 + 50 * len(mesh.faces)  # binary STL: header, count, 50 bytes a triangle
+    back = trimesh.load(path)  # merges the per-triangle corners back into shared vertices
+    assert len(back.faces) == len(mesh.faces) and back.is_watertight
+    np.testing.assert_allclose(back.area, mesh.area, rtol=1e-5)
+    np.testing.assert_allclose(back.volume, mesh.volume, rtol=1e-5)  # same winding: outward normals kept
+    np.testing.assert_allclose(back.bounds, mesh.bounds, atol=1e-6)  # no rotation or scale of its own
+
+
+def test_stl_of_an_open_mesh_is_written_with_a_warning(tmp_path, caplog):
+    sphere = trimesh.creation.icosphere(subdivisions=2, radius=0.5)
+    holed = trimesh.Trimesh(sphere.vertices, sphere.faces[1:], process=False)
+    assert export.stl_warning(sphere) is None
+    with caplog.at_level("WARNING", logger="triposr.export"):
+        export.export_mesh(holed, tmp_path / "holed.stl")
+    assert "holed.stl is not watertight" in caplog.text
+    assert len(trimesh.load(tmp_path / "holed.stl").faces) == len(holed.faces)

@@ -1,4 +1,4 @@
-"""Write meshes to GLB, OBJ (+MTL/PNG when textured) or PLY, atomically.
+"""Write meshes to GLB, OBJ (+MTL/PNG when textured), PLY or STL, atomically.
 
 Meshes are written exactly as given: they are already in the export frame (glTF: +Y up, the input view's front
 facing +Z; see `triposr.mesh`), so no format gets a rotation of its own.
@@ -9,6 +9,9 @@ facing +Z; see `triposr.mesh`), so no format gets a rotation of its own.
 - OBJ: vertex colours with the common extension `v x y z r g b` (floats in [0, 1]); a baked texture goes to
   `<stem>.mtl` + `<stem>.png` next to the OBJ (Kd 1, map_Kd).
 - PLY (binary): vertex colours; a textured mesh is written with colours sampled from its texture at the vertices.
+- STL (binary): geometry only, for 3D printing, in the same units as the other formats (the object spans about one
+  unit; STL has no unit and slicers read millimetres, so scale it in the slicer). A mesh that is not watertight
+  (an edge without exactly two faces) is written with a warning (`stl_warning`): slicers may refuse or misprint it.
 
 Reading back: `trimesh.load(path, force="mesh")` drops a GLB's COLOR_0 when the primitive has a material (trimesh
 keeps it only in the scene's `visual.vertex_attributes["color"]`); `load_mesh` here restores it.
@@ -17,6 +20,7 @@ keeps it only in the scene's `visual.vertex_attributes["color"]`); `load_mesh` h
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import struct
@@ -24,7 +28,9 @@ from pathlib import Path
 
 import trimesh
 
-FORMATS = ("glb", "obj", "ply")
+FORMATS = ("glb", "obj", "ply", "stl")
+
+logger = logging.getLogger(__name__)
 
 _MATTE = {
     "pbrMetallicRoughness": {"baseColorFactor": [1.0, 1.0, 1.0, 1.0], "metallicFactor": 0.0, "roughnessFactor": 1.0}
@@ -91,7 +97,23 @@ def _encode(mesh: trimesh.Trimesh, path: Path) -> dict[str, bytes]:
         material = next(line.split(maxsplit=1)[1] for line in text.splitlines() if line.startswith("usemtl "))
         image = next(data for name, data in files.items() if not name.endswith(".mtl"))
         return {path.name: text.encode(), mtl_name: _mtl(material, texture_name), texture_name: image}
-    raise ValueError(f"unsupported mesh format {path.suffix!r} for {path}; use one of .glb, .obj, .ply")
+    if suffix == "stl":
+        return {path.name: mesh.export(file_type="stl")}  # binary STL: triangles and facet normals only
+    raise ValueError(f"unsupported mesh format {path.suffix!r} for {path}; use one of .glb, .obj, .ply, .stl")
+
+
+def stl_warning(mesh: trimesh.Trimesh, name: str = "mesh.stl") -> str | None:
+    """The warning an STL of `mesh` needs (None when it is watertight: every edge shared by exactly two faces).
+
+    Judged on the geometry with coincident vertices merged, as STL stores it and slicers read it: a textured mesh
+    splits its vertices along UV seams, which is no hole.
+    """
+    if trimesh.Trimesh(mesh.vertices, mesh.faces, process=True).is_watertight:  # process: merge by position
+        return None
+    return (
+        f"{name} is not watertight (it has open or non-manifold edges); a slicer may refuse or misprint it: "
+        "repair it first (e.g. in your slicer or Blender's 3D-Print toolbox)"
+    )
 
 
 def _create_temporary(folder: Path, name: str) -> tuple[int, str]:
@@ -106,7 +128,7 @@ def _create_temporary(folder: Path, name: str) -> tuple[int, str]:
 
 
 def export_mesh(mesh: trimesh.Trimesh, path: str | os.PathLike) -> list[Path]:
-    """Write `mesh` to `path`, format by suffix (.glb, .obj, .ply); returns every file written.
+    """Write `mesh` to `path`, format by suffix (.glb, .obj, .ply, .stl); returns every file written.
 
     Each file is written to a temporary name in the target folder and renamed into place only once all of them
     are complete, so an error never leaves a half-written mesh behind.
@@ -115,6 +137,8 @@ def export_mesh(mesh: trimesh.Trimesh, path: str | os.PathLike) -> list[Path]:
     if len(mesh.faces) == 0:
         raise ValueError(f"refusing to write an empty mesh to {path}")
     files = _encode(mesh, path)
+    if path.suffix.lower() == ".stl" and (message := stl_warning(mesh, path.name)):
+        logger.warning(message)
     path.parent.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[str, Path]] = []
     try:
