@@ -59,6 +59,12 @@ FULL_VIEW_WEIGHT = 0.02
 # With atlas="xatlas": its chart cost limit. 2.0 (xatlas' default) is ~5x slower on 100k faces for a few fewer
 # charts; even so xatlas takes tens of seconds there on a CPU, hence the projection atlas by default.
 ATLAS_MAX_COST = 0.2
+# Colour harmonisation: the prior towards gain 1 / bias 0, per view, relative to the mean weight the view pairs put
+# on the data; the points sampled for it; and bounds on the correction (a generator's drift is well inside them).
+HARMONIZE_PRIOR = 0.002
+HARMONIZE_POINTS = 20000
+MAX_GAIN_CHANGE = 0.5
+MAX_BIAS_CHANGE = 0.3
 FIT_RESOLUTION = 128  # the silhouette fit renders and compares silhouettes on at most this grid
 FILL_ITERATIONS = 300  # Jacobi sweeps of the no-fallback fill (over the unseen vertices' edges only)
 CHUNK = 2**18  # points per blending chunk (bounds memory: 6 views x chunk x a few channels)
@@ -114,7 +120,8 @@ class ViewTexture:
     mesh: UV-textured trimesh (same surface; vertices split along UV seams). vertex_colors: (V, 3) uint8 for the
     input mesh's vertices. coverage: fraction of the surface area whose colour comes mostly from the views.
     view_iou: silhouette IoU per view (0.0 for a dropped view). view_share: fraction of the surface area where each
-    view has the largest weight (sums to coverage). used_views: which views took part. warnings, timings (s).
+    view has the largest weight (sums to coverage). used_views: which views took part. color_gain, color_bias: the
+    per-view, per-channel colour correction applied before blending (`harmonize_views`). warnings, timings (s).
     """
 
     mesh: trimesh.Trimesh
@@ -124,6 +131,8 @@ class ViewTexture:
     camera: ViewCamera
     view_share: tuple[float, ...] = ()
     used_views: tuple[bool, ...] = ()
+    color_gain: tuple[tuple[float, float, float], ...] = ()
+    color_bias: tuple[tuple[float, float, float], ...] = ()
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -627,6 +636,61 @@ def _harmonic_fill(faces: torch.Tensor, colors: torch.Tensor, known: torch.Tenso
     return filled
 
 
+def _pair_normal_equations(weights: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+    """Per-channel normal equations (3, 12, 12) of sum over view pairs (j, k) and points of
+    min(w_j, w_k) (g_j c_j + b_j - g_k c_k - b_k)^2 in x = (g_0..g_5, b_0..b_5); the reference view is
+    pinned afterwards, by the caller's prior)."""
+    a = torch.zeros(3, 2 * NUM_VIEWS, 2 * NUM_VIEWS, dtype=torch.float64, device=weights.device)
+    for j in range(NUM_VIEWS):
+        for k in range(j + 1, NUM_VIEWS):
+            w = torch.minimum(weights[j], weights[k]).double()  # (N,) both views see the point well
+            if float(w.sum()) <= 0:
+                continue
+            cj, ck = samples[j].double(), samples[k].double()  # (N, 3)
+            # Row of one residual: +c_j at g_j, +1 at b_j, -c_k at g_k, -1 at b_k.
+            idx = (j, NUM_VIEWS + j, k, NUM_VIEWS + k)
+            rows = torch.stack([cj, torch.ones_like(cj), -ck, -torch.ones_like(ck)], dim=-1)  # (N, 3, 4)
+            block = torch.einsum("n,nci,ncj->cij", w, rows, rows)  # (3, 4, 4)
+            for r, ir in enumerate(idx):
+                for c, ic in enumerate(idx):
+                    a[:, ir, ic] += block[:, r, c]
+    return a
+
+
+def harmonize_views(
+    points: torch.Tensor, normals: torch.Tensor, views: _Views, *, prior: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-view, per-channel colour gain and bias that make the views agree where two of them see the surface.
+
+    Generated views drift in colour (the back view most); blending them as they are leaves seams and a patchwork.
+    Solved jointly (least squares over every pair of views, weighted by how well both see each point) with a prior
+    towards gain 1 / bias 0 and the front view (or the first used one) as the reference.
+
+    Args:
+        points, normals: (N, 3) surface points and unit normals (e.g. the mesh's vertices). views: the fitted views.
+        prior: weight of the prior per view, relative to the mean pair weight (default HARMONIZE_PRIOR).
+
+    Returns:
+        gains (6, 3) and biases (6, 3): corrected colour = gain * colour + bias.
+    """
+    prior = HARMONIZE_PRIOR if prior is None else prior
+    weights, samples = _view_weights(points, normals, views)  # (6, N), (6, N, 3)
+    used = views.used.tolist()
+    ref = 0 if used[0] else used.index(True)
+    a = _pair_normal_equations(weights, samples)  # (3, 12, 12)
+    strength = prior * float(weights.sum()) / NUM_VIEWS + 1e-9
+    stiff = torch.full((2 * NUM_VIEWS,), strength, dtype=torch.float64, device=a.device)
+    stiff[[ref, NUM_VIEWS + ref]] = 1e6 * (float(a.diagonal(dim1=1, dim2=2).max()) + strength)  # pinned
+    a = a + torch.diag(stiff)
+    target = torch.cat([torch.ones(NUM_VIEWS), torch.zeros(NUM_VIEWS)]).to(a)  # gain 1, bias 0
+    rhs = (stiff * target).expand(3, -1)[..., None]  # (3, 12, 1)
+    x = torch.linalg.solve(a.cpu(), rhs.cpu())[..., 0].T.to(points.device)  # (12, 3)
+    gains, biases = x[:NUM_VIEWS], x[NUM_VIEWS:]
+    gains = gains.clamp(1 - MAX_GAIN_CHANGE, 1 + MAX_GAIN_CHANGE)
+    biases = biases.clamp(-MAX_BIAS_CHANGE, MAX_BIAS_CHANGE)
+    return gains.to(points.dtype), biases.to(points.dtype)
+
+
 def _atlas_fits(components: int, size: int, padding: int) -> bool:
     """Whether `components` charts (at least one per connected piece) can fit a size² atlas at this padding: each
     takes a (2 padding + 2)² square at the least. Checked first: a hopeless packing costs seconds to fail."""
@@ -719,6 +783,7 @@ def texture_from_views(
     fallback: Callable[[torch.Tensor], torch.Tensor] | None = None,
     device: torch.device | str | None = None,
     atlas: str = "projection",
+    harmonize: bool = True,
 ) -> ViewTexture:
     """Texture `mesh` from the six generated views.
 
@@ -734,6 +799,7 @@ def texture_from_views(
         device: where the tensor work runs (default CPU).
         atlas: "projection" (default: `triposr.texture.projection_atlas`, well under a second at 100k faces) or
             "xatlas" (fewer seams; tens of seconds at 100k faces on a CPU, minutes at 500k).
+        harmonize: correct each view's colour (gain and bias per channel, `harmonize_views`) before blending.
 
     Returns:
         ViewTexture (textured mesh, vertex colours, coverage, per-view IoU and share, camera, warnings, timings).
@@ -790,6 +856,12 @@ def texture_from_views(
     t = time.perf_counter()
     views = _Views(camera, view_colors, zbuf, _edge_distance(mask_t, zbuf, camera), used)
     normals, face_area = _vertex_normals(vertices, faces)  # (V, 3), (F,)
+    gains = torch.ones(NUM_VIEWS, 3, device=device)
+    biases = torch.zeros(NUM_VIEWS, 3, device=device)
+    if harmonize and int(used.sum()) > 1:
+        step = max(1, len(vertices) // HARMONIZE_POINTS)
+        gains, biases = harmonize_views(vertices[::step], normals[::step], views)  # (6, 3) each
+        views.colors = (views.colors * gains[:, :, None, None] + biases[:, :, None, None]).clamp(0, 1)
     # Coverage and view shares on face centroids, weighted by face area.
     centroids = vertices[faces].mean(dim=1)  # (F, 3)
     face_normals = F.normalize(normals[faces].sum(dim=1), dim=-1)  # (F, 3)
@@ -825,6 +897,8 @@ def texture_from_views(
         camera=camera,
         view_share=tuple(share),
         used_views=tuple(bool(x) for x in used),
+        color_gain=tuple(tuple(float(x) for x in g) for g in gains),
+        color_bias=tuple(tuple(float(x) for x in b) for b in biases),
         warnings=notes,
         timings=timings,
     )

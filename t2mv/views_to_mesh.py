@@ -49,6 +49,7 @@ class ViewsToMeshOptions:
     iterations: int = 200  # refinement steps
     seed: int = 0  # recorded by the refiner (its method draws no random numbers)
     atlas: str = "projection"  # "projection" (fast) or "xatlas" (fewer seams, slow)
+    harmonize: bool = True  # per-view colour gain/bias solved across the views before blending
     refine_options: dict[str, Any] = field(default_factory=dict)  # passed on to `refine_mesh`
 
     @classmethod
@@ -143,7 +144,7 @@ def views_to_mesh(
             colour field, `triposr.texture.field_color_fn(...)`); None: a fill diffused from the seen surface.
         texture_size: UV texture size, 512..4096.
         device: where the tensor work runs (default CPU).
-        **options: `ViewsToMeshOptions` fields (iterations, seed, atlas, refine_options).
+        **options: `ViewsToMeshOptions` fields (iterations, seed, atlas, harmonize, refine_options).
 
     Returns:
         `ViewsToMesh`. The views failing to align never raises: `texture` is None and the mesh keeps its colours.
@@ -175,6 +176,7 @@ def views_to_mesh(
             fallback=fallback,
             device=device,
             atlas=opts.atlas,
+            harmonize=opts.harmonize,
         )
     except ViewTextureError as e:
         result.mesh = shaped
