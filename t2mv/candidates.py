@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from scipy import ndimage
 
 MAX_CANDIDATES = 8
 SEED_MODULUS = 2**32  # the settings' seed range (0 .. 2**32 - 1)
@@ -113,6 +112,8 @@ def _background_busyness(image: np.ndarray, foreground: np.ndarray, margin: int)
     grad = np.zeros(rgb.shape[:2], dtype=np.float32)  # (H, W)
     grad[:, :-1] += grad_x
     grad[:-1] += grad_y
+    from scipy import ndimage
+
     near_object = ndimage.binary_dilation(foreground, iterations=margin + 1) if foreground.any() else foreground
     background = ~near_object  # (H, W) bool
     if not background.any():
@@ -127,6 +128,8 @@ def score_mask(
 
     Without an image the background-plainness part of `clean` is left out (only the alpha's decisiveness counts).
     """
+    from scipy import ndimage
+
     cfg = config or ScoreConfig()
     alpha = np.asarray(mask, dtype=np.float32)
     if alpha.ndim != 2:

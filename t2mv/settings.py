@@ -27,6 +27,7 @@ from triposr.mesh import MAX_RESOLUTION as TRIPOSR_MAX_RESOLUTION
 from triposr.mesh import MIN_RESOLUTION as TRIPOSR_MIN_RESOLUTION
 from triposr.texture import MAX_TEXTURE_SIZE, MIN_TEXTURE_SIZE
 
+from .candidates import MAX_CANDIDATES
 from .errors import BadInputError
 from .text_to_image import CHAIN_PRESET, PERFLOW_SD15_SCHEDULER
 
@@ -179,6 +180,25 @@ class GenerationSettings:
     width: int = option(
         512, group="text_to_image", label="Width", help="image width", low=64, high=1024, multiple_of=8, smoke=64
     )
+    candidates: int = option(
+        1,
+        group="text_to_image",
+        label="Candidate images",
+        help="images made from the prompt in one batch (seeds seed, seed+1, ...); the one best suited to 3D (one "
+        "whole object, not cut by the frame, on a plain background) goes on to the 3D stages",
+        low=1,
+        high=MAX_CANDIDATES,
+        step=1,
+    )
+    choose: int = option(
+        -1,
+        group="text_to_image",
+        label="Candidate to use (-1: the best-scored)",
+        help="which candidate (0 .. candidates-1) goes on to 3D instead of the best-scored one; -1: automatic",
+        low=-1,
+        high=MAX_CANDIDATES - 1,
+        step=1,
+    )
     # background removal and the two stages' inputs
     remove_background: bool = option(
         True,
@@ -294,6 +314,12 @@ class GenerationSettings:
         zero_allowed=True,
         flag="--simplify",
     )
+    turntable: bool = option(
+        False,
+        group="mesh",
+        label="Turntable video",
+        help="write turntable.mp4: the finished mesh turning once (36 frames, 512², slight elevation)",
+    )
 
     # ------------------------------------------------------------------------------------------ building
     @classmethod
@@ -364,6 +390,12 @@ class GenerationSettings:
             message = _check(spec, getattr(self, spec.name), (names or {}).get(spec.name, spec.name))
             if message:
                 found.append(message)
+        if not {"choose", "candidates"} & skip and self.choose >= self.candidates >= 1:
+            flag = (names or {}).get("choose", "choose")
+            found.append(
+                f"{flag} {self.choose} is out of range: with {self.candidates} candidate(s) choose 0..{self.candidates - 1}"
+                ", or -1 for the best-scored one."
+            )
         return found
 
     def validate(self, *, skip: Iterable[str] = (), names: Mapping[str, str] | None = None) -> GenerationSettings:

@@ -142,3 +142,15 @@ def test_a_batched_candidate_is_reproduced_alone_from_its_seed(one_thread):
     np.testing.assert_allclose(images[2], np.asarray(alone.images)[0], atol=2e-3)
     np.testing.assert_allclose(images[0], np.asarray(other.images)[0], atol=2e-3)
     assert np.abs(images[0] - images[2]).max() > 0.05  # the candidates differ
+
+
+def test_settings_bound_candidates_and_choose():
+    from t2mv.errors import BadInputError
+    from t2mv.settings import GenerationSettings
+
+    assert (GenerationSettings().candidates, GenerationSettings().choose) == (1, -1)  # one image, automatic choice
+    GenerationSettings(candidates=MAX_CANDIDATES, choose=MAX_CANDIDATES - 1).validate()
+    with pytest.raises(BadInputError, match="choose 2 is out of range: with 2 candidate"):
+        GenerationSettings(candidates=2, choose=2).validate()
+    with pytest.raises(BadInputError, match="candidates must be"):
+        GenerationSettings(candidates=MAX_CANDIDATES + 1).validate()
