@@ -50,6 +50,13 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
+# rembg's first import compiles pymatting's numba kernels (about a minute; minutes on a busy machine) and caches
+# them next to pymatting. Do it once here, JIT on, so the first run after install does not; later imports read
+# the cache (seconds), so re-running this is cheap.
+echo "==> warming numba's cache for rembg (the first time takes a minute or more)"
+env -u NUMBA_DISABLE_JIT "$VPY" -c "import rembg" >/dev/null 2>&1 \
+  || echo "   importing rembg failed; the first background removal will compile instead" >&2
+
 # xformers only where CUDA works; torch SDPA is the default everywhere, so a failure here is not fatal.
 if "$VPY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
    && ! "$VPY" -c "import xformers" 2>/dev/null; then

@@ -1,6 +1,9 @@
 """Condition-image preprocessing: alpha crop + recentre on white (Wonder3D), resize + whiten (PeRFlow demo),
 and rembg only when there is no alpha (with a fake session: u2net is never downloaded in tests)."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -146,4 +149,40 @@ def test_not_an_image_and_empty_alpha():
 
 
 def test_rembg_is_not_imported_at_module_import():
-    assert "rembg" not in preprocess.__dict__
+    """rembg's first import compiles pymatting's numba kernels (about a minute after install): no import path of
+    ours may load it, under any name, and neither may a background removal with a session of our own."""
+    code = """if True:
+        import sys
+        from PIL import Image
+        import t2mv, t2mv.inputs, t2mv.chain, t2mv.cli, t2mv.mesh_cli, t2mv.multiview_cli, t2mv.batch, t2mv.app
+        import triposr.preprocess, wonder3d_perflow.preprocess
+        from t2mv.tiny import FakeRembgSession
+        loaded = sorted(name for name in ("rembg", "pymatting") if name in sys.modules)
+        assert not loaded, f"imported at module import: {loaded}"
+        image = Image.new("RGB", (64, 48), (250, 250, 250))
+        image.paste((200, 30, 30), (20, 10, 44, 40))
+        wonder3d_perflow.preprocess.preprocess_image(image, session=FakeRembgSession())
+        triposr.preprocess.preprocess_image(image, session=FakeRembgSession())
+        loaded = sorted(name for name in ("rembg", "pymatting") if name in sys.modules)
+        assert not loaded, f"imported by a background removal with our own session: {loaded}"
+    """
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_own_session_cut_out_is_rembg_remove_exactly():
+    """Without rembg, a session of ours gives the cut-out rembg.remove gives (soft mask edges included)."""
+    import rembg
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    mask = np.zeros((40, 56), np.uint8)
+    mask[5:30, 10:40], mask[30:35, 10:40] = 255, 90  # an opaque block and a half-transparent fringe
+
+    class Session:
+        def predict(self, img, *args, **kwargs):
+            return [Image.fromarray(mask)]
+
+    ours = np.asarray(preprocess.remove_background(image, Session()))
+    np.testing.assert_array_equal(ours, np.asarray(rembg.remove(image, session=Session())))
+    assert ours.shape == (40, 56, 4) and set(np.unique(ours[..., 3])) == {0, 90, 255}

@@ -160,3 +160,17 @@ def test_degenerate_inputs_raise_clear_errors():
             preprocess_image(Image.fromarray(ok, "RGBA"), foreground_ratio=ratio)
     with pytest.raises(TypeError, match="PIL"):
         preprocess_image(np.zeros((8, 8, 3), np.uint8))
+
+
+def test_own_session_cut_out_is_rembg_remove_exactly():
+    """Without importing rembg, a session of ours gives the cut-out rembg.remove gives (soft mask edges too)."""
+    import rembg
+
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (36, 50, 3), dtype=np.uint8))
+    mask = np.zeros((36, 50), np.uint8)
+    mask[4:28, 6:44], mask[28:32, 6:44] = 255, 120
+    session = FakeSession(Image.fromarray(mask))
+    ours = np.asarray(cut_out(image, session=session))
+    np.testing.assert_array_equal(ours, np.asarray(rembg.remove(image, session=session)))
+    assert session.calls == 2 and ours.shape == (36, 50, 4)

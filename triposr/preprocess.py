@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageChops
 import torch
 import torch.nn.functional as F
 
@@ -38,21 +39,39 @@ def cut_out(image: PIL.Image.Image, session: Any = None) -> PIL.Image.Image:
     """RGBA cut-out: the image itself when it already has alpha, else ``rembg.remove(image, session=session)``.
 
     ``session=None`` creates ``rembg.new_session("u2net")`` (downloads the model on first use); pass a session to
-    reuse it across images. rembg is imported only here.
+    reuse it across images. rembg is imported only here, and only for rembg's own sessions: any other session
+    (smoke mode's fake, a wrapper) only answers ``predict(image) -> [L masks]`` and its cut-out is made here as
+    `rembg.remove` makes it, since rembg's first import compiles pymatting's numba kernels (about a minute).
     """
     image = _to_rgba_if_transparent(image)
     if has_alpha(image):
         return image
+    rgb = image.convert("RGB")
+    if session is not None and type(session).__module__.split(".")[0] != "rembg":
+        return _naive_cutout(rgb, session.predict(rgb))
     import rembg
 
     if session is None:
         session = rembg.new_session(REMBG_MODEL)
-    cutout = rembg.remove(image.convert("RGB"), session=session)
+    cutout = rembg.remove(rgb, session=session)
     if not isinstance(cutout, PIL.Image.Image) or cutout.mode != "RGBA":
         raise ValueError(
             f"rembg returned {type(cutout).__name__} {getattr(cutout, 'mode', '')}, expected an RGBA image"
         )
     return cutout
+
+
+def _naive_cutout(rgb: PIL.Image.Image, masks: list[PIL.Image.Image]) -> PIL.Image.Image:
+    """rembg's default cut-out (no matting, no mask post-processing): the image over transparency through the
+    mask (RGBA); several masks are joined (their union) rather than stacked as rembg would."""
+    if not masks:
+        raise ValueError("the background remover returned no mask")
+    mask = masks[0].convert("L")
+    for other in masks[1:]:
+        mask = PIL.ImageChops.lighter(mask, other.convert("L"))
+    if mask.size != rgb.size:
+        raise ValueError(f"the background remover returned a {mask.size} mask for a {rgb.size} image")
+    return PIL.Image.composite(rgb, PIL.Image.new("RGBA", rgb.size, 0), mask)
 
 
 def resize_foreground(image: PIL.Image.Image, foreground_ratio: float = 0.85) -> PIL.Image.Image:

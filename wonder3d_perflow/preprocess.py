@@ -12,7 +12,8 @@ Two paths:
 
 The background is removed with rembg only when the image has no usable alpha (no alpha channel, or a fully
 opaque one): ``rembg.remove(image, session=session)``, with ``session=None`` meaning
-``rembg.new_session("u2net")``. rembg is imported only then. Pass a session to reuse the u2net model across calls.
+``rembg.new_session("u2net")``. rembg is imported only then, and only for rembg's own sessions (see
+`remove_background`). Pass a session to reuse the u2net model across calls.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageChops
 
 MODES = ("wonder3d", "perflow")
 # The PeRFlow demo whitens pixels whose alpha is at most this value and keeps all others as they are.
@@ -28,12 +29,37 @@ PERFLOW_ALPHA_THRESHOLD = 5
 
 
 def remove_background(image: Image.Image, session: Any = None) -> Image.Image:
-    """RGBA cut-out of `image` by rembg (u2net unless another session is given)."""
+    """RGBA cut-out of `image` by rembg (u2net unless another session is given).
+
+    A session that is not rembg's own (smoke mode's fake, a wrapper, a test's stand-in) only has to answer
+    ``predict(image) -> [L masks]``; its cut-out is made here as `rembg.remove` makes it (the mask becomes the
+    alpha), without importing rembg: its first import compiles pymatting's numba kernels, about a minute.
+    """
+    rgb = image.convert("RGB")
+    if session is not None and not _is_rembg_session(session):
+        return _naive_cutout(rgb, session.predict(rgb))
     import rembg
 
     if session is None:
         session = rembg.new_session("u2net")
-    return rembg.remove(image.convert("RGB"), session=session).convert("RGBA")
+    return rembg.remove(rgb, session=session).convert("RGBA")
+
+
+def _is_rembg_session(session: Any) -> bool:
+    return type(session).__module__.split(".")[0] == "rembg"
+
+
+def _naive_cutout(rgb: Image.Image, masks: list[Image.Image]) -> Image.Image:
+    """rembg's default cut-out (no matting, no mask post-processing): the image over transparency through the
+    mask; several masks are joined (their union) rather than stacked as rembg would."""
+    if not masks:
+        raise ValueError("preprocess_image: the background remover returned no mask.")
+    mask = masks[0].convert("L")
+    for other in masks[1:]:
+        mask = ImageChops.lighter(mask, other.convert("L"))
+    if mask.size != rgb.size:
+        raise ValueError("preprocess_image: the background remover returned a mask of a different size.")
+    return Image.composite(rgb, Image.new("RGBA", rgb.size, 0), mask)  # RGBA, as rembg.bg.naive_cutout
 
 
 def has_alpha(image: Image.Image) -> bool:
