@@ -65,6 +65,9 @@ HARMONIZE_PRIOR = 0.002
 HARMONIZE_POINTS = 20000
 MAX_GAIN_CHANGE = 0.5
 MAX_BIAS_CHANGE = 0.3
+# Per-view corrections' bounds: a generator draws a view up to a few percent larger and a pixel or two off.
+MAX_VIEW_ZOOM = 0.04  # |zoom - 1|
+MAX_VIEW_SHIFT = 0.025  # NDC (3.2 px at 256²)
 FIT_RESOLUTION = 128  # the silhouette fit renders and compares silhouettes on at most this grid
 FILL_ITERATIONS = 300  # Jacobi sweeps of the no-fallback fill (over the unseen vertices' edges only)
 CHUNK = 2**18  # points per blending chunk (bounds memory: 6 views x chunk x a few channels)
@@ -80,12 +83,18 @@ class ViewCamera:
 
     A 3-D centre rather than a per-view 2-D offset: with elevation-0 cameras rotating about +Y, one 3-D offset is
     the physically consistent parametrisation (vertical offset shared by all views, horizontal offset of view k =
-    right_k . centre), and it leaves 4 unknowns for 6 silhouettes instead of 12.
+    right_k . centre), and it leaves 4 unknowns for 6 silhouettes instead of 12. On top of it, each view may carry
+    a small bounded correction (zoom, 2-D shift; `fit_camera(view_corrections=True)`): a generator draws each view
+    a pixel or two off and a percent larger or smaller, which no shared camera can match. `project` applies them, so
+    whatever projects through the camera (texturing, the refiner's renderer) sees the corrected views.
     """
 
     scale: float  # NDC units per export-frame unit
     center: tuple[float, float, float]  # export-frame point that maps to the image centre in every view
     image_size: int = 256
+    # Per-view corrections on top of the shared camera (empty: none): view k's NDC is zoom_k * (shared NDC) + shift_k.
+    view_zoom: tuple[float, ...] = ()
+    view_shift: tuple[tuple[float, float], ...] = ()  # (du, dv) in NDC (u right, v up)
 
     def project(self, points: torch.Tensor) -> torch.Tensor:
         """Project export-frame points into the six views (`VIEW_NAMES` order). Differentiable in `points`.
@@ -96,16 +105,18 @@ class ViewCamera:
         Returns:
             (6, N, 3): column and row in pixels (continuous, pixel (r, c) has its centre at (c + 0.5, r + 0.5)) and
             depth (the camera-backward coordinate in export units; larger = closer to the camera). NDC
-            u = scale * (axes @ (p - center)).x, v = scale * (...).y with u, v in [-1, 1] spanning the image;
-            column = (u + 1) / 2 * S, row = (1 - v) / 2 * S.
+            u = zoom_k * scale * (axes @ (p - center)).x + du_k, v = zoom_k * scale * (...).y + dv_k with u, v in
+            [-1, 1] spanning the image; column = (u + 1) / 2 * S, row = (1 - v) / 2 * S.
         """
         axes = view_axes(points.dtype, points.device)  # (6, 3, 3)
         center = torch.tensor(self.center, dtype=points.dtype, device=points.device)  # (3,)
         cam = torch.einsum("kij,nj->kni", axes, points - center)  # (6, N, 3)
+        zoom = torch.tensor(self.view_zoom or (1.0,) * 6, dtype=points.dtype, device=points.device)  # (6,)
+        shift = torch.tensor(self.view_shift or ((0.0, 0.0),) * 6, dtype=points.dtype, device=points.device)  # (6, 2)
         half = self.image_size / 2.0
-        col = (self.scale * cam[..., 0] + 1.0) * half  # (6, N)
-        row = (1.0 - self.scale * cam[..., 1]) * half  # (6, N)
-        return torch.stack([col, row, cam[..., 2]], dim=-1)  # (6, N, 3)
+        u = (self.scale * zoom)[:, None] * cam[..., 0] + shift[:, 0, None]  # (6, N)
+        v = (self.scale * zoom)[:, None] * cam[..., 1] + shift[:, 1, None]  # (6, N)
+        return torch.stack([(u + 1.0) * half, (1.0 - v) * half, cam[..., 2]], dim=-1)  # (6, N, 3)
 
     @property
     def pixel_size(self) -> float:
@@ -371,10 +382,91 @@ def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(images, k.view(1, 1, -1, 1), padding=(radius, 0))
 
 
+@dataclass
+class _SoftSilhouettes:
+    """The soft-IoU objective of the silhouette fit: blurred reference silhouettes of the mesh, rendered once at a
+    reference camera (scale s0, centre c0) on an R² grid, resampled at candidate per-view cameras.
+
+    A candidate view k is q_k = (log S_k, A_k, B_k): mask pixel (u, v) (NDC) shows the camera-plane point
+    x = (u + A_k) / S_k, y = (v + B_k) / S_k (x = right_k . p, y = p_y for a mesh point p).
+    """
+
+    sil: torch.Tensor  # (6, 1, R, R) float reference silhouettes
+    target: torch.Tensor  # (6, R*R) masks area-averaged to the grid
+    weight: torch.Tensor  # (6,) 1 / number of used views where used, else 0
+    right: torch.Tensor  # (6, 3) float32 image-right axes
+    c0: torch.Tensor  # (3,) float32
+    s0: float
+
+    def images(self, sigma: float) -> torch.Tensor:
+        """(6, 3, R, R): blurred silhouettes and their derivatives in u0 and v0 (grid units)."""
+        size = self.sil.shape[-1]
+        blurred = _gaussian_blur(self.sil, sigma)  # (6, 1, R, R)
+        d_col = torch.gradient(blurred, dim=-1)[0] * (size / 2)
+        d_row = torch.gradient(blurred, dim=-2)[0] * (size / 2)
+        return torch.cat([blurred, d_col, -d_row], dim=1)
+
+    def iou_and_grad(self, q: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft IoU per view (6,) and its gradient in q (6, 3); analytic: one forward resampling of the blurred
+        silhouettes and their image gradients (autograd through grid_sample costs ~5x more)."""
+        size = self.sil.shape[-1]
+        ndc = (torch.arange(size, dtype=torch.float32, device=q.device) + 0.5) / size * 2.0 - 1.0  # (R,)
+        scale = q[:, 0].exp()[:, None, None]  # (6, 1, 1)
+        xu = ndc[None, None, :] + q[:, 1, None, None]  # (6, 1, R) = S x
+        yv = -ndc[None, :, None] + q[:, 2, None, None]  # (6, R, 1) = S y
+        xu, yv = xu.expand(-1, size, -1), yv.expand(-1, -1, size)  # (6, R, R) each
+        # In the reference render that point sits at u0 = s0 (x - right_k . c0), v0 = s0 (y - c0_y).
+        u0 = self.s0 * (xu / scale - (self.right @ self.c0)[:, None, None])
+        v0 = self.s0 * (yv / scale - self.c0[1])
+        sampled = F.grid_sample(images, torch.stack([u0, -v0], dim=-1), align_corners=False)  # (6, 3, R, R)
+        a, da_du, da_dv = sampled.flatten(2).unbind(1)  # (6, R*R) each: value, d/du0, d/dv0
+        target = self.target
+        inter = (a * target).sum(-1)  # (6,)
+        union = (a.sum(-1) + target.sum(-1) - inter).clamp(min=1e-6)
+        d_iou = (target * union[:, None] - inter[:, None] * (1 - target)) / (union * union)[:, None]  # (6, R*R)
+        g_u, g_v = d_iou * da_du, d_iou * da_dv  # d IoU_k / d u0, d v0 per pixel
+        k = self.s0 / scale[:, 0, 0]  # (6,)
+        grad = torch.stack(
+            [
+                -k * ((g_u * xu.flatten(1)).sum(-1) + (g_v * yv.flatten(1)).sum(-1)),  # d/d log S_k
+                k * g_u.sum(-1),  # d/d A_k
+                k * g_v.sum(-1),  # d/d B_k
+            ],
+            dim=-1,
+        )  # (6, 3)
+        return inter / union, grad
+
+
+def _adam_ascent(
+    params: torch.Tensor,
+    objective: Callable[[torch.Tensor, torch.Tensor], tuple[float, torch.Tensor]],
+    soft: _SoftSilhouettes,
+    schedule: tuple[tuple[float, int, float], ...],
+    project: Callable[[torch.Tensor], torch.Tensor] = lambda p: p,
+) -> torch.Tensor:
+    """Gradient ascent with Adam (written out: torch.optim's first import costs seconds), one blur level after
+    another (sigma, steps, lr); each level starts from the best point of the one before. `project` keeps the
+    parameters in their bounds after each step."""
+    for sigma, steps, lr in schedule:
+        images = soft.images(sigma)
+        m1, m2 = torch.zeros_like(params), torch.zeros_like(params)
+        best = (float("-inf"), params.clone())
+        for step in range(1, steps + 1):
+            value, grad = objective(params, images)
+            if value > best[0]:
+                best = (value, params.clone())
+            m1 = 0.9 * m1 + 0.1 * grad
+            m2 = 0.999 * m2 + 0.001 * grad * grad
+            params = project(params + lr * (m1 / (1 - 0.9**step)) / ((m2 / (1 - 0.999**step)).sqrt() + 1e-8))
+        params = best[1]
+    return params
+
+
 def _fit(
-    vertices: torch.Tensor, faces: torch.Tensor, masks: torch.Tensor, used: torch.Tensor
+    vertices: torch.Tensor, faces: torch.Tensor, masks: torch.Tensor, used: torch.Tensor, view_corrections: bool
 ) -> tuple[ViewCamera, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fit scale + centre; returns the camera, per-view IoU (6,), and the final depth buffers and coverage."""
+    """Fit scale + centre (+ per-view corrections); returns the camera, per-view IoU (6,), and the final depth
+    buffers and coverage."""
     size = masks.shape[-1]
     device = vertices.device
     axes = view_axes(torch.float64, device)  # (6, 3, 3)
@@ -407,65 +499,73 @@ def _fit(
     cy = (y_mesh[ok] - v[ok] / scale).mean()
     center = torch.stack([cxz[0], cy, cxz[1]])  # (3,)
 
-    # 3. Refinement: maximise the soft IoU of the (blurred) reference silhouettes, resampled at the candidate camera,
-    #    with the masks, on the reference grid (masks area-averaged to it: soft targets). Parameters: log scale and
-    #    the centre in NDC-sized units, so that one step moves the silhouettes by similar amounts.
-    target = F.adaptive_avg_pool2d(masks.to(torch.float32)[:, None], fit_size)[:, 0].flatten(1)  # (6, R*R)
-    weight = ok.to(torch.float32) / ok.sum()  # (6,)
-    ndc = (torch.arange(fit_size, dtype=torch.float32, device=device) + 0.5) / fit_size * 2.0 - 1.0  # (R,)
-    grid_u = ndc[None, None, :]  # (1, 1, R) columns
-    grid_v = -ndc[None, :, None]  # (1, R, 1) rows, v up
-    right32, c0_32, s0 = right.float(), c0.float(), ref.scale
+    # 3. Maximise the soft IoU of the (blurred) reference silhouettes, resampled at the candidate camera, with the
+    #    masks, on the reference grid (masks area-averaged to it: soft targets). Shared parameters p: log scale and
+    #    the centre in NDC-sized units (p_c = s c), so that one step moves the silhouettes by similar amounts.
+    soft = _SoftSilhouettes(
+        sil=ref_sil.to(torch.float32)[:, None],
+        target=F.adaptive_avg_pool2d(masks.to(torch.float32)[:, None], fit_size)[:, 0].flatten(1),
+        weight=ok.to(torch.float32) / ok.sum(),
+        right=right.float(),
+        c0=c0.float(),
+        s0=ref.scale,
+    )
+    right32 = right.float()
+
+    def shared(p: torch.Tensor, images: torch.Tensor) -> tuple[float, torch.Tensor]:
+        q = torch.stack([p[0].expand(NUM_VIEWS), right32 @ p[1:], p[2].expand(NUM_VIEWS)], dim=-1)  # (6, 3)
+        iou, g = soft.iou_and_grad(q, images)
+        g = g * soft.weight[:, None]  # (6, 3)
+        grad = torch.cat([g[:, 0].sum()[None], (right32 * g[:, 1:2]).sum(0)])  # (4,)
+        grad[2] += g[:, 2].sum()  # p_y through B_k (right_k has no y)
+        return float((iou * soft.weight).sum()), grad
+
     params = torch.tensor([np.log(scale), *(center * scale).tolist()], dtype=torch.float32, device=device)  # (4,)
-
-    def soft_iou_and_grad(p: torch.Tensor, images: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """Mean soft IoU over the used views and its gradient in p (analytic: one forward resampling of the
-        blurred silhouettes and their image gradients; autograd through grid_sample costs ~5x more)."""
-        s = p[0].exp()
-        # Mask pixel (u, v) shows the camera-plane point x = (u + right_k . p_c) / s, y = (v + p_y) / s; in the
-        # reference render that point sits at u0 = s0 (x - right_k . c0), v0 = s0 (y - c0_y).
-        xu = (grid_u + (right32 @ p[1:])[:, None, None]).expand(-1, fit_size, -1)  # (6, R, R) = s x
-        yv = (grid_v + p[2]).expand(NUM_VIEWS, -1, fit_size)  # (6, R, R) = s y
-        u0 = s0 * (xu / s - (right32 @ c0_32)[:, None, None])
-        v0 = s0 * (yv / s - c0_32[1])
-        sampled = F.grid_sample(images, torch.stack([u0, -v0], dim=-1), align_corners=False)  # (6, 3, R, R)
-        a, da_du, da_dv = sampled.flatten(2).unbind(1)  # (6, R*R) each: value, d/du0, d/dv0
-        inter = (a * target).sum(-1)  # (6,)
-        union = (a.sum(-1) + target.sum(-1) - inter).clamp(min=1e-6)
-        iou = inter / union
-        d_iou = (target * union[:, None] - inter[:, None] * (1 - target)) / (union * union)[:, None]  # (6, R*R)
-        d_iou = d_iou * weight[:, None]
-        g_u, g_v = d_iou * da_du, d_iou * da_dv  # (6, R*R): d IoU / d u0, d v0 per pixel
-        grad = torch.empty(4, dtype=p.dtype, device=p.device)
-        grad[0] = -(s0 / s) * ((g_u * xu.flatten(1)).sum() + (g_v * yv.flatten(1)).sum())  # d/d log s
-        grad[1:] = (s0 / s) * (right32 * g_u.sum(-1)[:, None]).sum(0)  # d/d p_c through u0 (right_k has no y)
-        grad[2] += (s0 / s) * g_v.sum()  # and p_y through v0
-        return float((iou * weight).sum()), grad
-
-    # Gradient ascent with Adam (written out: torch.optim's first import costs seconds), coarse blur then fine.
-    for sigma, steps, lr in ((2.0, 25, 0.01), (0.7, 15, 0.003)):
-        blurred = _gaussian_blur(ref_sil.to(torch.float32)[:, None], sigma)  # (6, 1, R, R)
-        # d/du0 and d/dv0 in grid units (u0 spans R pixels over 2; v0 runs against the rows).
-        d_col = torch.gradient(blurred, dim=-1)[0] * (fit_size / 2)
-        d_row = torch.gradient(blurred, dim=-2)[0] * (fit_size / 2)
-        images = torch.cat([blurred, d_col, -d_row], dim=1)  # (6, 3, R, R)
-        m1, m2 = torch.zeros_like(params), torch.zeros_like(params)
-        best = (float("-inf"), params.clone())  # the best of this blur level; the next one starts there
-        for step in range(1, steps + 1):
-            iou, grad = soft_iou_and_grad(params, images)
-            if iou > best[0]:
-                best = (iou, params.clone())
-            m1 = 0.9 * m1 + 0.1 * grad
-            m2 = 0.999 * m2 + 0.001 * grad * grad
-            params = params + lr * (m1 / (1 - 0.9**step)) / ((m2 / (1 - 0.999**step)).sqrt() + 1e-8)
-        params = best[1]
+    params = _adam_ascent(params, shared, soft, ((2.0, 25, 0.01), (0.7, 15, 0.003)))
     scale = float(params[0].exp())
     center = params[1:].double() / scale  # (3,)
-
     camera = ViewCamera(scale=float(scale), center=tuple(float(x) for x in center), image_size=size)
+    if view_corrections:
+        camera = _fit_view_corrections(camera, soft, ok)
+
     zbuf, covered = _render_views(vertices, faces, camera)
     iou = torch.where(used, _iou(covered, masks), torch.zeros(NUM_VIEWS, dtype=torch.float64, device=device))
     return camera, iou, zbuf, covered
+
+
+def _fit_view_corrections(camera: ViewCamera, soft: _SoftSilhouettes, ok: torch.Tensor) -> ViewCamera:
+    """Per-view 2-D corrections (zoom, shift) on top of the shared camera, each view's soft IoU maximised on its own
+    within MAX_VIEW_ZOOM / MAX_VIEW_SHIFT: a generator draws each view a little off (a pixel or two, a percent)."""
+    device = soft.sil.device
+    s = camera.scale
+    c = torch.tensor(camera.center, dtype=torch.float32, device=device)  # (3,)
+    rc = soft.right @ c  # (6,) right_k . c
+    bounds = torch.tensor(
+        [np.log1p(MAX_VIEW_ZOOM), MAX_VIEW_SHIFT, MAX_VIEW_SHIFT], dtype=torch.float32, device=device
+    )
+
+    def to_q(z: torch.Tensor) -> torch.Tensor:
+        """(6, 3) corrections (log zoom, du, dv) -> the objective's per-view q = (log S, A, B)."""
+        big_s = s * z[:, 0].exp()  # (6,)
+        return torch.stack([big_s.log(), big_s * rc - z[:, 1], big_s * c[1] - z[:, 2]], dim=-1)
+
+    def per_view(z: torch.Tensor, images: torch.Tensor) -> tuple[float, torch.Tensor]:
+        q = to_q(z)
+        iou, g = soft.iou_and_grad(q, images)  # (6,), (6, 3)
+        big_s = q[:, 0].exp()
+        grad = torch.stack([g[:, 0] + g[:, 1] * big_s * rc + g[:, 2] * big_s * c[1], -g[:, 1], -g[:, 2]], dim=-1)
+        # Each view climbs its own IoU (Adam normalises per parameter); the sum is what "best" tracks.
+        return float((iou * soft.weight).sum()), grad * ok[:, None]
+
+    def clamp(z: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(torch.minimum(z, bounds), -bounds)
+
+    z = _adam_ascent(
+        torch.zeros(NUM_VIEWS, 3, device=device), per_view, soft, ((1.5, 20, 0.004), (0.7, 20, 0.0015)), clamp
+    )
+    zoom = z[:, 0].exp().tolist()
+    shift = [(float(du), float(dv)) for du, dv in z[:, 1:].tolist()]
+    return ViewCamera(camera.scale, camera.center, camera.image_size, tuple(zoom), tuple(shift))
 
 
 def _mask_stack(masks: Sequence[torch.Tensor] | Sequence[Image.Image], device: torch.device) -> torch.Tensor:
@@ -498,6 +598,7 @@ def fit_camera(
     masks: Sequence[torch.Tensor] | Sequence[Image.Image],
     *,
     device: torch.device | str | None = None,
+    view_corrections: bool = True,
 ) -> tuple[ViewCamera, list[float]]:
     """Fit the orthographic camera (scale + 3-D centre) that makes the mesh's six silhouettes match the masks.
 
@@ -508,6 +609,8 @@ def fit_camera(
     Args:
         mesh: trimesh in the export frame. masks: 6 (S, S) bool tensors (`view_masks`) or PIL "L" images.
         device: where rendering runs (default CPU).
+        view_corrections: then fit each view's own small zoom and shift (bounded by MAX_VIEW_ZOOM, MAX_VIEW_SHIFT)
+            on top of the shared camera, against that view's mask alone.
 
     Returns:
         The camera and the six silhouette IoUs (exact rasterised silhouettes at the fitted camera).
@@ -516,7 +619,7 @@ def fit_camera(
     mask_t = _mask_stack(masks, device)
     vertices, faces = _mesh_tensors(mesh, device)
     used = mask_t.flatten(1).sum(-1) >= MIN_MASK_PIXELS
-    camera, iou, _, _ = _fit(vertices, faces, mask_t, used)
+    camera, iou, _, _ = _fit(vertices, faces, mask_t, used, view_corrections)
     return camera, [float(x) for x in iou]
 
 
@@ -784,6 +887,7 @@ def texture_from_views(
     device: torch.device | str | None = None,
     atlas: str = "projection",
     harmonize: bool = True,
+    view_corrections: bool = True,
 ) -> ViewTexture:
     """Texture `mesh` from the six generated views.
 
@@ -799,6 +903,7 @@ def texture_from_views(
         device: where the tensor work runs (default CPU).
         atlas: "projection" (default: `triposr.texture.projection_atlas`, well under a second at 100k faces) or
             "xatlas" (fewer seams; tens of seconds at 100k faces on a CPU, minutes at 500k).
+        view_corrections: fit per-view 2-D corrections (zoom, shift) on top of the shared camera (`fit_camera`).
         harmonize: correct each view's colour (gain and bias per channel, `harmonize_views`) before blending.
 
     Returns:
@@ -838,7 +943,7 @@ def texture_from_views(
     timings["masks"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    camera, iou, zbuf, _ = _fit(vertices, faces, mask_t, used)
+    camera, iou, zbuf, _ = _fit(vertices, faces, mask_t, used, view_corrections)
     timings["fit"] = time.perf_counter() - t
     mean_iou = float(iou[used].mean())
     if mean_iou < MIN_MEAN_IOU:

@@ -50,6 +50,7 @@ class ViewsToMeshOptions:
     seed: int = 0  # recorded by the refiner (its method draws no random numbers)
     atlas: str = "projection"  # "projection" (fast) or "xatlas" (fewer seams, slow)
     harmonize: bool = True  # per-view colour gain/bias solved across the views before blending
+    view_corrections: bool = True  # per-view 2-D zoom/shift on top of the shared camera
     refine_options: dict[str, Any] = field(default_factory=dict)  # passed on to `refine_mesh`
 
     @classmethod
@@ -98,7 +99,7 @@ def _refine(
     """Fit the camera to the normal maps' silhouettes, refine the vertices; return the mesh to texture."""
     t = time.perf_counter()
     try:
-        camera, _ = fit_camera(mesh, masks.object, device=device)
+        camera, _ = fit_camera(mesh, masks.object, device=device, view_corrections=opts.view_corrections)
     except ViewTextureError as e:
         result.warnings.append(f"Refinement skipped: {e}")
         result.timings["fit"] = time.perf_counter() - t
@@ -144,7 +145,8 @@ def views_to_mesh(
             colour field, `triposr.texture.field_color_fn(...)`); None: a fill diffused from the seen surface.
         texture_size: UV texture size, 512..4096.
         device: where the tensor work runs (default CPU).
-        **options: `ViewsToMeshOptions` fields (iterations, seed, atlas, harmonize, refine_options).
+        **options: `ViewsToMeshOptions` fields (iterations, seed, atlas, harmonize, view_corrections,
+            refine_options).
 
     Returns:
         `ViewsToMesh`. The views failing to align never raises: `texture` is None and the mesh keeps its colours.
@@ -177,6 +179,7 @@ def views_to_mesh(
             device=device,
             atlas=opts.atlas,
             harmonize=opts.harmonize,
+            view_corrections=opts.view_corrections,
         )
     except ViewTextureError as e:
         result.mesh = shaped
