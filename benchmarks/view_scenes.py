@@ -70,7 +70,7 @@ class Preset:
 
 
 PRESETS = {
-    "small": Preset(truth_resolution=48, start_resolution=40, view_size=128, supersample=1),
+    "small": Preset(truth_resolution=48, start_resolution=48, view_size=128, supersample=1),
     "full": Preset(truth_resolution=192, start_resolution=96, view_size=256, supersample=2),
 }
 
@@ -233,12 +233,15 @@ def _photo(name: str, blur_px: float) -> np.ndarray:
 class PhotoColor:
     """A photo wrapped triplanarly around the object: the colour of any 3-D point (truth frame).
 
-    Each axis projects the photo on the plane across it; the three are blended by |d_i|^4 of the point's direction
-    d from the origin (smooth, so the colour is a smooth function of position). Colours are kept within
-    [0.06, 0.9] so that only the white region reaches the views' white-background tolerance.
+    Each axis projects the photo on the plane across it; the three are blended by |n_i|^4 of the object's SDF
+    gradient at the point (`sdf`: a key of SDFS; defined off the surface too, so the stand-in's field can use it),
+    or of the point's direction from the origin without one. Colours are kept within [0.06, 0.9] so that only the
+    white region reaches the views' white-background tolerance. The white region is chosen by direction from the
+    origin.
     """
 
     photo: str
+    sdf: str | None = None
     blur_px: float = 0.0  # Gaussian blur of the photo (the stand-in field's colour is blurred)
     saturation: float = 1.0  # 1 = the photo's, 0 = grey (the stand-in field's is desaturated)
     white_direction: tuple[float, float, float] | None = None  # centre of the near-white patch, if any
@@ -249,7 +252,8 @@ class PhotoColor:
         image = _photo(self.photo, self.blur_px)
         h, w = image.shape[:2]
         d = p / np.maximum(np.linalg.norm(p, axis=-1, keepdims=True), 1e-9)  # (N, 3)
-        weight = d**4 / np.maximum((d**4).sum(-1, keepdims=True), 1e-12)  # (N, 3)
+        n = d if self.sdf is None else sdf_normal(SDFS[self.sdf], p, eps=0.01)  # (N, 3)
+        weight = n**4 / np.maximum((n**4).sum(-1, keepdims=True), 1e-12)  # (N, 3)
         out = np.zeros_like(p)
         for axis, (a, b) in enumerate(((2, 1), (0, 2), (0, 1))):  # plane across X: (z, y); Y: (x, z); Z: (x, y)
             col = (p[:, a] + BOX) / (2 * BOX) * (w - 1)
@@ -430,8 +434,11 @@ def make_case(
     p = replace(p, view_size=view_size or p.view_size, start_resolution=start_resolution or p.start_resolution)
     rng = np.random.default_rng([seed, OBJECTS.index(name)])
     white = imperfect is not None and imperfect.white_region
-    color_fn = PhotoColor(TEXTURES[name], white_direction=WHITE_DIRECTION[name] if white else None)
-    field_color = PhotoColor(TEXTURES[name], blur_px=8.0, saturation=0.45)  # TripoSR's colours: blurry, dull
+    # The photo spans the object's box once (~240 photo px per unit, ~100 view px per unit at 256²): blurred by
+    # 3 photo px, the truth's detail is about what a 256² view can carry (finer detail no method could recover
+    # from the views would only add the same floor to every variant). TripoSR's field: ~3x blurrier, dull.
+    color_fn = PhotoColor(TEXTURES[name], name, blur_px=3.0, white_direction=WHITE_DIRECTION[name] if white else None)
+    field_color = PhotoColor(TEXTURES[name], name, blur_px=10.0, saturation=0.45)
     truth = truth_mesh(name, p.truth_resolution).copy()
     truth.visual.vertex_colors = (color_fn(truth.vertices) * 255).round().astype(np.uint8)
     camera = view_camera(truth, p.view_size)

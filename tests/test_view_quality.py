@@ -1,9 +1,12 @@
 """benchmarks.view_scenes / benchmarks.view_quality: the ground-truth scenes are what they claim (views at the
 stand-in's camera, normals in the export frame, imperfections that act), and the metrics give known answers."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from benchmarks import view_scenes as vs
 from t2mv.view_texture import view_masks
@@ -93,3 +96,57 @@ def test_imperfections_act_and_the_back_view_is_worst():
 def test_make_case_rejects_unknown_object():
     with pytest.raises(ValueError, match="unknown object"):
         vs.make_case("teapot")
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def test_truth_against_itself_scores_perfectly(gear):
+    from benchmarks import view_quality as vq
+
+    truth = vq.truth_renders(gear, vq.NOVEL_VIEWS[:4])
+    image = vq.image_metrics(truth, truth)
+    assert image["texture_psnr"] == vq.PSNR_CAP and image["silhouette_psnr"] == vq.PSNR_CAP
+    assert image["texture_ssim"] > 0.999 and image["overlap_pixels"] > 1000
+    surface = vq.surface_metrics(gear.truth, gear.truth, 4000)
+    assert surface["chamfer"] < 1e-3 and surface["normal_consistency"] > 0.99
+    # The stand-in, mapped back by the known similarity: close but clearly not the truth.
+    start = vq.surface_metrics(gear.truth, vq.to_truth_frame(gear, gear.start), 4000)
+    assert 0.005 < start["chamfer"] < 0.05 and start["normal_consistency"] < 0.95
+
+
+def test_novel_views_look_from_above_and_below():
+    from benchmarks import view_quality as vq
+
+    elevations = [e for _, e in vq.NOVEL_VIEWS]
+    assert len(vq.NOVEL_VIEWS) >= 8 and sum(e > 20 for e in elevations) >= 3 and sum(e < -20 for e in elevations) >= 3
+    axes = vq.novel_axes(30, 40)
+    np.testing.assert_allclose(axes @ axes.T, np.eye(3), atol=1e-12)
+    assert np.linalg.det(axes) > 0 and axes[2, 1] > 0  # right-handed, looking down from above
+
+
+def test_small_benchmark_end_to_end(tmp_path, gear):
+    """field < clean views on the texture; a mirrored set of views (texture flipped) scores far below the clean."""
+    from benchmarks import view_quality as vq
+
+    out = tmp_path / "vq.json"
+    argv = ["--preset", "small", "--objects", "gear", "--variants", "field,clean", "--out", str(out), "--threads", "1"]
+    assert vq.main(argv) == 0
+    record = json.loads(out.read_text())
+    m = {k: v["metrics"] for k, v in record["objects"]["gear"]["variants"].items()}
+    assert m["clean"]["texture_psnr"] > m["field"]["texture_psnr"] + 1.5
+    assert m["clean"]["texture_ssim"] > m["field"]["texture_ssim"] + 0.07
+    assert m["clean"]["surface_color_psnr_seen"] > m["field"]["surface_color_psnr_seen"] + 3.0
+    assert m["clean"]["chamfer"] == m["field"]["chamfer"]  # no refinement: the same surface
+    assert record["objects"]["gear"]["targets"] == {
+        "no_metric_worse_than_start": {"pass": True, "value": []}
+    }  # the targets that need views / refine are left out, not failed
+    assert (tmp_path / "vq.png").stat().st_size > 10_000
+
+    from t2mv.views_to_mesh import views_to_mesh
+
+    mirrored = [c.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for c in gear.clean_colors]
+    result = views_to_mesh(gear.start, mirrored, gear.clean_normals, fallback=gear.fallback, texture_size=512)
+    scored = vq.score(gear, vq.to_truth_frame(gear, result.mesh), vq.truth_renders(gear), 2000)
+    assert scored.metrics["texture_psnr"] < m["clean"]["texture_psnr"] - 2.0
+    assert scored.metrics["surface_color_psnr_seen"] < m["clean"]["surface_color_psnr_seen"] - 3.0

@@ -1,0 +1,431 @@
+"""Ground-truth quality of the views → mesh stage (`t2mv.views_to_mesh.views_to_mesh`), variants side by side.
+
+    python -m benchmarks.view_quality [--preset small|full] [--objects mug,table,robot,gear] [--variants ...]
+        [--out benchmarks/results/view_quality-cpu-2core.json] [--grid PNG] [--threads N] [--device cpu|cuda]
+
+Each object (`benchmarks.view_scenes`) gives a truth (mesh + photo colour function), a TripoSR stand-in (smoothed,
+other scale and centre, dull field colours) and six views, imperfect and clean. Variants:
+- field: the stand-in with its field colours (what the chain gives without the views);
+- views / views+refine: `views_to_mesh` on the imperfect views, without / with refinement;
+- clean / clean+refine: the same on pixel-exact views (the ceiling the imperfections take away from).
+
+Alignment: every result lives in the stand-in's frame; it is mapped to the truth's frame by the known similarity
+the stand-in was made with (`Case.to_truth`: scale and offset), not by a fit, so a registration or refinement that
+moves the surface is charged for it. Metrics, in the truth frame:
+- on NOVEL_VIEWS (10 orthographic views at other azimuths and elevations -60..+70 degrees, the views' framing),
+  each mesh drawn with the project's rasteriser (`triposr.texture.rasterize_screen`) at the view size, white
+  background: `texture_psnr` over the pixels where both the truth and the result show the object (errors
+  pooled over the views), `texture_ssim` (SSIM map of the white-background images, averaged over those pixels),
+  `silhouette_psnr` over the whole images (a wrong outline costs);
+- `chamfer`: mean distance of surface samples to the other surface (exact point-triangle distance), both ways,
+  averaged (truth units; the objects are ~1.8 units tall); `normal_consistency`: mean cosine between a sample's
+  face normal and its closest face's on the other surface, both ways, averaged; `surface_color_psnr`: the
+  result's colour at its surface samples against the truth's colour at the closest truth points (the texture's
+  own error, without the misplacement that the geometry's error adds in the novel views), and the same over the
+  surface whose normal is within 60 degrees of horizontal (`surface_color_psnr_seen`: what elevation-0 views
+  can see at all; tops and bottoms take the fallback colours whatever the views are).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import trimesh
+from PIL import Image
+from scipy.spatial import cKDTree
+
+from .view_scenes import OBJECTS, Case, make_case
+
+# (azimuth, elevation) in degrees: none of them one of Wonder3D's six; four from above, three from below (> 20 deg).
+NOVEL_VIEWS = ((20, 0), (110, 15), (160, -25), (250, 25), (330, -15), (60, 45), (200, 50), (135, -45), (20, 70),
+               (290, -60))  # fmt: skip
+VARIANTS = ("field", "views", "views+refine", "clean", "clean+refine")
+GRID_VIEWS = (0, 5, 7)  # novel views shown in the picture grid
+PSNR_CAP = 99.0  # identical images
+DEFAULT_OUT = Path(__file__).parent / "results" / "view_quality-cpu-2core.json"
+TEXTURE_SIZE = {"small": 512, "full": 1024}
+SAMPLES = {"small": 10_000, "full": 50_000}  # surface samples per mesh for Chamfer / normal consistency
+
+
+# --------------------------------------------------------------------------------------------- novel-view renderer
+
+
+def novel_axes(azimuth_deg: float, elevation_deg: float) -> np.ndarray:
+    """(3, 3) rows = camera right, up, backward in the export frame (azimuth from +Z towards +X, elevation up)."""
+    a, e = np.radians(azimuth_deg), np.radians(elevation_deg)
+    backward = np.array([np.sin(a) * np.cos(e), np.sin(e), np.cos(a) * np.cos(e)])
+    right = np.array([np.cos(a), 0.0, -np.sin(a)])
+    return np.stack([right, np.cross(backward, right), backward])
+
+
+Shader = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (face (N,), bary (N, 3), points (N, 3)) -> RGB
+
+
+def mesh_shader(mesh: trimesh.Trimesh) -> Shader:
+    """Colours of a mesh's surface: its UV texture (bilinear) or its vertex colours, interpolated."""
+    faces = np.asarray(mesh.faces)
+    visual = mesh.visual
+    if visual.kind == "texture" and visual.uv is not None:
+        material = visual.material
+        image = getattr(material, "baseColorTexture", None) or getattr(material, "image", None)
+        tex = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0  # (T, T, 3) row 0 = top
+        uv = np.asarray(visual.uv, dtype=np.float64)  # (V, 2)
+
+        def shade(face, bary, points):
+            from scipy import ndimage
+
+            st = (uv[faces[face]] * bary[..., None]).sum(axis=1)  # (N, 2)
+            h, w = tex.shape[:2]
+            col, row = st[:, 0] * w - 0.5, (1.0 - st[:, 1]) * h - 0.5
+            return np.stack(
+                [ndimage.map_coordinates(tex[..., c], [row, col], order=1, mode="nearest") for c in range(3)], -1
+            )
+
+        return shade
+    colors = np.asarray(visual.vertex_colors, dtype=np.float64)[:, :3] / 255.0  # (V, 3)
+    return lambda face, bary, points: (colors[faces[face]] * bary[..., None]).sum(axis=1)
+
+
+def render_novel(
+    vertices: np.ndarray, faces: np.ndarray, shade: Shader, camera, view: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """One orthographic novel view of a truth-frame mesh at the views' framing (`camera`: scale, centre, size).
+
+    Returns RGB (S, S, 3) in [0, 1] over a white background and the object mask (S, S) bool.
+    """
+    from triposr.texture import rasterize_screen
+
+    size = camera.image_size
+    cam = (np.asarray(vertices, dtype=np.float64) - np.asarray(camera.center)) @ novel_axes(*view).T  # (V, 3)
+    xy = np.stack([(camera.scale * cam[:, 0] + 1) * size / 2, (1 - camera.scale * cam[:, 1]) * size / 2], -1)
+    faces_t = torch.from_numpy(np.asarray(faces, dtype=np.int64))
+    pixel, face, bary = rasterize_screen(torch.from_numpy(xy), torch.from_numpy(cam[:, 2]), faces_t, size, size)
+    pixel, face, bary = pixel.numpy(), face.numpy(), bary.double().numpy()
+    points = (np.asarray(vertices)[np.asarray(faces)[face]] * bary[..., None]).sum(axis=1)  # (N, 3)
+    image = np.ones((size * size, 3))
+    image[pixel] = np.clip(shade(face, bary, points), 0.0, 1.0)
+    mask = np.zeros(size * size, dtype=bool)
+    mask[pixel] = True
+    return image.reshape(size, size, 3), mask.reshape(size, size)
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def _psnr(sq_error_sum: float, count: int) -> float:
+    if count == 0:
+        return 0.0
+    mse = sq_error_sum / count
+    return PSNR_CAP if mse <= 10 ** (-PSNR_CAP / 10) else float(-10 * np.log10(mse))
+
+
+def image_metrics(truth: Sequence[tuple[np.ndarray, np.ndarray]], result: Sequence[tuple[np.ndarray, np.ndarray]]):
+    """Texture PSNR / SSIM where both show the object, and whole-image PSNR, pooled over the views."""
+    from skimage.metrics import structural_similarity
+
+    tex_sq = tex_n = all_sq = all_n = 0.0
+    ssim = []
+    for (a, ma), (b, mb) in zip(truth, result):
+        both = ma & mb  # (S, S)
+        tex_sq += float(((a - b) ** 2)[both].sum())
+        tex_n += int(both.sum()) * 3
+        all_sq += float(((a - b) ** 2).sum())
+        all_n += a.size
+        if both.any():
+            _, smap = structural_similarity(a, b, channel_axis=-1, data_range=1.0, full=True)
+            ssim.append(float(smap.mean(axis=-1)[both].mean()))
+    return {
+        "texture_psnr": _psnr(tex_sq, int(tex_n)),
+        "texture_ssim": float(np.mean(ssim)) if ssim else 0.0,
+        "silhouette_psnr": _psnr(all_sq, int(all_n)),
+        "overlap_pixels": int(tex_n // 3),
+    }
+
+
+def _surface_distance(points: np.ndarray, mesh: trimesh.Trimesh, samples: np.ndarray, faces: np.ndarray, k: int = 8):
+    """Distance from `points` to `mesh` (and the closest face): exact point-triangle distances to the faces of the
+    k nearest of the mesh's own surface samples (`samples` on `faces`) and face centroids, so no sampling floor
+    remains (the closest face is among them unless k nearby faces are all closer to the point's centroid set)."""
+    lookup = np.concatenate([samples, mesh.triangles_center])  # (M + F, 3)
+    owner = np.concatenate([faces, np.arange(len(mesh.faces))])  # (M + F,)
+    _, nearest = cKDTree(lookup).query(points, k=k)  # (N, k)
+    candidates = owner[nearest]  # (N, k) face indices
+    triangles = mesh.triangles[candidates.reshape(-1)]  # (N k, 3, 3)
+    closest = trimesh.triangles.closest_point(triangles, np.repeat(points, k, axis=0))  # (N k, 3)
+    dist = np.linalg.norm(closest - np.repeat(points, k, axis=0), axis=-1).reshape(-1, k)  # (N, k)
+    best = dist.argmin(axis=1)
+    rows = np.arange(len(points))
+    return dist[rows, best], candidates[rows, best], closest.reshape(-1, k, 3)[rows, best]
+
+
+def surface_metrics(
+    truth: trimesh.Trimesh,
+    result: trimesh.Trimesh,
+    samples: int,
+    seed: int = 0,
+    truth_color: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> dict:
+    """Chamfer distance (mean point-to-surface distance, both ways, averaged) and normal consistency (mean cosine
+    of a sample's face normal and its closest face's on the other surface, both ways) of two truth-frame meshes.
+    With `truth_color`: `surface_color_psnr`, the result's colour at its samples against the truth's colour at
+    their closest truth points (the texture's error without the geometry's misplacement of it)."""
+    pa, fa = trimesh.sample.sample_surface(truth, samples, seed=seed)
+    pb, fb = trimesh.sample.sample_surface(result, samples, seed=seed + 1)
+    dab, cab, _ = _surface_distance(pa, result, pb, fb)  # truth -> result
+    dba, cba, on_truth = _surface_distance(pb, truth, pa, fa)
+    na, nb = truth.face_normals, result.face_normals
+    out = {
+        "chamfer": float((dab.mean() + dba.mean()) / 2),
+        "chamfer_truth_to_result": float(dab.mean()),
+        "chamfer_result_to_truth": float(dba.mean()),
+        "normal_consistency": float(((na[fa] * nb[cab]).sum(-1).mean() + (nb[fb] * na[cba]).sum(-1).mean()) / 2),
+    }
+    if truth_color is not None:
+        bary = trimesh.triangles.points_to_barycentric(result.triangles[fb], pb)  # (M, 3)
+        error = mesh_shader(result)(fb, bary, pb) - truth_color(on_truth)  # (M, 3)
+        out["surface_color_psnr"] = _psnr(float((error**2).sum()), error.size)
+        # Surface Wonder3D's elevation-0 cameras can see (truth normal within 60 degrees of horizontal): tops and
+        # bottoms take the fallback whatever the views are, and weigh on the number above.
+        seen = np.abs(na[cba][:, 1]) < 0.5  # (M,)
+        out["surface_color_psnr_seen"] = _psnr(float((error[seen] ** 2).sum()), int(seen.sum()) * 3)
+        out["seen_fraction"] = float(seen.mean())
+    return out
+
+
+def to_truth_frame(case: Case, mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """The known similarity from the stand-in's frame to the truth's (visuals kept)."""
+    out = mesh.copy()
+    out.vertices = case.to_truth(mesh.vertices)
+    return out
+
+
+@dataclass
+class Scored:
+    metrics: dict[str, Any]
+    renders: list[tuple[np.ndarray, np.ndarray]]
+
+
+def truth_renders(case: Case, views: Sequence[tuple[float, float]] = NOVEL_VIEWS):
+    shade = lambda face, bary, points: case.color_fn(points)  # noqa: E731
+    return [render_novel(case.truth.vertices, case.truth.faces, shade, case.camera, v) for v in views]
+
+
+def score(case: Case, mesh_truth_frame: trimesh.Trimesh, truth: list, samples: int) -> Scored:
+    """All metrics of one truth-frame result mesh against the case's truth (`truth`: `truth_renders(case)`)."""
+    shade = mesh_shader(mesh_truth_frame)
+    renders = [
+        render_novel(mesh_truth_frame.vertices, mesh_truth_frame.faces, shade, case.camera, v) for v in NOVEL_VIEWS
+    ]
+    metrics = image_metrics(truth, renders)
+    metrics.update(surface_metrics(case.truth, mesh_truth_frame, samples, truth_color=case.color_fn))
+    return Scored(metrics, renders)
+
+
+# --------------------------------------------------------------------------------------------- variants
+
+
+def run_variant(case: Case, variant: str, *, texture_size: int, device: torch.device, iterations: int | None):
+    """The mesh a variant gives (stand-in frame) and what to record about the run."""
+    if variant == "field":
+        return case.start, {"seconds": 0.0}
+    from t2mv.views_to_mesh import views_to_mesh
+
+    clean = variant.startswith("clean")
+    colors, normals = (case.clean_colors, case.clean_normals) if clean else (case.colors, case.normals)
+    options = {} if iterations is None else {"iterations": iterations}
+    t = time.perf_counter()
+    with torch.no_grad():  # as inference code calls it
+        out = views_to_mesh(
+            case.start, colors, normals, refine=variant.endswith("+refine"), fallback=case.fallback,
+            texture_size=texture_size, device=device, **options,
+        )  # fmt: skip
+    info: dict[str, Any] = {
+        "seconds": time.perf_counter() - t,
+        "timings_s": {k: round(float(v), 4) for k, v in out.timings.items()},
+        "textured": out.texture is not None,
+        "warnings": list(out.warnings),
+    }
+    if out.texture is not None:
+        info["coverage"] = out.texture.coverage
+        info["view_iou"] = [round(float(x), 4) for x in out.texture.view_iou]
+    if out.camera is not None:
+        info["camera_scale_error"] = float(out.camera.scale / case.start_camera.scale - 1.0)
+        info["camera_centre_error"] = float(
+            np.linalg.norm(np.subtract(out.camera.center, case.start_camera.center)) * case.start_to_truth[0]
+        )
+    if out.refine is not None:
+        info["refine_accepted"] = bool(out.refine.accepted)
+        info["refine_faces"] = int(len(out.refine.mesh.faces))
+    return out.mesh, info
+
+
+# --------------------------------------------------------------------------------------------- targets (issue 15)
+
+
+def targets(variants: dict[str, dict]) -> dict[str, dict]:
+    """Issue 15's targets on one object (imperfect views); each {"pass": bool | None, "value": ...}; None: a
+    variant it needs was not run."""
+    m = {name: v["metrics"] for name, v in variants.items() if "metrics" in v}
+    out: dict[str, dict] = {}
+
+    def put(key, ok, value):
+        out[key] = {"pass": None if ok is None else bool(ok), "value": value}
+
+    if "views" in m and "field" in m:
+        gain = m["views"]["texture_psnr"] - m["field"]["texture_psnr"]
+        put("views_vs_field_texture_psnr_ge_3.5dB", gain >= 3.5, round(gain, 3))
+    if "views" in m and "clean" in m:
+        loss = m["clean"]["texture_psnr"] - m["views"]["texture_psnr"]
+        put("clean_minus_imperfect_le_1.5dB", loss <= 1.5, round(loss, 3))
+    if "views+refine" in m and "field" in m and "views" in m:
+        accepted = variants["views+refine"]["run"].get("refine_accepted")
+        put("refine_accepted", accepted, accepted)
+        drop = 1.0 - m["views+refine"]["chamfer"] / m["field"]["chamfer"]
+        put("refine_chamfer_25pct_lower", drop >= 0.25, round(drop, 4))
+        gain = m["views+refine"]["silhouette_psnr"] - m["views"]["silhouette_psnr"]
+        put("refine_silhouette_psnr_plus_0.5dB", gain >= 0.5, round(gain, 3))
+    if "field" in m:
+        higher = ("texture_psnr", "texture_ssim", "silhouette_psnr", "normal_consistency")
+        worse = []
+        for name in ("views", "views+refine"):
+            if name not in m:
+                continue
+            worse += [f"{name}.{k}" for k in higher if m[name][k] < m["field"][k] - 1e-9]
+            worse += [f"{name}.chamfer"] if m[name]["chamfer"] > m["field"]["chamfer"] * (1 + 1e-9) else []
+        put("no_metric_worse_than_start", not worse, worse)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+
+def evaluate_object(name: str, args: argparse.Namespace, device: torch.device) -> tuple[dict, dict]:
+    """All variants of one object: the JSON record and the grid renders {variant: [renders]}."""
+    t = time.perf_counter()
+    case = make_case(name, preset=args.preset, seed=args.seed)
+    record: dict[str, Any] = {"case": dict(case.info), "case_seconds": round(time.perf_counter() - t, 3)}
+    truth = truth_renders(case)
+    pictures = {"truth": [truth[i][0] for i in GRID_VIEWS]}
+    variants: dict[str, dict] = {}
+    for variant in args.variants:
+        mesh, info = run_variant(
+            case, variant, texture_size=TEXTURE_SIZE[args.preset], device=device, iterations=args.iterations
+        )
+        scored = score(case, to_truth_frame(case, mesh), truth, SAMPLES[args.preset])
+        variants[variant] = {
+            "metrics": {k: round(v, 5) if isinstance(v, float) else v for k, v in scored.metrics.items()},
+            "run": info,
+        }
+        pictures[variant] = [scored.renders[i][0] for i in GRID_VIEWS]
+        print(
+            f"  {name:6s} {variant:13s} "
+            + " ".join(f"{k}={v:.4g}" for k, v in scored.metrics.items() if k != "overlap_pixels")
+            + f"  ({info['seconds']:.1f} s)",
+            flush=True,
+        )
+    record["variants"] = variants
+    record["targets"] = targets(variants)
+    return record, pictures
+
+
+def picture_grid(pictures: dict[str, dict[str, list[np.ndarray]]], cell: int = 160) -> Image.Image:
+    """Rows: truth then each variant; columns: GRID_VIEWS of each object, objects side by side."""
+    objects = list(pictures)
+    rows = list(next(iter(pictures.values())))
+    columns = [(o, i) for o in objects for i in range(len(GRID_VIEWS))]
+    grid = Image.new("RGB", (cell * len(columns) + 110, cell * len(rows) + 20), "white")
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(rows):
+        draw.text((4, 20 + r * cell + cell // 2), row, fill="black")
+        for c, (obj, i) in enumerate(columns):
+            image = Image.fromarray((np.clip(pictures[obj][row][i], 0, 1) * 255).round().astype(np.uint8))
+            grid.paste(image.resize((cell, cell), Image.BILINEAR), (110 + c * cell, 20 + r * cell))
+    for c, (obj, i) in enumerate(columns):
+        az, el = NOVEL_VIEWS[GRID_VIEWS[i]]
+        draw.text((110 + c * cell + 4, 4), f"{obj} az{az} el{el}", fill="black")
+    return grid
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.view_quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=("small", "full"), default="full")
+    p.add_argument("--objects", default=",".join(OBJECTS), help=f"comma list from {','.join(OBJECTS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list from {','.join(VARIANTS)}")
+    p.add_argument("--iterations", type=int, default=None, help="refinement steps (default: views_to_mesh's)")
+    p.add_argument("--seed", type=int, default=0, help="the views' imperfections")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--out", default=None, help=f"JSON path (default for --preset full: {DEFAULT_OUT})")
+    p.add_argument("--grid", default=None, help="picture grid PNG (default: the JSON path with .png)")
+    p.add_argument("--note", action="append", default=[], help="free text recorded in the JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.objects = [o.strip() for o in args.objects.split(",") if o.strip()]
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [o for o in args.objects if o not in OBJECTS] + [v for v in args.variants if v not in VARIANTS]
+    if bad or not args.objects or not args.variants:
+        print(
+            f"error: unknown or no objects/variants {bad}; objects: {OBJECTS}, variants: {VARIANTS}", file=sys.stderr
+        )
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    out = Path(args.out) if args.out else (DEFAULT_OUT if args.preset == "full" else None)
+    from .harness import environment
+
+    record: dict[str, Any] = {
+        "benchmark": "view_quality",
+        "command": "python -m benchmarks.view_quality " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(device, torch.float32),
+        "load_average": list(os.getloadavg()),
+        "preset": args.preset,
+        "novel_views_az_el_deg": [list(v) for v in NOVEL_VIEWS],
+        "alignment": "known similarity of the stand-in (Case.to_truth), no fit",
+        "notes": args.note,
+        "objects": {},
+    }
+    pictures = {}
+    for name in args.objects:
+        record["objects"][name], pictures[name] = evaluate_object(name, args, device)
+        record["load_average_end"] = list(os.getloadavg())
+        if out is not None:  # partial results after every object
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(record, indent=1) + "\n")
+    record["targets_summary"] = {
+        key: {name: obj["targets"][key]["pass"] for name, obj in record["objects"].items() if key in obj["targets"]}
+        for key in sorted({k for obj in record["objects"].values() for k in obj["targets"]})
+    }
+    grid_path = Path(args.grid) if args.grid else (out.with_suffix(".png") if out is not None else None)
+    if out is not None:
+        out.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {out}")
+    if grid_path is not None:
+        picture_grid(pictures).save(grid_path)
+        print(f"wrote {grid_path}")
+    for key, per in record["targets_summary"].items():
+        print(
+            f"{key}: " + ", ".join(f"{o}={'pass' if p else ('n/a' if p is None else 'FAIL')}" for o, p in per.items())
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
