@@ -104,7 +104,7 @@ def clean_request_folders(root: str | os.PathLike, *, max_age_s: float, max_coun
     """Delete this app's request folders under `root` that are older than `max_age_s` or beyond the newest
     `max_count`; return the deleted paths.
 
-    Only folders holding ``REQUEST_MARKER`` are touched, so pointing ``--output-dir`` at a folder with other
+    Only folders holding ``REQUEST_MARKER`` are touched, so pointing ``-o/--output`` at a folder with other
     files never deletes them. Age is the folder's modification time.
     """
     root = Path(root)
@@ -571,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--i-know", action="store_true", help="allow --share without --auth: anyone with the link can use the GPU"
     )
-    parser.add_argument("--output-dir", default=None, help="where requests write their files (default: temp dir)")
+    parser.add_argument("-o", "--output", default=None, help="where requests write their files (default: temp dir)")
     parser.add_argument(
         "--keep-requests", type=int, default=DEFAULT_KEEP_REQUESTS, help="request folders kept (older ones deleted)"
     )
@@ -676,6 +676,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "'Remove background' off, can be made.",
             file=sys.stderr,
         )
-    demo = build_demo(chain, output_dir=args.output_dir, keep_requests=args.keep_requests, keep_hours=args.keep_hours)
+    demo = build_demo(chain, output_dir=args.output, keep_requests=args.keep_requests, keep_hours=args.keep_hours)
     demo.launch(**launch_options(args, auth, demo.t2mv_output_root))
     return 0

@@ -23,9 +23,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .cli_common import ArgumentParser, HelpFormatter, add_model_args, load_chain, run_main, settings_from_args
+from .cli_common import (
+    ArgumentParser,
+    HelpFormatter,
+    add_format_arg,
+    add_model_args,
+    add_output_arg,
+    check_device,
+    load_chain,
+    run_main,
+    settings_from_args,
+)
 from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NO_WEIGHTS, EXIT_OK, EXIT_OOM, BadInputError
-from .settings import GROUPS, add_arguments
+from .settings import STAGES, add_arguments
 
 __all__ = [
     "EXIT_BAD_INPUT",
@@ -44,9 +54,8 @@ __all__ = [
 
 logger = logging.getLogger("t2mv")
 
-
-def _output_arg(parser: argparse.ArgumentParser, default: str, what: str) -> None:
-    parser.add_argument("-o", "--output", default=default, help=what)
+IMAGE_STAGES = ("multiview", "mesh")  # image-to-mesh: no text-to-image stage, so none of its options or models
+MESH_DEFAULT_FORMATS = ("glb", "obj", "ply")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,29 +66,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("image", help="text → image (PeRFlow SD1.5)", formatter_class=HelpFormatter)
     p.add_argument("prompt", help="the text prompt")
-    _output_arg(p, "image.png", "output image (.png/.jpg/.webp; settings go next to it as .json), or a folder")
+    add_output_arg(
+        p, "output image (.png/.jpg/.webp; settings go next to it as .json), or a folder", default="image.png"
+    )
     p.add_argument("--negative-prompt", default=None, help="negative prompt")
-    add_arguments(p, ("seed", "text_to_image"))
-    add_model_args(p)
+    add_arguments(p, ("text_to_image",))
+    add_model_args(p, ("text_to_image",))
 
     p = sub.add_parser(
         "text-to-mesh", help="text → image → 6 normals + 6 colors and a mesh", formatter_class=HelpFormatter
     )
     p.add_argument("prompt", help="the text prompt")
-    _output_arg(p, "outputs/text-to-mesh", "output folder (created; files in it are replaced)")
+    add_output_arg(p, "output folder (created; files in it are replaced)", default="outputs/text-to-mesh")
     p.add_argument("--no-multiview", action="store_true", help="skip the multiview stage (mesh only)")
     p.add_argument("--negative-prompt", default=None, help="negative prompt")
-    add_arguments(p, GROUPS)
-    _format_arg(p, ["glb", "obj", "ply"])
-    add_model_args(p)
+    add_arguments(p, STAGES)
+    add_format_arg(p, MESH_DEFAULT_FORMATS)
+    add_model_args(p, STAGES)
 
     p = sub.add_parser("image-to-mesh", help="image → 6 normals + 6 colors and a mesh", formatter_class=HelpFormatter)
     p.add_argument("image", help="input image (PNG/JPEG/WebP; transparency is used as the object mask)")
-    _output_arg(p, "outputs/image-to-mesh", "output folder (created; files in it are replaced)")
+    add_output_arg(p, "output folder (created; files in it are replaced)", default="outputs/image-to-mesh")
     p.add_argument("--no-multiview", action="store_true", help="skip the multiview stage (mesh only)")
-    add_arguments(p, ("seed", "preprocess", "multiview", "mesh", "views"))
-    _format_arg(p, ["glb", "obj", "ply"])
-    add_model_args(p)
+    add_arguments(p, IMAGE_STAGES)
+    add_format_arg(p, MESH_DEFAULT_FORMATS)
+    add_model_args(p, IMAGE_STAGES)
 
     p = sub.add_parser(
         "batch",
@@ -92,23 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("prompts", help="prompt file (.txt or .jsonl)")
-    _output_arg(p, "outputs/batch", "output folder")
+    add_output_arg(p, "output folder", default="outputs/batch")
     p.add_argument("--mesh", action="store_true", help="also make the mesh of every prompt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--negative-prompt", default=None, help="negative prompt of every prompt without its own")
-    add_arguments(p, GROUPS)
-    _format_arg(p, ["glb"])
-    add_model_args(p)
+    add_arguments(p, STAGES)
+    add_format_arg(p, ["glb"])
+    add_model_args(p, STAGES)
 
     p = sub.add_parser("app", help="launch the web app (Gradio)", add_help=False)
     p.add_argument("app_args", nargs=argparse.REMAINDER, help="arguments of the app (see `t2mv app --help`)")
     return parser
-
-
-def _format_arg(parser: argparse.ArgumentParser, default: list[str]) -> None:
-    parser.add_argument(
-        "--format", nargs="+", choices=("glb", "obj", "ply"), default=default, help="mesh files to write"
-    )
 
 
 def _check_prompt(prompt: str) -> None:
@@ -179,6 +184,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     specs = read_prompts(args.prompts, base_seed=settings.seed, negative_prompt=args.negative_prompt)
     check_output_folder(args.output)
     formats = check_mesh_formats(args.format)
+    check_device(args.device, args.dtype)
     on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
     # One process per GPU (or per CPU worker under torchrun / accelerate launch): each takes its own shard.
     state = PartialState(cpu=on_cpu)

@@ -6,16 +6,19 @@ checked before the model loads; errors are one line (``--debug`` adds the trace)
 3 missing weights, 4 out of memory, 1 anything else (with several images: the first failure's code, after the
 others were done).
 
-For each image, <output-dir>/<image stem>/ receives input.png (the preprocessed model input), mesh.<format> for
-every requested format (mesh.mtl + mesh.png next to a textured OBJ) and info.json (settings, timings). Meshes are
-in the export frame (glTF: +Y up, the input view's front facing +Z). Each image's files are written to a temporary
-folder and moved into place only when all of them are complete.
+The flags are the chain's (``--mc-resolution``, ``--mc-threshold``, ``--bake-texture``, ``--mesh-foreground-ratio``,
+``--no-remove-bg``, ``--triposr-model``, ``-o/--output``, ``--format glb obj`` or ``glb,obj``, ...), from the same
+declarations. For each image, <output>/<image stem>/ receives the chain's files for the mesh stage: image.png,
+mesh_input.png (the preprocessed model input), mesh.<format> for every requested format (mesh.mtl + mesh.png next
+to a textured OBJ), settings.json and timings.json as ``t2mv image-to-mesh --no-multiview`` writes them, and
+info.json (vertex and face counts, frame). Meshes are in the export frame (glTF: +Y up, the input view's front
+facing +Z). Each image's files are written to a temporary folder and moved into place only when all of them are
+complete.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -26,39 +29,29 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .cli_common import ArgumentParser, run_main
+from .cli_common import (
+    ArgumentParser,
+    HelpFormatter,
+    add_format_arg,
+    add_model_args,
+    add_output_arg,
+    check_device,
+    run_main,
+    stage_record,
+)
 from .errors import EXIT_OK, BadInputError, describe, exit_code
 from .inputs import IMAGE_SUFFIXES
 from .settings import GenerationSettings, add_arguments, from_namespace
-from .tiny import FakeRembgSession, print_smoke_banner
+from .tiny import FakeRembgSession, print_smoke_banner, smoke_requested
 
-FORMATS = ("glb", "obj", "ply")
-STAGES = ("preprocess", "model", "extract_mesh", "keep_largest", "simplify", "bake_texture", "export")
-FLAGS = {
-    "mc_resolution": "--resolution",
-    "mc_threshold": "--threshold",
-    "bake_texture": "--bake",
-    "mesh_foreground_ratio": "--foreground-ratio",
-    "remove_background": "--no-rembg",
-    "simplify_faces": "--simplify",
-}
-
-
-def _formats(text: str) -> list[str]:
-    names = [name.strip().lower().lstrip(".") for name in text.split(",") if name.strip()]
-    bad = [name for name in names if name not in FORMATS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown format(s) {bad or text!r}; choose from {', '.join(FORMATS)}")
-    return names
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: ...)" for options that have a meaningful default (not for flags or unset options)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or isinstance(action, argparse._StoreTrueAction):
-            return action.help
-        return super()._get_help_string(action)
+STAGES = ("mesh",)
+STEPS = ("preprocess", "model", "extract_mesh", "keep_largest", "simplify", "bake_texture", "export")
+DEFAULT_FORMATS = ("glb", "obj", "ply")
+FRAME = "glTF: +Y up, input view's front facing +Z, image right +X"  # as t2mv text-to-mesh / image-to-mesh
+DTYPE_HELP = (
+    "TripoSR's image transformer runs in this dtype (autocast; the weights, the field and marching cubes stay "
+    "float32); auto = float16 on CUDA, else float32"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,31 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="t2mv-mesh",
         description="Reconstruct a mesh from each image with TripoSR (image -> triplane -> marching cubes). Meshes "
         "are written in glTF's frame: +Y up, the side seen in the image facing +Z.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("images", nargs="+", type=Path, help="image files and/or folders of images")
-    parser.add_argument("-o", "--output-dir", type=Path, default=Path("output"), help="where the mesh folders go")
-    parser.add_argument(
-        "-f",
-        "--format",
-        dest="formats",
-        type=_formats,
-        action="append",
-        help="mesh format(s), comma-separated or repeated: glb, obj, ply (default: glb)",
-    )
-    exclude = ("mv_preprocess", "mv_foreground_ratio")
-    add_arguments(parser, ("seed", "preprocess", "mesh"), exclude=exclude, names=FLAGS)
-    parser.add_argument(
+    add_output_arg(parser, "where the mesh folders go (one per image)", default="outputs/mesh")
+    add_format_arg(parser, DEFAULT_FORMATS)
+    add_arguments(parser, STAGES, exclude=("turntable",))  # (a chain option this command does not offer yet)
+    group = parser.add_argument_group("this command only")
+    group.add_argument(
         "--keep-largest", action="store_true", help="keep only the largest connected part (no floaters)"
     )
-    parser.add_argument(
-        "--model", default="stabilityai/TripoSR", help="hub id or local folder with config.yaml + model.ckpt"
-    )
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--chunk-size", type=int, default=2**18, help="field points queried per batch")
-    parser.add_argument("--mc-backend", choices=MC_BACKENDS, default="auto", help="marching-cubes library")
-    parser.add_argument("--tiny", action="store_true", help="smoke mode: tiny random model (seeded by --seed)")
-    parser.add_argument("--debug", action="store_true", help="print the full trace of an error")
+    group.add_argument("--chunk-size", type=int, default=2**18, help="field points queried per batch")
+    group.add_argument("--mc-backend", choices=MC_BACKENDS, default="auto", help="marching-cubes library")
+    add_model_args(parser, STAGES, chain=False, dtype_help=DTYPE_HELP)
     return parser
 
 
@@ -133,63 +114,66 @@ def _timed(timings: dict[str, float], stage: str, device):
 
 
 def _process(
-    image_path: Path, image: Any, workdir: Path, model: Any, session: Any, settings: GenerationSettings, args, device
+    image: Any, workdir: Path, model: Any, session: Any, settings: GenerationSettings, args, device, record: dict
 ) -> dict[str, float]:
-    """All files of one (already opened and checked) image into `workdir`; returns the stage timings."""
+    """All files of one (already opened and checked) image into `workdir`; returns the step timings."""
     import torch
 
     from triposr import mesh as tmesh
     from triposr.export import export_mesh
     from triposr.preprocess import preprocess_image
 
-    timings: dict[str, float] = {}
-    with _timed(timings, "preprocess", device):
+    from .chain import ChainResult
+
+    steps: dict[str, float] = {}
+    with _timed(steps, "preprocess", device):
         model_input = preprocess_image(
             image,
             session=session,
             remove_background=settings.remove_background,
             foreground_ratio=settings.mesh_foreground_ratio,
         )
-        model_input.save(workdir / "input.png")
-    with _timed(timings, "model", device), torch.no_grad():
+    with _timed(steps, "model", device), torch.no_grad():
         scene_code = model([model_input], device)[0]  # (3, C, H, W)
-    with _timed(timings, "extract_mesh", device):
+    with _timed(steps, "extract_mesh", device):
         mesh = tmesh.extract_mesh_from_scene_code(
             model,
             scene_code,
             resolution=settings.mc_resolution,
             threshold=settings.mc_threshold,
-            has_vertex_color=not settings.bake_texture or "ply" in args.formats,
+            has_vertex_color=not settings.bake_texture or "ply" in args.format,
             chunk_size=args.chunk_size,
             backend=args.mc_backend,
         )
     if args.keep_largest:
-        with _timed(timings, "keep_largest", device):
+        with _timed(steps, "keep_largest", device):
             mesh = tmesh.keep_largest_component(mesh)
     if settings.simplify_faces:
-        with _timed(timings, "simplify", device):
+        with _timed(steps, "simplify", device):
             mesh = tmesh.simplify(mesh, settings.simplify_faces)
     textured = None
     if settings.bake_texture:
         from triposr.texture import bake_texture
 
-        with _timed(timings, "bake_texture", device):
+        with _timed(steps, "bake_texture", device):
             textured = bake_texture(model, scene_code, mesh, settings.texture_size, chunk_size=args.chunk_size)
-    with _timed(timings, "export", device):
-        for fmt in args.formats:
-            out = textured if textured is not None and fmt != "ply" else mesh
-            export_mesh(out, workdir / f"mesh.{fmt}")
-    command = {k: v for k, v in vars(args).items() if k not in ("images", "output_dir", *settings.to_dict())}
-    info = {
-        "image": str(image_path),
-        "settings": {**settings.to_dict(), **{k: str(v) if isinstance(v, Path) else v for k, v in command.items()}},
-        "frame": "glTF: +Y up, input view's front facing +Z, image right +X",
-        "vertices": len(mesh.vertices),
-        "faces": len(mesh.faces),
-        "timings": timings,
+    with _timed(steps, "export", device):
+        for fmt in args.format:  # a PLY keeps the vertex colours (it has no texture)
+            export_mesh(textured if textured is not None and fmt != "ply" else mesh, workdir / f"mesh.{fmt}")
+    # The chain's files for the same stages: image.png, mesh_input.png, settings.json, timings.json, info.json.
+    mesh_steps = ("model", "extract_mesh", "keep_largest", "simplify")
+    timings = {
+        "preprocess": steps["preprocess"],
+        "mesh": sum(steps.get(k, 0.0) for k in mesh_steps),
+        **({"texture": steps["bake_texture"]} if "bake_texture" in steps else {}),
+        **{f"mesh.{k}": steps[k] for k in mesh_steps if k in steps},
+        "export": steps["export"],
+        "total": sum(steps.values()),
     }
-    (workdir / "info.json").write_text(json.dumps(info, indent=1, default=str))
-    return timings
+    info = {"mesh": {"vertices": len(mesh.vertices), "faces": len(mesh.faces), "frame": FRAME}}
+    result = ChainResult(image=image, mesh_input=model_input, timings=timings, settings=record, info=info)
+    result.save(workdir, mesh_formats=())
+    return steps
 
 
 def _move_into_place(workdir: Path, final: Path) -> None:
@@ -198,72 +182,104 @@ def _move_into_place(workdir: Path, final: Path) -> None:
         os.replace(item, final / item.name)
 
 
+def _load(args: argparse.Namespace, smoke: bool, device: Any) -> Any:
+    import torch
+
+    from triposr.system import TSR
+
+    # --dtype: the transformer's autocast dtype (None: the device's default, float16 on CUDA); weights stay float32.
+    half = (
+        {"auto": None, "float32": False}.get(args.dtype)
+        if args.dtype in ("auto", "float32")
+        else getattr(torch, args.dtype)
+    )
+    if smoke:
+        print_smoke_banner()
+        model = TSR.tiny().to(device)
+        model.half_precision = half
+        return model
+    return TSR.from_pretrained(
+        args.triposr_model,
+        device=device,
+        half_precision=half,
+        local_files_only=True if args.local_files_only else None,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """The command after parsing: checks, then load, reconstruct every image, write."""
     from .chain import resolve_device_dtype
     from .inputs import check_output_folder, has_alpha, new_rembg_session, open_image
 
     # 1. Everything the user gave, before the model loads.
-    settings = from_namespace(args, smoke=args.tiny, names=FLAGS)
+    smoke = smoke_requested(args.tiny)
+    settings = from_namespace(args, smoke=smoke)
     if args.chunk_size < 1:
         raise BadInputError(f"--chunk-size must be a positive integer, got {args.chunk_size}.")
-    args.formats = list(dict.fromkeys(f for group in (args.formats or [["glb"]]) for f in group))
+    check_device(args.device, args.dtype)
     files = collect_images(args.images)
     alpha = [has_alpha(open_image(file)) for file in files]  # every image checked now; reopened one at a time
-    output_dir = check_output_folder(args.output_dir)
+    output_dir = check_output_folder(args.output)
     names = _output_names(files)
     for name in names:
         check_output_folder(output_dir / name)
     needs_rembg = settings.remove_background and not all(alpha)
     session = None
     if needs_rembg:  # one session for all images, loaded before the model (smoke mode: the weightless stand-in)
-        session = FakeRembgSession() if args.tiny else new_rembg_session(off_switch="pass --no-rembg")
-    device, _ = resolve_device_dtype(None if args.device == "auto" else args.device, None)
+        session = FakeRembgSession() if smoke else new_rembg_session(off_switch="pass --no-remove-bg")
+    device, _ = resolve_device_dtype(args.device, None)
 
     from tqdm.auto import tqdm
-
-    from triposr.system import TSR
 
     # 2. Load.
     load_timing: dict[str, float] = {}
     with _timed(load_timing, "load_model", device):
-        if args.tiny:
-            print_smoke_banner()
-            model = TSR.tiny(seed=settings.seed).to(device)
-        else:
-            model = TSR.from_pretrained(args.model, device=device)
+        model = _load(args, smoke, device)
+    import torch
+
+    record = {
+        "settings": settings,
+        "stages": STAGES,
+        "models": {"triposr_model": "tiny(seed=0)" if smoke else str(args.triposr_model)},
+        "device": device,
+        "dtype": model.half_dtype(device) or torch.float32,
+        "smoke": smoke,
+    }
+    command = {"keep_largest": args.keep_largest, "chunk_size": args.chunk_size, "mc_backend": args.mc_backend}
 
     # 3. Every image into its own folder; one failure does not stop the others.
     output_dir.mkdir(parents=True, exist_ok=True)
     totals: dict[str, float] = {}
     failures: list[tuple[Path, BaseException]] = []
-    bar = tqdm(list(zip(files, names)), desc="t2mv-mesh", unit="image", file=sys.stderr)
-    for path, name in bar:
+    bar = tqdm(list(zip(files, names, alpha)), desc="t2mv-mesh", unit="image", file=sys.stderr)
+    for path, name, has_cutout in bar:
         bar.set_postfix_str(path.name)
         workdir = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=output_dir))
+        use_rembg = settings.remove_background and not has_cutout
+        image_record = stage_record(**record, use_rembg=use_rembg, command={**command, "input_file": str(path)})
         try:
-            timings = _process(path, open_image(path), workdir, model, session, settings, args, device)
+            timings = _process(open_image(path), workdir, model, session, settings, args, device, image_record)
             _move_into_place(workdir, output_dir / name)
         except Exception as err:  # reported per image; the exit code comes from the first failure
-            if args.debug:
+            if getattr(args, "debug", False):
                 raise
             failures.append((path, err))
             tqdm.write(f"t2mv-mesh: error: {path}: {describe(err)}", file=sys.stderr)
             continue
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        for stage, seconds in timings.items():
-            totals[stage] = totals.get(stage, 0.0) + seconds
+        for step, seconds in timings.items():
+            totals[step] = totals.get(step, 0.0) + seconds
         tqdm.write(f"{path.name} -> {output_dir / name}: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
     bar.close()
 
     done = len(files) - len(failures)
     print(f"load_model: {load_timing['load_model']:.2f}s")
-    for stage in STAGES:
-        if stage in totals:
-            print(f"{stage}: {totals[stage]:.2f}s total, {totals[stage] / max(done, 1):.2f}s per image")
+    for step in STEPS:
+        if step in totals:
+            print(f"{step}: {totals[step]:.2f}s total, {totals[step] / max(done, 1):.2f}s per image")
     print(f"{done}/{len(files)} meshes written to {output_dir}")
-    if args.tiny:
+    if smoke:
         print_smoke_banner()
     if failures:
         return exit_code(failures[0][1])

@@ -47,6 +47,24 @@ MAX_SIMPLIFY_FACES = 10_000_000
 MV_PREPROCESS_MODES = ("wonder3d", "perflow")
 TEXTURE_SOURCES = ("views", "field")
 GROUPS = ("seed", "text_to_image", "preprocess", "multiview", "mesh", "views")
+STAGES = ("text_to_image", "multiview", "mesh")
+# Which stages an option needs, besides the three stages themselves: "diffusion" (either diffusion stage: the seed),
+# "preprocess" (either image stage: background removal), "views" (both the views and the mesh: texture, refine).
+SCOPES = (*STAGES, "diffusion", "preprocess", "views")
+
+
+def scopes_of(stages: Iterable[str]) -> set[str]:
+    """The option scopes a command that runs `stages` uses: its stages, plus the combined scopes they make."""
+    stages = set(stages)
+    assert stages <= set(STAGES), f"stages must be a subset of {STAGES}, got {sorted(stages)}"
+    scopes = set(stages)
+    if stages & {"text_to_image", "multiview"}:
+        scopes.add("diffusion")
+    if stages & {"multiview", "mesh"}:
+        scopes.add("preprocess")
+    if {"multiview", "mesh"} <= stages:
+        scopes.add("views")
+    return scopes
 
 
 @dataclass(frozen=True)
@@ -61,8 +79,10 @@ class OptionSpec:
         choices: allowed values of a ``str`` option.
         multiple_of: ints only: the value must be a multiple of it.
         zero_allowed: ints only: 0 is allowed besides [low, high] (``simplify_faces``: 0 = keep all faces).
-        group: ``seed``, ``text_to_image``, ``preprocess``, ``multiview``, ``mesh`` or ``views`` (which commands
-            show it).
+        group: ``seed``, ``text_to_image``, ``preprocess``, ``multiview``, ``mesh`` or ``views`` (the heading it is
+            shown under in ``--help`` and the app).
+        scope: what it needs to do anything (see `SCOPES`): a command shows the option only when it runs that
+            stage (``mv_foreground_ratio``: ``multiview``; ``remove_background``: ``preprocess``, either image stage).
         label: a short label for the UI; `help` the longer text for ``--help``.
         flag: the command-line flag (a bool option with default True gets a ``--no-...`` flag).
         step: the UI slider step.
@@ -78,6 +98,7 @@ class OptionSpec:
     multiple_of: int | None
     zero_allowed: bool
     group: str
+    scope: str
     label: str
     help: str
     flag: str
@@ -122,11 +143,20 @@ def option(
     smoke: Any = MISSING,
     flag: str | None = None,
     step: float | None = None,
+    scope: str | None = None,
 ) -> Any:
-    """Declare one option of `GenerationSettings` (a dataclass field carrying its `OptionSpec` pieces)."""
+    """Declare one option of `GenerationSettings` (a dataclass field carrying its `OptionSpec` pieces).
+
+    `scope` (see `SCOPES`) defaults to the group where the group names one: ``text_to_image``, ``multiview``,
+    ``mesh``, ``views``, ``preprocess``; a ``seed`` option defaults to ``diffusion``. Every command that runs that
+    scope gets the option's flag, under the one name `flag` (default ``--<name with dashes>``).
+    """
     assert group in GROUPS, group
+    scope = scope or ("diffusion" if group == "seed" else group)
+    assert scope in SCOPES, scope
     meta = {
         "group": group,
+        "scope": scope,
         "label": label,
         "help": help,
         "low": low,
@@ -213,15 +243,17 @@ class GenerationSettings:
         label="Multiview input",
         help="multiview input: crop + recentre (wonder3d) or the PeRFlow demo's resize + whiten (perflow)",
         choices=MV_PREPROCESS_MODES,
+        scope="multiview",
     )
     mv_foreground_ratio: float = option(
         0.75,  # Wonder3D's recentring ratio
         group="preprocess",
         label="Foreground ratio (multiview)",
-        help="object size in the multiview input",
+        help="object size in the multiview input (wonder3d preprocessing)",
         low=0.3,
         high=1.0,
         step=0.05,
+        scope="multiview",
     )
     mesh_foreground_ratio: float = option(
         0.85,  # TripoSR's
@@ -231,6 +263,7 @@ class GenerationSettings:
         low=0.3,
         high=1.0,
         step=0.05,
+        scope="mesh",
     )
     # multiview (Wonder3D + PeRFlow)
     mv_steps: int = option(
@@ -433,6 +466,7 @@ class GenerationSettings:
                 multiple_of=meta["multiple_of"],
                 zero_allowed=meta["zero_allowed"],
                 group=meta["group"],
+                scope=meta["scope"],
                 label=meta["label"],
                 help=meta["help"],
                 flag=meta["flag"] or _default_flag(f.name, kind, f.default),
@@ -497,61 +531,61 @@ def _coerce(spec: OptionSpec, value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def add_arguments(
-    parser: argparse.ArgumentParser,
-    groups: Iterable[str],
-    *,
-    exclude: Iterable[str] = (),
-    names: Mapping[str, str] | None = None,
-) -> None:
-    """Add a flag for every option of `groups` to `parser` (argument groups named after the option groups).
+GROUP_TITLES = {
+    "seed": "seed",
+    "text_to_image": "text to image",
+    "preprocess": "background removal and stage inputs",
+    "multiview": "multiview",
+    "mesh": "mesh",
+    "views": "the six views shape and texture the mesh",
+}
 
-    Every flag defaults to None ("the settings' default"), so a smoke-mode run keeps its own defaults; the help
-    text shows both defaults where they differ.
+
+def options_for(stages: Iterable[str], *, exclude: Iterable[str] = ()) -> list[OptionSpec]:
+    """The options a command that runs `stages` uses (declaration order), but `exclude`."""
+    scopes, exclude = scopes_of(stages), set(exclude)
+    return [s for s in GenerationSettings.bounds().values() if s.scope in scopes and s.name not in exclude]
+
+
+def add_arguments(parser: argparse.ArgumentParser, stages: Iterable[str], *, exclude: Iterable[str] = ()) -> None:
+    """Add the flag of every option the `stages` use to `parser`, under headings named after the option groups.
+
+    Every command takes its flags from here, so an option has one flag name on every command that has it
+    (``--mc-resolution`` on ``t2mv text-to-mesh`` and ``t2mv-mesh`` alike), and a command shows only the options
+    of the stages it runs. Every flag defaults to None ("the settings' default"), so a smoke-mode run keeps its own
+    defaults; the help text shows both defaults where they differ.
 
     Args:
         parser: the (sub)command's parser.
-        groups: which option groups (see `GROUPS`) this command takes.
-        exclude: option names to leave out.
-        names: option name → another flag for it (``{"mv_steps": "--steps"}`` for a stage command).
+        stages: the stages the command runs (a subset of `STAGES`).
+        exclude: option names to leave out (an option the command fixes itself).
     """
-    groups, exclude, names = list(groups), set(exclude), dict(names or {})
-    titles = {
-        "seed": "seed",
-        "text_to_image": "text to image",
-        "preprocess": "background removal and stage inputs",
-        "multiview": "multiview",
-        "mesh": "mesh",
-        "views": "the six views shape and texture the mesh",
-    }
-    for group_name in groups:
-        specs = [s for s in GenerationSettings.bounds().values() if s.group == group_name and s.name not in exclude]
-        if not specs:
+    specs = options_for(stages, exclude=exclude)
+    for group_name in GROUPS:
+        in_group = [s for s in specs if s.group == group_name]
+        if not in_group:
             continue
-        group = parser.add_argument_group(titles[group_name])
-        for spec in specs:
-            flag = names.get(spec.name, spec.flag)
-            default_text = f"default: {spec.default}" + (
-                f"; smoke mode: {spec.smoke_default}" if spec.smoke_default != spec.default else ""
-            )
-            if spec.kind == "bool":
-                group.add_argument(
-                    flag,
-                    dest=spec.name,
-                    action="store_const",
-                    const=not spec.default,
-                    default=None,
-                    help=f"do not {spec.help}" if spec.default else spec.help,
-                )
-                continue
-            kwargs: dict[str, Any] = {"dest": spec.name, "default": None}
-            if spec.kind == "str":
-                kwargs["choices"] = spec.choices
-            else:
-                kwargs["type"] = int if spec.kind == "int" else float
-                kwargs["metavar"] = "N" if spec.kind == "int" else "X"
-            range_text = "" if spec.kind == "str" else f"; {spec.describe_range()}"
-            group.add_argument(flag, help=f"{spec.help} ({default_text}{range_text})", **kwargs)
+        group = parser.add_argument_group(GROUP_TITLES[group_name])
+        for spec in in_group:
+            _add_flag(group, spec)
+
+
+def _add_flag(group: Any, spec: OptionSpec) -> None:
+    default_text = f"default: {spec.default}" + (
+        f"; smoke mode: {spec.smoke_default}" if spec.smoke_default != spec.default else ""
+    )
+    if spec.kind == "bool":
+        help_text = f"do not {spec.help}" if spec.default else spec.help
+        group.add_argument(spec.flag, dest=spec.name, action="store_const", const=not spec.default, help=help_text)
+        return
+    kwargs: dict[str, Any] = {"dest": spec.name, "default": None}
+    if spec.kind == "str":
+        kwargs["choices"] = spec.choices
+    else:
+        kwargs["type"] = int if spec.kind == "int" else float
+        kwargs["metavar"] = "N" if spec.kind == "int" else "X"
+    range_text = "" if spec.kind == "str" else f"; {spec.describe_range()}"
+    group.add_argument(spec.flag, help=f"{spec.help} ({default_text}{range_text})", **kwargs)
 
 
 def from_namespace(
@@ -559,7 +593,6 @@ def from_namespace(
     *,
     smoke: bool = False,
     skip: Iterable[str] = (),
-    names: Mapping[str, str] | None = None,
     **overrides: Any,
 ) -> GenerationSettings:
     """The validated settings of a parsed command line (flags left unset keep the smoke or real defaults).
@@ -568,15 +601,14 @@ def from_namespace(
         args: the namespace `add_arguments` filled (other attributes are ignored).
         smoke: start from the smoke-mode defaults.
         skip: options the caller checks with its own rule (see `GenerationSettings.problems`).
-        names: option → flag, as given to `add_arguments` (messages name the flag the user typed).
         overrides: values that win over the flags (None: ignored).
 
     Raises:
-        BadInputError: an option out of its bounds.
+        BadInputError: an option out of its bounds (the message names its flag).
     """
     values = {name: getattr(args, name) for name in GenerationSettings.bounds() if hasattr(args, name)}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    flags = {name: (names or {}).get(name, spec.flag) for name, spec in GenerationSettings.bounds().items()}
+    flags = {name: spec.flag for name, spec in GenerationSettings.bounds().items()}
     settings = GenerationSettings.defaults(smoke).with_changes(**values)
     return settings.validate(skip=skip, names=flags)
 

@@ -394,7 +394,7 @@ def test_bad_app_flags_are_refused_before_loading(launched, capsys, argv, match)
 
 
 def test_share_with_a_login_and_the_upload_limit_reach_launch(launched, capsys, tmp_path, monkeypatch):
-    assert app.main(["--tiny", "--share", "--auth", "ann:pa:ss", "--max-upload-mb", "2", "--output-dir", "o"]) == 0
+    assert app.main(["--tiny", "--share", "--auth", "ann:pa:ss", "--max-upload-mb", "2", "--output", "o"]) == 0
     options = launched["launch"]
     assert options["share"] is True and options["auth"] == ("ann", "pa:ss")
     assert options["max_file_size"] == 2 * 1024 * 1024 and options["allowed_paths"] == ["o"]

@@ -102,6 +102,16 @@ CASES = [
     ("image-bad-extension", "t2mv", ["image", "a cat", "-o", out("a.txt")], 2, ".png, .jpg"),
     ("image-read-only", "t2mv", ["image", "a cat", "-o", READ_ONLY + "/a.png"], 2, "not writable"),
     ("image-under-a-file", "t2mv", ["image", "a cat", "-o", "{taken}/a.png"], 2, "is a file"),
+    ("image-device", "t2mv", ["image", "a cat", "--device", "nonsense", "-o", out("a.png")], 2, "not a device"),
+    ("image-device-meta", "t2mv", ["image", "a cat", "--device", "meta", "-o", out("a.png")], 2, "not supported"),
+    (
+        "image-fp16-cpu",
+        "t2mv",
+        ["image", "a cat", "--device", "cpu", "--dtype", "float16", "-o", out("a.png")],
+        2,
+        "CPU",
+    ),
+    ("image-mesh-flag", "t2mv", ["image", "a cat", "--triposr-model", "x", "-o", out("a.png")], 2, "unrecognized"),
     # t2mv text-to-mesh
     ("t2m-threshold-nan", "t2mv", ["text-to-mesh", "a cat", "--mc-threshold", "nan", "-o", out("o")], 2, "finite"),
     ("t2m-mv-steps-2", "t2mv", ["text-to-mesh", "a cat", "--mv-steps", "2", "-o", out("o")], 2, "--mv-steps"),
@@ -110,7 +120,9 @@ CASES = [
     ("t2m-simplify", "t2mv", ["text-to-mesh", "a cat", "--simplify", "2", "-o", out("o")], 2, "--simplify"),
     ("t2m-output-is-a-file", "t2mv", ["text-to-mesh", "a cat", "-o", "{taken}"], 2, "existing file"),
     ("t2m-read-only", "t2mv", ["text-to-mesh", "a cat", "-o", READ_ONLY], 2, "not writable"),
-    ("t2m-format", "t2mv", ["text-to-mesh", "a cat", "--format", "stl", "-o", out("o")], 2, "invalid choice"),
+    ("t2m-format", "t2mv", ["text-to-mesh", "a cat", "--format", "fbx", "-o", out("o")], 2, "unknown mesh format"),
+    ("t2m-device-index", "t2mv", ["text-to-mesh", "a cat", "--device", "cuda:99", "-o", out("o")], 2, "cuda:99"),
+    ("t2m-old-flag", "t2mv", ["text-to-mesh", "a cat", "--mc-res", "64", "-o", out("o")], 2, "unrecognized"),
     ("t2m-preprocess", "t2mv", ["text-to-mesh", "a cat", "--mv-preprocess", "x", "-o", out("o")], 2, "invalid"),
     # t2mv image-to-mesh
     ("i2m-not-an-image", "t2mv", ["image-to-mesh", "{text}", "-o", out("o")], 2, "not an image"),
@@ -122,6 +134,7 @@ CASES = [
     ("i2m-truncated", "t2mv", ["image-to-mesh", "{truncated}", "-o", out("o")], 2, "damaged or truncated"),
     ("i2m-missing", "t2mv", ["image-to-mesh", "{tmp}/absent.png", "-o", out("o")], 2, "does not exist"),
     ("i2m-folder", "t2mv", ["image-to-mesh", "{folder}", "-o", out("o")], 2, "not a file"),
+    ("i2m-device", "t2mv", ["image-to-mesh", "{good}", "--device", "gpu", "-o", out("o")], 2, "not a device"),
     ("i2m-ratio", "t2mv", ["image-to-mesh", "{good}", "--mesh-foreground-ratio", "1.5", "-o", out("o")], 2, "ratio"),
     # t2mv batch
     ("batch-no-file", "t2mv", ["batch", "{tmp}/absent.txt", "-o", out("o")], 2, "does not exist"),
@@ -129,26 +142,33 @@ CASES = [
     ("batch-bad-json", "t2mv", ["batch", "{prompts_bad_json}", "-o", out("o")], 2, "not valid JSON"),
     ("batch-mv-steps", "t2mv", ["batch", "{prompts}", "--mv-steps", "2", "-o", out("o")], 2, "--mv-steps"),
     ("batch-output-is-a-file", "t2mv", ["batch", "{prompts}", "-o", "{taken}"], 2, "existing file"),
+    ("batch-device", "t2mv", ["batch", "{prompts}", "--device", "cuda:99", "-o", out("o")], 2, "cuda:99"),
     # t2mv-multiview
     ("mv-not-an-image", "t2mv-multiview", ["{text}", "-o", out("v")], 2, "not an image"),
     ("mv-zero-bytes", "t2mv-multiview", ["{empty}", "-o", out("v")], 2, "empty"),
     ("mv-bomb", "t2mv-multiview", ["{bomb}", "-o", out("v")], 2, "too large"),
     ("mv-transparent", "t2mv-multiview", ["{clear}", "-o", out("v")], 2, "fully transparent"),
     ("mv-seed-too-big", "t2mv-multiview", ["{good}", "--seed", str(2**70), "-o", out("v")], 2, "--seed"),
-    ("mv-cfg-nan", "t2mv-multiview", ["{good}", "--cfg", "nan", "-o", out("v")], 2, "--cfg must be a finite"),
-    ("mv-steps-unbounded", "t2mv-multiview", ["{good}", "--steps", "100000", "-o", out("v")], 2, "--steps"),
+    ("mv-cfg-nan", "t2mv-multiview", ["{good}", "--mv-guidance", "nan", "-o", out("v")], 2, "--mv-guidance must be"),
+    ("mv-steps-unbounded", "t2mv-multiview", ["{good}", "--mv-steps", "100000", "-o", out("v")], 2, "--mv-steps"),
+    ("mv-old-flag", "t2mv-multiview", ["{good}", "--steps", "8", "-o", out("v")], 2, "--steps is now --mv-steps"),
+    ("mv-device", "t2mv-multiview", ["{good}", "--device", "nonsense", "-o", out("v")], 2, "not a device"),
+    ("mv-device-index", "t2mv-multiview", ["{good}", "--device", "cuda:99", "-o", out("v")], 2, "cuda:99"),
+    ("mv-mesh-flag", "t2mv-multiview", ["{good}", "--mc-resolution", "64", "-o", out("v")], 2, "unrecognized"),
     ("mv-exists", "t2mv-multiview", ["{good}", "-o", "{existing_views}"], 2, "already exists"),
     ("mv-overwrite-a-file", "t2mv-multiview", ["{good}", "--overwrite", "-o", "{taken}"], 2, "existing file"),
     ("mv-read-only", "t2mv-multiview", ["{good}", "-o", READ_ONLY], 2, "not writable"),
     # t2mv-mesh
     ("mesh-bomb", "t2mv-mesh", ["{bomb}", "-o", out("m")], 2, "too large"),
     ("mesh-1x1", "t2mv-mesh", ["{tiny}", "-o", out("m")], 2, "at least 16 pixels"),
-    ("mesh-seed-too-big", "t2mv-mesh", ["{good}", "--seed", str(2**70), "-o", out("m")], 2, "--seed"),
-    ("mesh-seed-negative", "t2mv-mesh", ["{good}", "--seed", "-5", "-o", out("m")], 2, "--seed"),
+    ("mesh-device", "t2mv-mesh", ["{good}", "--device", "nonsense", "-o", out("m")], 2, "not a device"),
+    ("mesh-device-index", "t2mv-mesh", ["{good}", "--device", "cuda:99", "-o", out("m")], 2, "cuda:99"),
+    ("mesh-old-flag", "t2mv-mesh", ["{good}", "--no-rembg", "-o", out("m")], 2, "--no-rembg is now --no-remove-bg"),
+    ("mesh-format", "t2mv-mesh", ["{good}", "-o", out("m"), "--format", "glb", "fbx"], 2, "unknown mesh format"),
     ("mesh-output-is-a-file", "t2mv-mesh", ["{good}", "-o", "{taken}"], 2, "existing file"),
     ("mesh-chunk", "t2mv-mesh", ["{good}", "--chunk-size", "0", "-o", out("m")], 2, "--chunk-size"),
     ("mesh-no-images", "t2mv-mesh", ["{no_images}", "-o", out("m")], 2, "has no images"),
-    ("mesh-threshold-inf", "t2mv-mesh", ["{good}", "--threshold", "inf", "-o", out("m")], 2, "--threshold"),
+    ("mesh-threshold-inf", "t2mv-mesh", ["{good}", "--mc-threshold", "inf", "-o", out("m")], 2, "--mc-threshold"),
 ]
 
 
@@ -177,6 +197,43 @@ def test_bad_input_is_one_line_and_no_output(case, files, tmp_path, capsys, monk
     assert snapshot(files) == before  # existing files and folders untouched
 
 
+@pytest.mark.parametrize(
+    "command, argv",
+    [
+        ("t2mv", ["image", "a cat", "-o", "{tmp}/a.png"]),
+        ("t2mv", ["text-to-mesh", "a cat", "-o", "{tmp}/o"]),
+        ("t2mv", ["image-to-mesh", "{good}", "-o", "{tmp}/o"]),
+        ("t2mv", ["batch", "{prompts}", "-o", "{tmp}/o"]),
+        ("t2mv", ["app"]),
+        ("t2mv-multiview", ["{good}", "-o", "{tmp}/v"]),
+        ("t2mv-mesh", ["{good}", "-o", "{tmp}/m"]),
+    ],
+    ids=["image", "text-to-mesh", "image-to-mesh", "batch", "app", "multiview", "mesh"],
+)
+@pytest.mark.parametrize("tiny", [True, False], ids=["tiny", "real"])
+def test_cuda_without_cuda_is_bad_input_on_every_command(command, argv, tiny, files, tmp_path, capsys, monkeypatch):
+    """Issue 16: ``--device cuda`` on a machine without CUDA exited 1 with "Torch not compiled with CUDA enabled"
+    after the loading started. Now: exit 2, one line, nothing loaded or written (CUDA hidden here, so the test
+    means the same on a GPU machine)."""
+    import torch
+
+    from t2mv.chain import TextTo3D
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("no model may load for an unusable device")
+
+    monkeypatch.delenv("T2MV_SMOKE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(TextTo3D, "from_pretrained", no_loading)
+    monkeypatch.setattr(TextTo3D, "tiny", no_loading)
+    argv = [*fill(argv, files, tmp_path), "--device", "cuda", *(["--tiny"] if tiny else [])]
+    assert COMMANDS[command](argv) == 2, argv
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "--device cuda:" in lines[0] and "--device cpu" in lines[0], captured.err
+    assert "Traceback" not in captured.err + captured.out and list(tmp_path.iterdir()) == []
+
+
 def test_the_table_is_big_enough_and_covers_every_command():
     assert len(CASES) >= 30
     used = {command for _, command, *_ in CASES}
@@ -190,8 +247,8 @@ def test_missing_weights_exit_3_for_every_command(files, tmp_path, capsys, monke
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     runs = [
         (cli.main, ["image-to-mesh", str(files["good"]), "--no-multiview", "-o", str(tmp_path / "a")]),
-        (multiview_cli.main, [str(files["good"]), "-o", str(tmp_path / "b"), "--no-delta", "--device", "cpu"]),
-        (mesh_cli.main, [str(files["good"]), "--model", str(files["no_model"]), "-o", str(tmp_path / "c")]),
+        (multiview_cli.main, [str(files["good"]), "-o", str(tmp_path / "b"), "--no-multiview-delta"]),
+        (mesh_cli.main, [str(files["good"]), "--triposr-model", str(files["no_model"]), "-o", str(tmp_path / "c")]),
     ]
     for main, argv in runs:
         assert main([*argv, "--device", "cpu"]) == 3, argv

@@ -1,10 +1,13 @@
 """The `t2mv` command line in smoke mode: help texts, each subcommand's files, exit codes for bad input."""
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import trimesh
 from PIL import Image
@@ -41,9 +44,17 @@ def test_image_command_in_smoke_mode_from_the_environment(tmp_path, capsys, monk
     assert "SMOKE MODE" in captured.err and "wrote 2 files" in captured.out
 
 
+def _object_side(path, background, size):
+    """The longest side of the object's box in a preprocessed input, as a fraction of the image side."""
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)  # (size, size, 3)
+    rows, cols = np.nonzero(np.abs(pixels - background).max(axis=-1) > 2)
+    assert pixels.shape[:2] == (size, size)
+    return (max(rows.max() - rows.min(), cols.max() - cols.min()) + 1) / size
+
+
 def test_text_to_mesh_writes_views_strips_and_meshes(tmp_path):
     out = tmp_path / "teapot"
-    args = ["--format", "glb", "obj", "--mc-resolution", "32", "--mv-preprocess", "perflow"]
+    args = ["--format", "glb", "obj", "--mc-resolution", "32", "--mv-preprocess", "perflow", "--no-remove-bg"]
     code = main(["text-to-mesh", "a red teapot", "--tiny", "-o", str(out), *args])
     assert code == 0
     names = {p.name for p in out.iterdir()}
@@ -62,6 +73,192 @@ def test_text_to_mesh_writes_views_strips_and_meshes(tmp_path):
     assert settings["mv_preprocess"] == "perflow" and settings["mc_resolution"] == 32
     loaded = trimesh.load(out / "mesh.glb", force="mesh")
     assert len(loaded.faces) > 0
+    # The preprocessing options reached the images, not only settings.json (issue 20, item 8). perflow with the
+    # whole image as the object: the image resized to the full 256² (wonder3d would centre it in a white frame).
+    assert _object_side(out / "mv_input.png", 255, 256) == 1.0
+
+    # wonder3d at non-default ratios, the background cut out: the object fills the asked share of each input.
+    out = tmp_path / "ratios"
+    ratios = ["--mv-preprocess", "wonder3d", "--mv-foreground-ratio", "0.5", "--mesh-foreground-ratio", "0.6"]
+    args = ["--format", "glb", "--texture-source", "field", *ratios]
+    assert main(["text-to-mesh", "a red teapot", "--tiny", "-o", str(out), *args]) == 0
+    assert abs(_object_side(out / "mv_input.png", 255, 256) - 0.5) < 0.02  # 0.75 by default
+    assert abs(_object_side(out / "mesh_input.png", 127, 512) - 0.6) < 0.02  # 0.85 by default
+
+
+# ---------------------------------------------------------------------------------------------- issue 18
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser: the t2mv subcommands, the app, and the two stage commands."""
+    from t2mv import app, cli, mesh_cli, multiview_cli
+
+    top = cli.build_parser()
+    sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    found = {f"t2mv {name}": parser for name, parser in sub.choices.items() if name != "app"}
+    found["t2mv app"] = app.build_parser()
+    found["t2mv-multiview"] = multiview_cli.build_parser()
+    found["t2mv-mesh"] = mesh_cli.build_parser()
+    return found
+
+
+def _flags(parser: argparse.ArgumentParser) -> dict[str, tuple[str, ...]]:
+    """dest → its option strings, for every optional argument the parser offers (not --help)."""
+    return {
+        a.dest: tuple(sorted(a.option_strings))
+        for a in parser._actions
+        if a.option_strings and a.dest != "help" and a.help != argparse.SUPPRESS
+    }
+
+
+def test_a_setting_has_one_flag_name_on_every_command():
+    from t2mv.cli_common import RENAMED_FLAGS
+    from t2mv.settings import GenerationSettings
+
+    parsers = _parsers()
+    names: dict[str, set[tuple[str, ...]]] = {}
+    dests: dict[str, set[str]] = {}
+    for parser in parsers.values():
+        for dest, strings in _flags(parser).items():
+            names.setdefault(dest, set()).add(strings)
+            for string in strings:
+                dests.setdefault(string, set()).add(dest)
+    assert {dest: spelled for dest, spelled in names.items() if len(spelled) > 1} == {}  # one name per setting
+    assert {flag: ds for flag, ds in dests.items() if len(ds) > 1} == {}  # one setting per name
+    for spec in GenerationSettings.bounds().values():  # and the name is the declared one
+        assert names.get(spec.name, {(spec.flag,)}) == {(spec.flag,)}, spec.name
+    used = set(dests)
+    assert not used & set(RENAMED_FLAGS), used & set(RENAMED_FLAGS)  # the old stage-command names are gone
+    for same in ("mc_resolution", "mc_threshold", "bake_texture", "remove_background", "format", "output"):
+        assert sum(same in _flags(p) for p in parsers.values()) >= 2, same  # shared by the chain and a stage
+
+
+@pytest.mark.parametrize(
+    "command, offered, absent",
+    [
+        (
+            "t2mv image",
+            ["--t2i-steps", "--height", "--seed", "--t2i-model", "--compile"],
+            [
+                "--multiview-model",
+                "--multiview-delta",
+                "--triposr-model",
+                "--mc-resolution",
+                "--mv-steps",
+                "--no-remove-bg",
+                "--format",
+                "--offload",
+                "--texture-source",
+                "--mesh-foreground-ratio",
+            ],
+        ),
+        (
+            "t2mv image-to-mesh",
+            ["--mv-steps", "--mc-resolution", "--multiview-model", "--triposr-model", "--texture-source", "--offload"],
+            ["--t2i-model", "--t2i-delta", "--t2i-steps", "--height", "--negative-prompt"],
+        ),
+        (
+            "t2mv text-to-mesh",
+            ["--t2i-steps", "--mv-steps", "--mc-resolution", "--t2i-model", "--multiview-model", "--triposr-model"],
+            [],
+        ),
+        (
+            "t2mv-multiview",
+            [
+                "--mv-steps",
+                "--mv-guidance",
+                "--mv-preprocess",
+                "--mv-foreground-ratio",
+                "--no-remove-bg",
+                "--seed",
+                "--multiview-model",
+                "--multiview-delta",
+            ],
+            [
+                "--mesh-foreground-ratio",
+                "--mc-resolution",
+                "--triposr-model",
+                "--t2i-model",
+                "--format",
+                "--texture-source",
+                "--refine",
+                "--height",
+                "--t2i-steps",
+                "--offload",
+            ],
+        ),
+        (
+            "t2mv-mesh",
+            [
+                "--mc-resolution",
+                "--mc-threshold",
+                "--bake-texture",
+                "--mesh-foreground-ratio",
+                "--no-remove-bg",
+                "--triposr-model",
+                "--simplify",
+                "--texture-size",
+                "--format",
+            ],
+            [
+                "--mv-steps",
+                "--mv-preprocess",
+                "--mv-foreground-ratio",
+                "--multiview-model",
+                "--t2i-model",
+                "--seed",
+                "--texture-source",
+                "--refine",
+                "--height",
+                "--offload",
+                "--compile",
+                "--delta-variant",
+                "--turntable",
+            ],
+        ),
+    ],
+)
+def test_each_command_lists_only_the_options_it_uses(command, offered, absent, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    text = _parsers()[command].format_help()
+    flags = set(re.findall(r"(?<![\w-])--?[a-z][a-z0-9-]*", text))
+    assert set(offered) <= flags, set(offered) - flags
+    assert not set(absent) & flags, set(absent) & flags
+
+
+def test_every_command_takes_output_device_dtype_and_local_files_only():
+    for name, parser in _parsers().items():
+        strings = {s for strings in _flags(parser).values() for s in strings}
+        expected = {"-o", "--output", "--device", "--dtype", "--local-files-only", "--tiny", "--debug"}
+        assert expected <= strings, (name, expected - strings)
+        writes_meshes = name in ("t2mv text-to-mesh", "t2mv image-to-mesh", "t2mv batch", "t2mv-mesh")
+        assert ({"-f", "--format"} <= strings) == writes_meshes, name
+
+
+@pytest.mark.parametrize("command", ["t2mv text-to-mesh", "t2mv image-to-mesh", "t2mv batch", "t2mv-mesh"])
+def test_format_takes_spaces_commas_and_repeats(command, capsys):
+    parser = _parsers()[command]
+    positional = ["x.png"] if "image" in command or command == "t2mv-mesh" else ["x"]
+    default = parser.parse_args(positional).format
+    for given, expected in [
+        (["--format", "glb", "obj"], ["glb", "obj"]),
+        (["--format", "glb,obj"], ["glb", "obj"]),
+        (["-f", "ply", "-f", "OBJ,.glb"], ["ply", "obj", "glb"]),
+        (["--format", "obj", "obj,glb"], ["obj", "glb"]),
+    ]:
+        assert parser.parse_args([*positional, *given]).format == expected, given
+    assert parser.parse_args(positional).format == default  # the default is not changed by earlier parses
+    with pytest.raises(SystemExit) as done:
+        parser.parse_args([*positional, "--format", "glb,fbx"])
+    assert done.value.code == 2 and "unknown mesh format 'fbx'" in capsys.readouterr().err
+
+
+def test_an_old_flag_is_answered_with_its_new_name(tmp_path, capsys):
+    from t2mv import mesh_cli, multiview_cli
+
+    assert mesh_cli.main(["x.png", "--resolution", "64", "--bake"]) == 2
+    err = capsys.readouterr().err
+    assert "--resolution is now --mc-resolution" in err and "--bake is now --bake-texture" in err
+    assert multiview_cli.main(["x.png", "-o", str(tmp_path / "v"), "--delta", "some/repo"]) == 2  # not --delta-variant
+    assert "--delta is now --multiview-delta" in capsys.readouterr().err
 
 
 def test_image_to_mesh_and_its_bad_inputs(tmp_path, capsys):

@@ -84,15 +84,50 @@ def test_ui_values_are_coerced_only_when_exact():
 
 def test_flags_and_help_are_generated_from_the_fields():
     parser = argparse.ArgumentParser()
-    add_arguments(parser, ("seed", "multiview", "mesh"), names={"mv_steps": "--steps"})
+    add_arguments(parser, ("multiview",))
     text = " ".join(parser.format_help().split())
-    assert "--steps N" in text and "--mc-resolution N" in text and "--mv-preprocess" not in text
+    assert "--mv-steps N" in text and "--mv-preprocess" in text and "--seed N" in text
+    assert "--mc-resolution" not in text and "--mesh-foreground-ratio" not in text and "--t2i-steps" not in text
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, ("mesh",))
+    text = " ".join(parser.format_help().split())
     assert "(default: 256; smoke mode: 32; an integer in [32, 512])" in text
-    args = parser.parse_args(["--steps", "8", "--bake-texture"])
+    assert "--seed" not in text and "--mv-steps" not in text  # TripoSR draws no noise: no seed to set
+    args = parser.parse_args(["--mc-resolution", "64", "--bake-texture"])
     s = from_namespace(args, smoke=True)
-    assert (s.mv_steps, s.bake_texture, s.mc_resolution) == (8, True, 32)  # unset flags keep the smoke defaults
-    with pytest.raises(BadInputError, match=r"--steps must be an integer in \[4, 100\], got 3"):
-        from_namespace(parser.parse_args(["--steps", "3"]), names={"mv_steps": "--steps"})
+    assert (s.mc_resolution, s.bake_texture, s.texture_size) == (64, True, 512)  # unset flags keep smoke defaults
+    with pytest.raises(BadInputError, match=r"--mc-resolution must be an integer in \[32, 512\], got 16"):
+        from_namespace(parser.parse_args(["--mc-resolution", "16"]))
+
+
+@pytest.mark.parametrize(
+    "stages, expected",
+    [
+        (("text_to_image",), {"seed", "t2i_steps", "t2i_guidance", "height", "width"}),
+        (("multiview",), {"seed", "remove_background", "mv_preprocess", "mv_foreground_ratio", "mv_steps"}),
+        (("mesh",), {"remove_background", "mesh_foreground_ratio", "mc_resolution", "bake_texture", "simplify_faces"}),
+        (("multiview", "mesh"), {"texture_source", "refine", "mv_steps", "mc_threshold", "mesh_foreground_ratio"}),
+    ],
+)
+def test_a_command_gets_exactly_the_options_of_its_stages(stages, expected):
+    from t2mv.settings import options_for
+
+    names = {spec.name for spec in options_for(stages)}
+    assert expected <= names
+    # Hand-written ownership: which stage each option needs (the views' options need both image stages).
+    owner = {
+        "seed": {"text_to_image", "multiview"},
+        "t2i_steps": {"text_to_image"},
+        "mv_foreground_ratio": {"multiview"},
+        "mv_preprocess": {"multiview"},
+        "mesh_foreground_ratio": {"mesh"},
+        "remove_background": {"multiview", "mesh"},
+        "mc_resolution": {"mesh"},
+        "texture_size": {"mesh"},
+    }
+    for name, needs in owner.items():
+        assert (name in names) == bool(needs & set(stages)), (name, stages)
+    assert ("texture_source" in names) == ({"multiview", "mesh"} <= set(stages))
 
 
 def test_to_dict_round_trips():

@@ -12,7 +12,7 @@ from triposr import mesh as tmesh
 from triposr.export import load_mesh
 from triposr.system import TSR
 
-FAST = ["--tiny", "--resolution", "32", "--device", "cpu"]
+FAST = ["--tiny", "--mc-resolution", "32", "--device", "cpu"]
 
 
 def rgba_image(path, color=(200, 60, 60), size=(80, 64)):
@@ -33,30 +33,49 @@ def tiny_field(input_png):
     return tmesh.scene_code_query_fn(model, scene_code)
 
 
-def test_help_shows_defaults(capsys):
+def test_help_shows_defaults_under_the_chains_names(capsys):
     assert cli.main(["--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    for expected in ("(default: 256;", "(default: 25.0;", "(default: 1024;", "(default: 0.85;", "(default: glb)"):
+    for expected in (
+        "(default: 256;",
+        "(default: 25.0;",
+        "(default: 1024;",
+        "(default: 0.85;",
+        "(default: glb obj ply)",
+    ):
         assert expected in text
-    for flag in ("--bake", "--no-rembg", "--keep-largest", "--simplify", "--tiny", "--foreground-ratio"):
+    flags = ("--bake-texture", "--no-remove-bg", "--keep-largest", "--simplify", "--tiny", "--mesh-foreground-ratio")
+    for flag in (*flags, "--mc-resolution", "--mc-threshold", "--triposr-model", "--dtype", "--local-files-only"):
         assert flag in text
+    for old in ("--bake ", "--no-rembg", "--resolution", "--threshold", "--output-dir", "--model ", "--seed"):
+        assert old not in text.replace("--mc-resolution", "").replace("--mc-threshold", "")
 
 
 def test_smoke_all_formats_with_colors_in_documented_orientation(tmp_path, capsys):
     image = rgba_image(tmp_path / "red thing.png")
     out = tmp_path / "out"
-    assert cli.main([*FAST, str(image), "-o", str(out), "--format", "glb,obj", "-f", "ply"]) == 0
+    flags = ["--format", "glb,obj", "-f", "ply", "--mc-threshold", "25", "--mesh-foreground-ratio", "0.7"]
+    assert cli.main([*FAST, str(image), "-o", str(out), *flags]) == 0
     captured = capsys.readouterr()
     assert "SMOKE MODE" in captured.err and "NOISE" in captured.err
     assert "extract_mesh" in captured.out and "1/1 meshes" in captured.out
     folder = out / "red thing"
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["info.json", "input.png", "mesh.glb", "mesh.obj", "mesh.ply"]
+    chain_files = ["image.png", "info.json", "mesh_input.png", "settings.json", "timings.json"]
+    assert names == sorted([*chain_files, "mesh.glb", "mesh.obj", "mesh.ply"])
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no leftover temporary folders
-    info = json.loads((folder / "info.json").read_text())
-    assert info["settings"]["mc_resolution"] == 32 and info["timings"]["model"] >= 0
+    settings = json.loads((folder / "settings.json").read_text())
+    assert settings["mc_resolution"] == 32 and settings["stages"] == ["mesh"] and settings["input"] == "image"
+    assert json.loads((folder / "timings.json").read_text())["timings"]["mesh.model"] >= 0
+    info = json.loads((folder / "info.json").read_text())["mesh"]
+    assert info["faces"] == len(load_mesh(folder / "mesh.glb").faces)
 
-    field = tiny_field(folder / "input.png")
+    # --mesh-foreground-ratio reached the preprocessing: the object spans 0.7 of the input's side (0.85 by default).
+    model_input = np.asarray(Image.open(folder / "mesh_input.png").convert("RGB")).astype(int)  # (512, 512, 3)
+    rows, cols = np.nonzero(np.abs(model_input - 127).max(axis=-1) > 2)  # not the 0.5-grey background
+    assert abs(max(np.ptp(rows), np.ptp(cols)) / 512 - 0.7) < 0.02
+
+    field = tiny_field(folder / "mesh_input.png")
     glb = load_mesh(folder / "mesh.glb")
     for fmt in ("glb", "obj", "ply"):
         mesh = load_mesh(folder / f"mesh.{fmt}")
@@ -82,7 +101,7 @@ def test_smoke_all_formats_with_colors_in_documented_orientation(tmp_path, capsy
 def test_bake_keep_largest_simplify(tmp_path):
     image = rgba_image(tmp_path / "a.png")
     out = tmp_path / "out"
-    argv = [*FAST, str(image), "-o", str(out), "-f", "glb,obj", "--bake", "--texture-size", "512"]
+    argv = [*FAST, str(image), "-o", str(out), "-f", "glb,obj", "--bake-texture", "--texture-size", "512"]
     assert cli.main([*argv, "--keep-largest", "--simplify", "600"]) == 0
     folder = out / "a"
     assert {"mesh.glb", "mesh.obj", "mesh.mtl", "mesh.png"} <= {p.name for p in folder.iterdir()}
@@ -123,14 +142,14 @@ def test_broken_image_is_a_clear_error_before_any_work(tmp_path, capsys, content
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--resolution", "16"], "--resolution must be an integer in [32, 512]"),
+        (["--mc-resolution", "16"], "--mc-resolution must be an integer in [32, 512]"),
         (["--texture-size", "8192"], "--texture-size must be an integer in [512, 4096]"),
-        (["--format", "stl"], "unknown format"),
-        (["--foreground-ratio", "0"], "--foreground-ratio"),
+        (["--format", "fbx"], "unknown mesh format 'fbx'"),
+        (["--mesh-foreground-ratio", "0"], "--mesh-foreground-ratio"),
         (["--simplify", "2"], "--simplify"),
-        (["--seed", str(2**70)], "--seed must be an integer in [0, 4294967295]"),
-        (["--seed", "-5"], "--seed"),
-        (["--threshold", "nan"], "--threshold must be a finite number"),
+        (["--mc-threshold", "nan"], "--mc-threshold must be a finite number"),
+        (["--resolution", "64"], "--resolution is now --mc-resolution"),
+        (["--device", "nonsense"], "--device 'nonsense' is not a device"),
     ],
 )
 def test_bad_options(tmp_path, capsys, extra, message):
@@ -149,7 +168,8 @@ def test_missing_weights_is_a_clear_error(tmp_path, capsys):
     image = rgba_image(tmp_path / "a.png")
     missing = tmp_path / "no-model-here"
     missing.mkdir()
-    assert cli.main([str(image), "--model", str(missing), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 3
+    argv = [str(image), "--triposr-model", str(missing), "-o", str(tmp_path / "out"), "--device", "cpu"]
+    assert cli.main([*argv, "--local-files-only"]) == 3
     err = capsys.readouterr().err
     assert "config.yaml" in err and str(missing) in err
 
@@ -158,7 +178,7 @@ def test_failure_leaves_nothing_half_written(tmp_path, capsys):
     good = rgba_image(tmp_path / "good.png")
     out = tmp_path / "out"
     # No surface at this threshold: the image fails after preprocessing and the model ran; nothing is kept.
-    assert cli.main([*FAST, str(good), "-o", str(out), "--threshold", "1e30"]) == 2
+    assert cli.main([*FAST, str(good), "-o", str(out), "--mc-threshold", "1e30"]) == 2
     assert "no surface at threshold" in capsys.readouterr().err
     assert list(out.iterdir()) == []
 
@@ -166,7 +186,7 @@ def test_failure_leaves_nothing_half_written(tmp_path, capsys):
 def test_non_square_image_without_alpha_and_no_rembg(tmp_path, capsys):
     image = tmp_path / "rgb.jpg"
     Image.new("RGB", (80, 60), (128, 128, 128)).save(image)
-    assert cli.main([*FAST, str(image), "-o", str(tmp_path / "out"), "--no-rembg"]) == 2
+    assert cli.main([*FAST, str(image), "-o", str(tmp_path / "out"), "--no-remove-bg"]) == 2
     assert "square" in capsys.readouterr().err
 
 
@@ -186,7 +206,7 @@ def test_real_model_front_faces_plus_z_and_image_right_is_plus_x(tmp_path):
     draw.rectangle((256, 128, 383, 383), fill=(30, 30, 220, 255))
     image.save(tmp_path / "two.png")
     out = tmp_path / "out"
-    assert cli.main([str(tmp_path / "two.png"), "-o", str(out), "--resolution", "128", "--device", "cpu"]) == 0
+    assert cli.main([str(tmp_path / "two.png"), "-o", str(out), "--mc-resolution", "128", "--device", "cpu"]) == 0
     mesh = load_mesh(out / "two" / "mesh.glb")
     front = mesh.vertex_normals[:, 2] > 0.7
     rgb = mesh.visual.vertex_colors[:, :3].astype(float)
@@ -205,8 +225,8 @@ def test_rembg_unavailable_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(rembg, "new_session", no_session)
     image = tmp_path / "rgb.png"
     Image.new("RGB", (64, 64), (10, 200, 10)).save(image)
-    argv = [str(image), "-o", str(tmp_path / "out"), "--resolution", "32", "--device", "cpu"]
+    argv = [str(image), "-o", str(tmp_path / "out"), "--mc-resolution", "32", "--device", "cpu"]
     monkeypatch.setattr(TSR, "from_pretrained", classmethod(lambda cls, *a, **k: TSR.tiny()))
     assert cli.main(argv) == 3  # missing weights (u2net), found before the model loads
     err = capsys.readouterr().err
-    assert "background-removal model u2net" in err and "--no-rembg" in err and "offline" in err
+    assert "background-removal model u2net" in err and "--no-remove-bg" in err and "offline" in err

@@ -7,8 +7,11 @@ use it without an import circle.
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from PIL import Image
 
@@ -16,6 +19,47 @@ from ..errors import BadInputError
 
 MESH_FORMATS = ("glb", "obj", "ply")
 FAILED_MARKER = "FAILED.json"
+VIEW_KINDS = ("normal", "color")
+_VIEW_FILE = re.compile(r"^(normal|color)_(\d+)_(\w+)\.png$")
+
+
+def view_file(kind: str, index: int, view: str) -> str:
+    """The one name of a view image, for the chain and ``t2mv-multiview`` alike: ``color_0_front.png``."""
+    assert kind in VIEW_KINDS, kind
+    return f"{kind}_{index}_{view}.png"
+
+
+class Views(NamedTuple):
+    """The six views read back from a folder: names in file order, and the images (RGB) in that order."""
+
+    view_names: tuple[str, ...]
+    normals: list[Image.Image]
+    colors: list[Image.Image]
+
+
+def read_views(folder: str | os.PathLike) -> Views:
+    """The normal and colour views of a folder written by ``t2mv text-to-mesh`` / ``image-to-mesh`` / ``batch`` or
+    ``t2mv-multiview`` (`view_file` names), in view order.
+
+    Raises:
+        BadInputError: the folder has no views, or its normal and colour views do not pair up (0 .. n-1 each,
+            the same view names).
+    """
+    folder = Path(folder)
+    found: dict[str, dict[int, tuple[str, Path]]] = {kind: {} for kind in VIEW_KINDS}
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        match = _VIEW_FILE.match(path.name)
+        if match:
+            found[match[1]][int(match[2])] = (match[3], path)
+    names = {kind: [found[kind][i][0] for i in sorted(found[kind])] for kind in VIEW_KINDS}
+    complete = all(sorted(found[kind]) == list(range(len(found[kind]))) for kind in VIEW_KINDS)
+    if not names["normal"] or names["normal"] != names["color"] or not complete:
+        raise BadInputError(
+            f"{folder} holds no complete set of views ({view_file('normal', 0, '<view>')}, "
+            f"{view_file('color', 0, '<view>')}, ... for each view): found {sum(map(len, found.values()))} view files."
+        )
+    images = {kind: [Image.open(found[kind][i][1]).convert("RGB") for i in sorted(found[kind])] for kind in VIEW_KINDS}
+    return Views(tuple(names["normal"]), images["normal"], images["color"])
 
 
 def to_json(value: Any) -> str:

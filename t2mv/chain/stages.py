@@ -23,7 +23,7 @@ import torch
 
 from ..inputs import write_image
 from ..settings import GenerationSettings
-from .files import check_mesh_formats, horizontal_strip
+from .files import check_mesh_formats, horizontal_strip, view_file
 
 Files = dict[str, Path]
 STAGE_TYPES: dict[str, type[Stage]] = {}  # name → class, filled by Stage.__init_subclass__
@@ -236,7 +236,7 @@ class Multiview(Stage):
         paths: Files = {}
         for kind, views in (("normal", result.normals), ("color", result.colors)):
             for i, (view, name) in enumerate(zip(views, result.view_names)):
-                paths[f"{kind}_{i}_{name}"] = write_image(view, folder / f"{kind}_{i}_{name}.png")
+                paths[f"{kind}_{i}_{name}"] = write_image(view, folder / view_file(kind, i, name))
             if views:
                 paths[f"{kind}s"] = write_image(horizontal_strip(views), folder / f"{kind}s.png")
         return paths
