@@ -739,25 +739,45 @@ def _harmonic_fill(faces: torch.Tensor, colors: torch.Tensor, known: torch.Tenso
     return filled
 
 
-def _pair_normal_equations(weights: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
-    """Per-channel normal equations (3, 12, 12) of sum over view pairs (j, k) and points of
-    min(w_j, w_k) (g_j c_j + b_j - g_k c_k - b_k)^2 in x = (g_0..g_5, b_0..b_5); the reference view is
-    pinned afterwards, by the caller's prior)."""
-    a = torch.zeros(3, 2 * NUM_VIEWS, 2 * NUM_VIEWS, dtype=torch.float64, device=weights.device)
+def _pair_moments(weights: torch.Tensor, samples: torch.Tensor) -> list[tuple[int, int, float, torch.Tensor]]:
+    """For each pair of views (j, k) that see common surface: (j, k, weight W, moments (4, 3) = mean_j, mean_k,
+    std_j, std_k per channel), weighted by min(w_j, w_k) (how well both see each point)."""
+    pairs = []
     for j in range(NUM_VIEWS):
         for k in range(j + 1, NUM_VIEWS):
-            w = torch.minimum(weights[j], weights[k]).double()  # (N,) both views see the point well
-            if float(w.sum()) <= 0:
+            w = torch.minimum(weights[j], weights[k]).double()  # (N,)
+            total = float(w.sum())
+            if total <= 0:
                 continue
             cj, ck = samples[j].double(), samples[k].double()  # (N, 3)
-            # Row of one residual: +c_j at g_j, +1 at b_j, -c_k at g_k, -1 at b_k.
-            idx = (j, NUM_VIEWS + j, k, NUM_VIEWS + k)
-            rows = torch.stack([cj, torch.ones_like(cj), -ck, -torch.ones_like(ck)], dim=-1)  # (N, 3, 4)
-            block = torch.einsum("n,nci,ncj->cij", w, rows, rows)  # (3, 4, 4)
-            for r, ir in enumerate(idx):
-                for c, ic in enumerate(idx):
-                    a[:, ir, ic] += block[:, r, c]
-    return a
+            mj, mk = (w[:, None] * cj).sum(0) / total, (w[:, None] * ck).sum(0) / total  # (3,)
+            sj = ((w[:, None] * (cj - mj) ** 2).sum(0) / total).sqrt()
+            sk = ((w[:, None] * (ck - mk) ** 2).sum(0) / total).sqrt()
+            pairs.append((j, k, total, torch.stack([mj, mk, sj, sk])))
+    return pairs
+
+
+def _solve_pairs(
+    pairs: list[tuple[int, int, float, torch.Tensor]],
+    target: Callable[[int, int, torch.Tensor], torch.Tensor],
+    ref: int,
+    prior: float,
+) -> torch.Tensor:
+    """Weighted least squares over view pairs, per channel: sum_pairs W (x_j - x_k - target(j, k, moments))^2 +
+    prior sum x^2 with x_ref pinned at 0. Returns x (6, 3)."""
+    lhs = torch.zeros(3, NUM_VIEWS, NUM_VIEWS, dtype=torch.float64)
+    rhs = torch.zeros(3, NUM_VIEWS, dtype=torch.float64)
+    for j, k, w, moments in pairs:
+        r = target(j, k, moments).cpu()  # (3,)
+        lhs[:, j, j] += w
+        lhs[:, k, k] += w
+        lhs[:, j, k] -= w
+        lhs[:, k, j] -= w
+        rhs[:, j] += w * r
+        rhs[:, k] -= w * r
+    stiff = torch.full((NUM_VIEWS,), prior, dtype=torch.float64)
+    stiff[ref] = 1e9 * (float(lhs.abs().max()) + prior + 1.0)  # the reference stays as it is
+    return torch.linalg.solve(lhs + torch.diag(stiff), rhs[..., None])[..., 0].T  # (6, 3)
 
 
 def harmonize_views(
@@ -766,8 +786,12 @@ def harmonize_views(
     """Per-view, per-channel colour gain and bias that make the views agree where two of them see the surface.
 
     Generated views drift in colour (the back view most); blending them as they are leaves seams and a patchwork.
-    Solved jointly (least squares over every pair of views, weighted by how well both see each point) with a prior
-    towards gain 1 / bias 0 and the front view (or the first used one) as the reference.
+    For every pair of views, the colours both see (weighted by how well both see each point) give their means and
+    spreads; the gains match the spreads (in log space), then the biases match the means, each solved jointly over
+    all pairs by least squares with a prior towards gain 1 / bias 0 and the front view (or the first used one) as
+    the reference. Matching moments rather than point-to-point colours: the views' pixels do not land on exactly
+    the same surface points (misregistration, a mesh that is not the object), and a point-wise fit then flattens
+    the colours (its least-squares gains shrink towards zero).
 
     Args:
         points, normals: (N, 3) surface points and unit normals (e.g. the mesh's vertices). views: the fitted views.
@@ -780,18 +804,17 @@ def harmonize_views(
     weights, samples = _view_weights(points, normals, views)  # (6, N), (6, N, 3)
     used = views.used.tolist()
     ref = 0 if used[0] else used.index(True)
-    a = _pair_normal_equations(weights, samples)  # (3, 12, 12)
-    strength = prior * float(weights.sum()) / NUM_VIEWS + 1e-9
-    stiff = torch.full((2 * NUM_VIEWS,), strength, dtype=torch.float64, device=a.device)
-    stiff[[ref, NUM_VIEWS + ref]] = 1e6 * (float(a.diagonal(dim1=1, dim2=2).max()) + strength)  # pinned
-    a = a + torch.diag(stiff)
-    target = torch.cat([torch.ones(NUM_VIEWS), torch.zeros(NUM_VIEWS)]).to(a)  # gain 1, bias 0
-    rhs = (stiff * target).expand(3, -1)[..., None]  # (3, 12, 1)
-    x = torch.linalg.solve(a.cpu(), rhs.cpu())[..., 0].T.to(points.device)  # (12, 3)
-    gains, biases = x[:NUM_VIEWS], x[NUM_VIEWS:]
-    gains = gains.clamp(1 - MAX_GAIN_CHANGE, 1 + MAX_GAIN_CHANGE)
-    biases = biases.clamp(-MAX_BIAS_CHANGE, MAX_BIAS_CHANGE)
-    return gains.to(points.dtype), biases.to(points.dtype)
+    pairs = _pair_moments(weights, samples)
+    if not pairs:
+        return torch.ones(NUM_VIEWS, 3).to(points), torch.zeros(NUM_VIEWS, 3).to(points)
+    strength = prior * sum(w for _, _, w, _ in pairs) / len(pairs)
+    # log g_j - log g_k = log(std_k / std_j): equal spreads after correction.
+    log_gain = _solve_pairs(pairs, lambda j, k, m: torch.log((m[3] + 1e-3) / (m[2] + 1e-3)), ref, strength)
+    gains = log_gain.exp().clamp(1 - MAX_GAIN_CHANGE, 1 + MAX_GAIN_CHANGE)  # (6, 3)
+    # b_j - b_k = g_k mean_k - g_j mean_j: equal means after correction.
+    biases = _solve_pairs(pairs, lambda j, k, m: gains[k] * m[1] - gains[j] * m[0], ref, strength)
+    biases = biases.clamp(-MAX_BIAS_CHANGE, MAX_BIAS_CHANGE)  # (6, 3)
+    return gains.to(points), biases.to(points)
 
 
 def _atlas_fits(components: int, size: int, padding: int) -> bool:
