@@ -150,20 +150,24 @@ def _zip(path: Path, files: Sequence[Path]) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- the handler
-def timing_table(timings: dict[str, float], memory: dict[str, float]) -> dict[str, Any]:
+def timing_table(result: Any) -> dict[str, Any]:
     """Stage timings and memory as a small table (``{"headers", "data"}``, a `gr.Dataframe` value).
 
-    One row per stage that ran, in run order, then ``total``; the stages' finer timings (``multiview.denoise``)
-    are left out. Memory cells are empty where nothing was measured (no GPU).
+    One row per planned stage that ran, in run order, then ``total`` (`ChainResult.stage_rows`: the chain's plan,
+    the same list the progress bar and the command line's summary read); the stages' finer timings
+    (``multiview.denoise``) are left out. Memory cells are empty where nothing was measured (no GPU). `result`
+    None (nothing ran): no rows.
     """
     rows = []
-    for stage, seconds in timings.items():
-        if "." in stage:
-            continue
-        gpu = memory.get(f"{stage}.gpu_peak")
-        rss = memory.get(f"{stage}.host_rss", memory.get("host_peak_rss") if stage == "total" else None)
+    for row in [] if result is None else result.stage_rows():
+        gpu, rss = row.gpu_peak, row.host_rss
         rows.append(
-            [stage, round(seconds, 3), "" if gpu is None else round(gpu, 3), "" if rss is None else round(rss, 3)]
+            [
+                row.stage,
+                round(row.seconds, 3),
+                "" if gpu is None else round(gpu, 3),
+                "" if rss is None else round(rss, 3),
+            ]
         )
     return {"headers": TIMING_HEADERS, "data": rows}
 
@@ -184,6 +188,20 @@ def _status(result: Any, seed: int) -> str:
     if refine is not None:
         parts.append("Shape refined from the normal maps" if refine.get("accepted") else "Refinement not kept")
     return " · ".join(parts) + "."
+
+
+RUNNING_STATUS = "⏳ Generating…"
+FAILED_STATUS = "⚠️ The request failed (the message says why); nothing new was generated."
+
+
+def status_running() -> str:
+    """The status line while a request runs (set before the handler starts)."""
+    return RUNNING_STATUS
+
+
+def status_after_run(current: str) -> str:
+    """The status line after a request: the handler's own line, or, when it failed and so set none, the failure."""
+    return FAILED_STATUS if current == RUNNING_STATUS else current
 
 
 def view_report(result: Any) -> list[list[Any]]:
@@ -226,7 +244,7 @@ def _outputs(folder: Path, result: Any, seed: int, status: str) -> tuple:
                 found.append((path, f"{kind} · {view}"))
         return found
 
-    table = timing_table(result.timings, result.memory) if result is not None else timing_table({}, {})
+    table = timing_table(result)
     return (
         file("image.png"),
         file("mv_input.png"),
@@ -543,8 +561,12 @@ def build_demo(
         outputs = [out_image, out_mv_input, out_mesh_input, normals, colors, viewer, downloads, timings, seed, status]
         outputs += [field_viewer, report]
         generate = make_generate(chain, output_root, keep_requests=keep_requests, keep_hours=keep_hours)
-        button.click(generate, inputs, outputs, api_name="generate", concurrency_limit=1)
-        prompt.submit(generate, inputs, outputs, api_name=False, concurrency_limit=1)
+        for trigger, api_name in ((button.click, "generate"), (prompt.submit, False)):
+            # The status line first says a request runs, and after it, whether it failed: a failed request returns
+            # no values (gradio shows its error), which would leave the previous request's "Done" standing.
+            trigger(status_running, None, [status], queue=False, api_name=False).then(
+                generate, inputs, outputs, api_name=api_name, concurrency_limit=1
+            ).then(status_after_run, [status], [status], queue=False, api_name=False)
     demo.queue(default_concurrency_limit=1, max_size=32)
     demo.t2mv_output_root = output_root
     demo.t2mv_controls = dict(zip(SETTING_CONTROLS, controls))  # option name → its control (tests, extensions)

@@ -124,7 +124,7 @@ def _check_prompt(prompt: str) -> None:
 def _report(result: Any, paths: dict[str, Path], output: Path) -> None:
     for message in result.warnings:
         print(f"warning: {message}", file=sys.stderr)
-    timings = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items() if "." not in k)
+    timings = ", ".join(f"{row.stage} {row.seconds:.2f} s" for row in result.stage_rows())  # the chain's plan
     print(f"wrote {len(paths)} files to {output}  ({timings})")
 
 

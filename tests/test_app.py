@@ -516,12 +516,13 @@ def test_the_app_starts_without_u2net_and_says_what_still_works(launched, monkey
 
 def test_views_textured_mesh_with_the_field_mesh_to_compare_and_the_fit_table(tmp_path):
     """The page gets the views-textured GLB, the field-coloured GLB for the toggle, and the per-view fit table."""
-    from test_chain_views import ViewsStage, ellipsoid, object_image, render_views
+    from test_chain_views import ViewsStage, ellipsoid, object_image, render_normals, render_views
 
     chain = TextTo3D.tiny(seed=0, stages=("multiview", "mesh"))
     chain.reconstructor.extract_mesh = lambda *args, **kwargs: [ellipsoid()]
     field = chain(image=object_image(), texture_source="field", remove_background=False)
-    chain.multiview = ViewsStage(chain.multiview, render_views(field.mesh, chain._multiview_size()), field.normals)
+    size = chain._multiview_size()
+    chain.multiview = ViewsStage(chain.multiview, render_views(field.mesh, size), render_normals(field.mesh, size))
     path = tmp_path / "object.png"
     object_image().save(path)
     out = call(app.make_generate(chain, tmp_path / "runs"), image=str(path), prompt="", remove_background=False)
@@ -536,3 +537,42 @@ def test_views_textured_mesh_with_the_field_mesh_to_compare_and_the_fit_table(tm
     out = call(app.make_generate(chain, tmp_path / "runs"), image=str(path), prompt="", texture_source="field")
     assert out[OUT["field_mesh"]] is None and out[OUT["view_report"]] == []
     assert "TripoSR's field" in out[OUT["status"]]
+
+
+def _event_chain(demo, trigger_id, event):
+    """The functions an event runs, in order: the one it triggers, then each `.then` after it."""
+    deps = demo.config["dependencies"]
+    current = next(d for d in deps if [trigger_id, event] in [list(t) for t in d["targets"]])
+    chain = [current]
+    while True:
+        after = [d for d in deps if d.get("trigger_after") == current["id"]]
+        if not after:
+            return [(demo.fns[d["id"]].fn, d) for d in chain]
+        assert not after[0]["trigger_only_on_success"]  # runs after a failed request too
+        current = after[0]
+        chain.append(current)
+
+
+def test_after_a_failed_request_the_status_line_no_longer_says_done(mesh_chain, tmp_path):
+    """A request that fails returns no values (gradio shows the error), so the status line is set around it: while
+    it runs it says so, and after a failure it says the request failed instead of the previous request's "Done"."""
+    demo = app.build_demo(mesh_chain, output_dir=tmp_path)
+    status_id = next(b._id for b in demo.blocks.values() if getattr(b, "elem_id", None) == "status")
+    button = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "generate")
+    prompt = next(b for b in demo.blocks.values() if getattr(b, "label", None) == "Prompt")
+    for trigger, event in ((button._id, "click"), (prompt._id, "submit")):
+        steps = _event_chain(demo, trigger, event)
+        assert len(steps) == 3 and steps[1][0].__name__ == "generate"
+        for failed in (True, False):
+            status = "Done in 1.0 s · seed 1."  # the previous request's line
+            for fn, dep in steps:
+                if fn.__name__ == "generate":
+                    if not failed:  # a request that succeeds sets its own line
+                        status = "Done in 2.0 s · seed 2."
+                    continue
+                assert dep["outputs"] == [status_id]
+                status = fn(*[status for _ in dep["inputs"]])
+            if failed:
+                assert "Done" not in status and "failed" in status, status
+            else:
+                assert status == "Done in 2.0 s · seed 2."

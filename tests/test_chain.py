@@ -11,8 +11,20 @@ from PIL import Image
 
 from t2mv import chain as chain_module
 from t2mv.chain import FAILED_MARKER, ChainResult, TextTo3D, _MemoSession, horizontal_strip
+from t2mv.chain.runner import Runner, model_groups
+from t2mv.chain.stages import (
+    InputImage,
+    Mesh,
+    Multiview,
+    Preprocess,
+    Stage,
+    StageContext,
+    Texture,
+    check_plan,
+)
 from t2mv.errors import BadInputError, StageFailedError, WeightsUnavailableError, describe, exit_code
-from t2mv.inputs import MAX_IMAGE_PIXELS, open_image
+from t2mv.inputs import MAX_IMAGE_PIXELS, open_image, write_text
+from t2mv.residency import StageSlot
 from t2mv.settings import GenerationSettings
 from t2mv.tiny import SMOKE_BANNER, FakeRembgSession, smoke_requested
 
@@ -105,6 +117,9 @@ def test_text_chain_outputs(tiny_chain, text_result):
     assert s["prompt"] == "a red teapot" and s["seed"] == 7 and s["smoke"] is True and s["input"] == "text"
     assert s["stages"] == ["text_to_image", "multiview", "mesh"]
     assert s["device"] == "cpu" and s["dtype"] == "float32"
+    # The plan is the one list the progress bar, the app's timings table and the CLI summary read.
+    assert r.plan == ["text_to_image", "preprocess", "multiview", "mesh", "texture"] == r.finished
+    assert [row.stage for row in r.stage_rows()] == [*r.plan, "total"]
 
 
 def test_same_seed_reproduces_and_other_seed_differs(tiny_chain, text_result):
@@ -563,3 +578,97 @@ def test_compile_turns_on_each_diffusion_stages_compiled_mode(monkeypatch):
     called.clear()
     assert TextTo3D.tiny(stages=("text_to_image",), compile=True, low_memory=True).compiled == {}
     assert called == []  # a stage rebuilt per run would recompile every run: compiled mode is off there
+
+
+# ---------------------------------------------------------------------------------------------- stages and runner
+class Echo(Stage):
+    """A stage added by a test: one class, nothing else changes. Needs the image, adds `mesh_input`, writes a file."""
+
+    name = "echo_test"
+    model = "toy"
+    needs = ("image",)
+    adds = ("mesh_input",)
+
+    def run(self, ctx, model):
+        ctx.result.mesh_input = ctx.result.image.copy()
+        ctx.result.info.setdefault("models", []).append(model)
+
+    @staticmethod
+    def write(result, folder, mesh_formats):
+        return {"echo": write_text(f"{result.mesh_input.size}\n", folder / "echo.txt")}
+
+
+class Later(Echo):
+    name = "later_test"
+    needs = ("mesh_input",)
+
+    @staticmethod
+    def write(result, folder, mesh_formats):
+        return {}
+
+
+def toy_runner(tmp_path, loads, **kwargs):
+    def load():
+        loads.append(torch.nn.Identity())
+        return loads[-1]
+
+    slots = {"toy": StageSlot("toy", loader=load, dtype=torch.float32)}
+    return Runner(slots, torch.device("cpu"), folder=tmp_path, **kwargs)
+
+
+def test_a_new_stage_is_one_class_and_the_runner_does_the_rest(tmp_path):
+    """Progress, timings, memory, files as it ends, `finished`, the timings rows and its model come from the
+    runner; consecutive stages of one model share one load (low-memory mode loads it once for both)."""
+    from t2mv.chain import STAGE_TYPES
+
+    progress, done, loads = [], [], []
+    runner = toy_runner(
+        tmp_path, loads, callback=lambda *a: progress.append(a), on_stage_done=lambda name, r: done.append(name)
+    )
+    result = ChainResult(image=square_on_white())
+    ctx = StageContext(result, TINY_DEFAULTS, torch.device("cpu"))
+    runner.run([InputImage(), Echo(), Later()], ctx)
+    assert STAGE_TYPES["echo_test"] is Echo
+    assert progress == [("echo_test", 0, 2), ("later_test", 1, 2)]
+    assert done == result.finished == ["input", "echo_test", "later_test"]
+    assert result.plan == ["echo_test", "later_test"]
+    assert [row.stage for row in result.stage_rows()] == ["echo_test", "later_test", "total"]
+    assert result.timings["echo_test"] > 0 and result.memory["echo_test.host_rss"] > 0
+    assert (tmp_path / "echo.txt").read_text() == "(96, 96)\n" and (tmp_path / "image.png").is_file()
+    assert (tmp_path / "settings.json").is_file() and not (tmp_path / FAILED_MARKER).exists()
+    assert len(loads) == 1 and result.info["models"] == [loads[0], loads[0]]  # one load for the two stages
+    assert [len(group) for group in model_groups([InputImage(), Echo(), Later(), InputImage(), Echo()])] == [
+        1,
+        2,
+        1,
+        1,
+    ]
+
+
+def test_a_plan_that_needs_what_no_earlier_stage_adds_is_refused_before_it_runs(tmp_path):
+    check_plan([InputImage(), Preprocess(), Multiview(), Mesh(), Texture("views")])
+    with pytest.raises(ValueError, match="mesh stage needs mesh_input"):
+        check_plan([InputImage(), Preprocess(mesh=False), Mesh()])
+    with pytest.raises(ValueError, match="texture stage needs colors, normals, view_names"):
+        check_plan([InputImage(), Preprocess(), Mesh(), Texture("views")])
+    check_plan([InputImage(), Preprocess(multiview=False), Mesh(), Texture("field")])
+    loads = []
+    with pytest.raises(ValueError, match="later_test stage needs mesh_input"):
+        toy_runner(tmp_path, loads).run([InputImage(), Later()], StageContext(ChainResult(), TINY_DEFAULTS, "cpu"))
+    assert loads == [] and not list(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+def test_a_failing_added_stage_gets_the_marker_and_its_name(tmp_path):
+    class Broken(Echo):
+        name = "broken_test"
+
+        def run(self, ctx, model):
+            raise RuntimeError("no luck")
+
+    loads = []
+    with pytest.raises(StageFailedError) as info:
+        toy_runner(tmp_path, loads).run(
+            [InputImage(), Broken()], StageContext(ChainResult(image=square_on_white()), TINY_DEFAULTS, "cpu")
+        )
+    marker = json.loads((tmp_path / FAILED_MARKER).read_text())
+    assert info.value.stage == marker["failed_stage"] == "broken_test" and marker["finished_stages"] == ["input"]

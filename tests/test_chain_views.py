@@ -30,8 +30,8 @@ def object_image(size=96):
     return Image.fromarray(pixels)
 
 
-def render_views(mesh: trimesh.Trimesh, size: int) -> list[Image.Image]:
-    """Six orthographic colour views of `mesh` (export frame): surface with x < centre red, else blue."""
+def _render(mesh: trimesh.Trimesh, size: int, shade) -> list[Image.Image]:
+    """Six orthographic views of `mesh` (export frame) on white: ``shade(points (N, 3), faces (N,))`` → (N, 3) uint8."""
     from t2mv.view_texture import ViewCamera
 
     vertices = torch.tensor(np.asarray(mesh.vertices), dtype=torch.float32)  # (V, 3)
@@ -45,13 +45,25 @@ def render_views(mesh: trimesh.Trimesh, size: int) -> list[Image.Image]:
         pixel, face, bary = rasterize_screen(projected[k, :, :2], projected[k, :, 2], faces, size, size)
         points = (vertices[faces[face]] * bary[..., None]).sum(1)  # (N, 3)
         image = np.full((size * size, 3), 255, dtype=np.uint8)
-        image[pixel.numpy()] = np.where((points[:, 0] < centre[0]).numpy()[:, None], RED, BLUE)
+        image[pixel.numpy()] = shade(points.numpy(), face.numpy())
         views.append(Image.fromarray(image.reshape(size, size, 3)))
     return views
 
 
+def render_views(mesh: trimesh.Trimesh, size: int) -> list[Image.Image]:
+    """Six colour views: surface with x < centre red, else blue."""
+    centre = (np.asarray(mesh.vertices).max(0) + np.asarray(mesh.vertices).min(0)) / 2
+    return _render(mesh, size, lambda points, face: np.where((points[:, 0] < centre[0])[:, None], RED, BLUE))
+
+
+def render_normals(mesh: trimesh.Trimesh, size: int) -> list[Image.Image]:
+    """Six normal maps as Wonder3D draws them: the surface normal in the export frame, RGB = (n + 1) / 2."""
+    normals = np.asarray(mesh.face_normals)  # (F, 3)
+    return _render(mesh, size, lambda points, face: np.round((normals[face] + 1) / 2 * 255).astype(np.uint8))
+
+
 class ViewsStage:
-    """A multiview stage that returns fixed views: `colors`, and `normals` (the tiny stage's, made once)."""
+    """A multiview stage that returns fixed views: `colors` and `normals`."""
 
     def __init__(self, real, colors, normals):
         self.real, self.colors, self.normals = real, colors, normals
@@ -81,7 +93,7 @@ def chain_and_field():
     field = chain(image=object_image(), texture_source="field", remove_background=False)
     assert field.settings["texture_source"] == "field" and field.field_mesh is None
     size = chain._multiview_size()
-    chain.multiview = ViewsStage(chain.multiview, render_views(field.mesh, size), field.normals)
+    chain.multiview = ViewsStage(chain.multiview, render_views(field.mesh, size), render_normals(field.mesh, size))
     return chain, field
 
 
@@ -126,7 +138,7 @@ def test_an_unusable_view_set_keeps_the_field_colours_with_a_warning(chain_and_f
     chain, _ = chain_and_field
     good = chain.multiview
     white = [Image.new("RGB", good.colors[0].size, (255, 255, 255))] * 6
-    chain.multiview = ViewsStage(good.real, white, good.normals)
+    chain.multiview = ViewsStage(good.real, white, white)  # no object in either: nothing to align
     try:
         result = chain(image=object_image(), remove_background=False, output_dir=tmp_path, mesh_formats=("glb",))
     finally:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,6 +49,7 @@ from .loading import (
     pretrained_loaders,
     resolve_device_dtype,
     tiny_loaders,
+    versions,
 )
 from .result import ChainResult, StageRow, run_record
 from .runner import Runner
@@ -59,7 +59,6 @@ from .stages import (
     Mesh,
     Multiview,
     Preprocess,
-    Refine,
     Stage,
     StageContext,
     TextToImageStage,
@@ -365,7 +364,7 @@ class TextTo3D:
             plan.append(Mesh())
             # Colours from the views need the views; without the multiview stage the field's colours are used.
             if run_multiview and settings.texture_source == "views":
-                plan += ([Refine()] if settings.refine else []) + [Texture("views")]
+                plan.append(Texture("views", refine=settings.refine))
             elif settings.bake_texture:
                 plan.append(Texture("field"))
         return plan
@@ -465,7 +464,7 @@ class TextTo3D:
             "low_memory": self.low_memory,
             "compiled": self.compiled,
             "smoke": self.smoke,
-            "versions": _versions(),
+            "versions": versions(),
         }
 
     def _multiview_size(self) -> int:
@@ -477,16 +476,3 @@ class TextTo3D:
         """Change the default settings (e.g. ``chain.with_defaults(mc_resolution=128)``), validated; returns self."""
         self.defaults = self.defaults.with_changes(**changes).validate()
         return self
-
-
-def _versions() -> dict[str, str]:
-    import diffusers
-
-    from .. import __version__
-
-    return {
-        "t2mv": __version__,
-        "torch": torch.__version__.split("+")[0],
-        "diffusers": diffusers.__version__,
-        "python": platform.python_version(),
-    }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -212,3 +213,17 @@ def enable_compile(slots: dict[str, Any], low_memory: bool, offload: bool) -> di
         if stage is not None and hasattr(stage, "enable_compile"):
             compiled[name] = bool(stage.enable_compile())
     return compiled
+
+
+def versions() -> dict[str, str]:
+    """The versions a run's ``settings.json`` records."""
+    import diffusers
+
+    from .. import __version__
+
+    return {
+        "t2mv": __version__,
+        "torch": torch.__version__.split("+")[0],
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+    }

@@ -137,6 +137,7 @@ def run_record(
     """``settings.json``: the request (`prompt` None for an image), the `GenerationSettings`, what the `plan` does
     (object mask, texture source, refinement, the models' stages) and `chain` (models, device, versions)."""
     names = [stage.name for stage in plan]
+    listed = [name for stage in plan for name in stage.listed]  # the models' stages and the refinement
     texture = next((getattr(stage, "source", None) for stage in plan if stage.name == "texture"), None)
     if "preprocess" in names and settings.remove_background and not use_rembg:
         object_mask = "input alpha"  # the cut-out the user gave; rembg did not run
@@ -152,7 +153,7 @@ def run_record(
         "simplify_faces": settings.simplify_faces or None,
         "bake_texture": texture == "field",
         "texture_source": ("views" if texture == "views" else "field") if "mesh" in names else None,
-        "refine": "refine" in names,
-        "stages": [stage.name for stage in plan if stage.timed and stage.listed],
+        "refine": "refine" in listed,
+        "stages": listed,
         **chain,
     }

@@ -60,7 +60,7 @@ class Stage:
         needs: result fields that must be set before it runs.
         adds: result fields it sets.
         timed: shown in progress and timed (False only for the given input image, which runs no code).
-        listed: named in ``settings.json``'s ``stages`` (the models' stages and refinement).
+        listed: the names it adds to ``settings.json``'s ``stages`` (the models' stages and the refinement).
     """
 
     name: ClassVar[str] = ""
@@ -68,7 +68,6 @@ class Stage:
     needs: ClassVar[tuple[str, ...]] = ()
     adds: ClassVar[tuple[str, ...]] = ()
     timed: ClassVar[bool] = True
-    listed: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -79,6 +78,11 @@ class Stage:
     def label(self) -> str:
         """The stage's name as the progress bar shows it."""
         return self.name.replace("_", " ")
+
+    @property
+    def listed(self) -> tuple[str, ...]:
+        """The names it adds to ``settings.json``'s ``stages`` (the models' stages and the refinement)."""
+        return (self.name,) if self.timed else ()
 
     def run(self, ctx: StageContext, model: Any) -> None:
         """Run on ``ctx.result`` with `model` (the slot's stage on the device; None when `model` is None)."""
@@ -172,7 +176,7 @@ class Preprocess(Stage):
     mesh: bool = True
     name: ClassVar[str] = "preprocess"
     needs: ClassVar[tuple[str, ...]] = ("image",)
-    listed: ClassVar[bool] = False
+    listed: ClassVar[tuple[str, ...]] = ()
 
     @property
     def adds(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -264,78 +268,39 @@ class Mesh(Stage):
         ctx.scratch["scene_code"] = scene_codes[0]  # (3, C, H, W): the texture stage's fallback colours
 
 
-@dataclass
-class Refine(Stage):
-    """The six normal maps reshape the mesh (silhouette fit, then the Large Steps fit); a worse fit is rejected.
-
-    Runs in the ``mesh`` slot so TripoSR stays loaded for the texture stage after it (its field colours are the
-    texture's fallback). Views that cannot be aligned keep TripoSR's shape, with a warning.
-    """
-
-    name: ClassVar[str] = "refine"
-    model: ClassVar[str | None] = "mesh"
-    needs: ClassVar[tuple[str, ...]] = ("mesh", "normals", "colors")
-    adds: ClassVar[tuple[str, ...]] = ("mesh",)
-    write = staticmethod(_write_mesh)
-
-    def run(self, ctx: StageContext, model: Any) -> None:
-        from ..view_refine import refine_mesh
-        from ..view_texture import fit_camera, view_masks
-
-        result = ctx.result
-        masks = view_masks(result.colors)  # 6 x (S, S) bool: the generated views' white background
-        try:
-            camera, _ = fit_camera(result.mesh, masks, device=ctx.device)
-            refined = refine_mesh(
-                result.mesh,
-                result.normals,
-                torch.stack(masks).float(),  # (6, S, S)
-                camera,
-                iterations=ctx.settings.refine_iterations,
-                device=ctx.device,
-                seed=ctx.settings.seed,
-            )
-        except ValueError as e:  # the views cannot be aligned: the TripoSR shape stays
-            result.warnings.append(f"Refinement skipped: {e}")
-            result.info["refine"] = {"accepted": False, "error": str(e)}
-            return
-        result.warnings += [f"Refinement: {w}" for w in refined.warnings]
-        result.mesh = refined.mesh
-        history = refined.losses.get("history")
-        result.info["refine"] = {
-            "accepted": refined.accepted,
-            "losses": {k: v for k, v in refined.losses.items() if k != "history"},
-            # info.json keeps the first and last loss, not every iteration
-            "loss_first_last": None if not history else [float(history[0]), float(history[-1])],
-            "timings": refined.timings,
-        }
-        result.timings.update({f"refine.{k}": v for k, v in refined.timings.items()})
-
-
 def _write_textured(result: Any, folder: Path, mesh_formats: Sequence[str]) -> Files:
     return _write_mesh(result, folder, mesh_formats, field_mesh=True)
 
 
 @dataclass
 class Texture(Stage):
-    """Colour the mesh: from the six views (``source="views"``, TripoSR's field where no view sees the surface) or
-    TripoSR's field baked into a UV texture (``source="field"``).
+    """Colour the mesh: from the six views (``source="views"``: `t2mv.views_to_mesh.views_to_mesh`, after the
+    optional refinement of the shape against the normal maps, with TripoSR's colour field where no view sees the
+    surface) or TripoSR's field baked into a UV texture (``source="field"``).
 
-    Views that cannot be aligned degrade to the field's colours with a warning (baked when ``bake_texture``): the
-    mesh and the views are kept either way. With a views texture the field-coloured mesh is kept as
-    ``ChainResult.field_mesh`` (``mesh_field.glb``) for comparison.
+    Runs in the ``mesh`` slot: TripoSR stays loaded for the field colours. Views that cannot be aligned degrade to
+    the field's colours with a warning (baked when ``bake_texture``): the mesh and the views are kept either way.
+    With a views texture the field-coloured mesh is kept as ``ChainResult.field_mesh`` (``mesh_field.glb``).
     """
 
     source: str = "views"
+    refine: bool = False
     name: ClassVar[str] = "texture"
     model: ClassVar[str | None] = "mesh"
     adds: ClassVar[tuple[str, ...]] = ("mesh",)
-    listed: ClassVar[bool] = False
     write = staticmethod(_write_textured)
 
     @property
     def needs(self) -> tuple[str, ...]:  # type: ignore[override]
-        return ("mesh", "colors", "view_names") if self.source == "views" else ("mesh",)
+        return ("mesh", "colors", "normals", "view_names") if self.source == "views" else ("mesh",)
+
+    @property
+    def label(self) -> str:
+        return "views → mesh (refine + texture)" if self.refine else "texture"
+
+    @property
+    def listed(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("refine",) if self.refine else ()  # settings.json has named the refinement, never the texture
 
     def run(self, ctx: StageContext, model: Any) -> None:
         from triposr.texture import bake_texture
@@ -347,29 +312,39 @@ class Texture(Stage):
         with torch.no_grad():
             self._from_views(ctx, model, scene_code)
 
-    @staticmethod
-    def _from_views(ctx: StageContext, model: Any, scene_code: torch.Tensor) -> None:
+    def _from_views(self, ctx: StageContext, model: Any, scene_code: torch.Tensor) -> None:
         from triposr.mesh import scene_code_query_fn
         from triposr.texture import bake_texture, field_color_fn
 
-        from ..view_texture import ViewTextureError, texture_from_views
+        from ..views_to_mesh import views_to_mesh
 
         settings, result = ctx.settings, ctx.result
-        field_mesh = result.mesh
-        fallback = field_color_fn(scene_code_query_fn(model, scene_code))
-        try:
-            textured = texture_from_views(
-                field_mesh, result.colors, texture_size=settings.texture_size, fallback=fallback, device=ctx.device
-            )
-        except ViewTextureError as e:
-            result.warnings.append(f"The views could not texture the mesh ({e}); it keeps TripoSR's colours.")
-            result.info["view_texture"] = {"texture_source": "field", "error": str(e)}
+        out = views_to_mesh(
+            result.mesh,
+            result.colors,
+            result.normals,
+            refine=self.refine,
+            fallback=field_color_fn(scene_code_query_fn(model, scene_code)),
+            texture_size=settings.texture_size,
+            device=ctx.device,
+            iterations=settings.refine_iterations,
+            seed=settings.seed,
+        )
+        result.warnings += out.warnings
+        if self.refine:
+            _record_refine(result, out)
+        if out.texture is None:  # the views could not be aligned: the (refined) shape keeps the field's colours
+            error = next((w for w in out.warnings if "could not texture" in w), "the views could not be aligned")
+            result.info["view_texture"] = {"texture_source": "field", "error": error}
             result.settings["texture_source"] = "field"
+            result.mesh = out.mesh
             if settings.bake_texture:
-                result.mesh = bake_texture(model, scene_code, field_mesh, texture_size=settings.texture_size)
+                result.mesh = bake_texture(model, scene_code, out.mesh, texture_size=settings.texture_size)
             return
-        result.field_mesh, result.mesh = field_mesh, textured.mesh
-        result.warnings += [f"View texture: {w}" for w in textured.warnings]
+        textured = out.texture
+        # The field-coloured mesh to compare with: the shape the texture was made for, with TripoSR's colours.
+        result.field_mesh = out.refine.mesh if out.refine is not None and out.refine.accepted else result.mesh
+        result.mesh = out.mesh
         result.info["view_texture"] = {
             "texture_source": "views",
             "coverage": textured.coverage,
@@ -377,4 +352,27 @@ class Texture(Stage):
             "view_share": dict(zip(result.view_names, textured.view_share)),
             "camera": {"scale": textured.camera.scale, "center": list(textured.camera.center)},
         }
-        result.timings.update({f"texture.{k}": v for k, v in textured.timings.items()})
+        result.timings.update({f"texture.{k}": v for k, v in out.timings.items() if k not in _REFINE_STEPS})
+
+
+_REFINE_STEPS = ("fit", "refine", "refit")  # views_to_mesh's timings that belong to the refinement
+
+
+def _record_refine(result: Any, out: Any) -> None:
+    """The refinement's part of a `ViewsToMesh` in the result: ``info["refine"]``, its timings (``refine``, then
+    ``refine.<step>``, before the stage's own ``texture`` time, which includes it)."""
+    refined = out.refine
+    result.timings["refine"] = sum(out.timings.get(k, 0.0) for k in _REFINE_STEPS)
+    if refined is None:  # the views could not be aligned for the fit: TripoSR's shape stays
+        error = next((w for w in out.warnings if w.startswith("Refinement skipped")), "refinement did not run")
+        result.info["refine"] = {"accepted": False, "error": error}
+        return
+    history = refined.losses.get("history")
+    result.info["refine"] = {
+        "accepted": refined.accepted,
+        "losses": {k: v for k, v in refined.losses.items() if k != "history"},
+        # info.json keeps the first and last loss, not every iteration
+        "loss_first_last": None if not history else [float(history[0]), float(history[-1])],
+        "timings": refined.timings,
+    }
+    result.timings.update({f"refine.{k}": v for k, v in refined.timings.items()})
