@@ -359,6 +359,24 @@ def picture_grid(pictures: dict[str, dict[str, list[np.ndarray]]], cell: int = 1
     return grid
 
 
+TABLE_METRICS = ("texture_psnr", "texture_ssim", "silhouette_psnr", "surface_color_psnr_seen", "chamfer",
+                 "normal_consistency")  # fmt: skip
+
+
+def summary_table(records: Sequence[dict]) -> str:
+    """Markdown: one row per object and variant (from one or more JSON records), metrics, time, refinement."""
+    head = ["object", "variant", *TABLE_METRICS, "seconds", "refine accepted"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for record in records:
+        for name, obj in record["objects"].items():
+            for variant, v in obj["variants"].items():
+                m, run = v["metrics"], v["run"]
+                cells = [name, variant, *(f"{m[k]:.4g}" for k in TABLE_METRICS), f"{run['seconds']:.1f}"]
+                cells.append(str(run.get("refine_accepted", "")))
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.view_quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=("small", "full"), default="full")
@@ -371,11 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help=f"JSON path (default for --preset full: {DEFAULT_OUT})")
     p.add_argument("--grid", default=None, help="picture grid PNG (default: the JSON path with .png)")
     p.add_argument("--note", action="append", default=[], help="free text recorded in the JSON")
+    p.add_argument("--table", nargs="+", default=None, metavar="JSON", help="only print a Markdown table of records")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.table:
+        print(summary_table([json.loads(Path(path).read_text()) for path in args.table]))
+        return 0
     args.objects = [o.strip() for o in args.objects.split(",") if o.strip()]
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [o for o in args.objects if o not in OBJECTS] + [v for v in args.variants if v not in VARIANTS]
