@@ -416,7 +416,12 @@ def test_mesh_speed_benchmark_runs_at_tiny_size(tmp_path, one_thread):
              json.loads(out.read_text())["cases"]}  # fmt: skip
     sparse = cases["sparse"]["result"]
     assert sparse["sparse"]["points_queried"] < sparse["sparse"]["points_total"]
-    assert sparse["vs_dense_torch"]["hausdorff_voxels"] >= 0
+    versus_dense = sparse["vs_dense_torch"]
+    # An empty mesh (or two: their distance reads 0) must fail: faces on both sides, most of the dense mesh's, and
+    # a finite distance (an empty side gives inf).
+    assert sparse["faces"] == versus_dense["faces"] > 0 and versus_dense["reference_faces"] > 0, versus_dense
+    assert versus_dense["faces"] >= 0.5 * versus_dense["reference_faces"], versus_dense
+    assert 0.0 <= versus_dense["hausdorff_voxels"] < float("inf"), versus_dense
     assert cases["torch"]["result"]["faces"] == cases["pymcubes"]["result"]["faces"] > 0
     emulated = next(c["result"] for name, c in cases.items() if "emulated" in name)
     assert 0 < emulated["scene_code_vs_float32"]["max_abs_diff"] < 2e-3

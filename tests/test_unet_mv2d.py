@@ -183,14 +183,23 @@ def test_from_pretrained_loads_strictly(tmp_path, tiny_dir, tiny_io, suffix):
     assert (_run(unet, inputs, "b12_t1000") - outputs["b12_t1000/out"]).abs().max() <= tolerance
 
 
-def test_from_pretrained_rejects_missing_or_extra_keys(tmp_path, tiny_dir):
+@pytest.mark.parametrize("suffix", ["safetensors", "bin"])
+@pytest.mark.parametrize("change", ["missing", "extra", "both"])
+def test_from_pretrained_rejects_missing_or_extra_keys(tmp_path, tiny_dir, suffix, change):
     folder = tmp_path / "unet"
     folder.mkdir()
     (folder / "config.json").write_text((tiny_dir / "config.json").read_text())
     weights = load_file(tiny_dir / "weights.safetensors")
-    weights.pop(next(k for k in weights if "attn_joint_mid" in k))
-    save_file(weights, folder / "diffusion_pytorch_model.safetensors")
-    with pytest.raises(RuntimeError, match="Missing key"):
+    if change in ("missing", "both"):
+        weights.pop(next(k for k in weights if "attn_joint_mid" in k))
+    if change in ("extra", "both"):  # e.g. an older release's name for a block this architecture does not have
+        weights["mid_block.attentions.0.transformer_blocks.0.attn_joint_twice.to_q.weight"] = torch.zeros(4, 4)
+    if suffix == "bin":
+        torch.save({k: v.half() for k, v in weights.items()}, folder / "diffusion_pytorch_model.bin")
+    else:
+        save_file(weights, folder / "diffusion_pytorch_model.safetensors")
+    expected = {"missing": "Missing key", "extra": "Unexpected key", "both": "Missing key.*Unexpected key"}[change]
+    with pytest.raises(RuntimeError, match=f"(?s){expected}"):
         UNetMV2DConditionModel.from_pretrained(tmp_path)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import zipfile
 from pathlib import Path
 from typing import Union
 
@@ -99,7 +100,9 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path), device="cpu")
     # weights_only: the published model.ckpt is a plain OrderedDict of tensors; never unpickle arbitrary objects.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # mmap (torch's zip format only): the fp32 tensors are assigned to the model as they lie in the file, so the
+    # 1.68 GB are never copied into a second buffer (pages are read as the model first uses them).
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
 
 
 def _resolve_vit_config(name: str, config_dir: Path | None, local_files_only: bool | None) -> ViTConfig:
@@ -162,7 +165,8 @@ class TSR(nn.Module):
     ) -> TSR:
         """Load config and weights from a hub id or a local folder; the weights must match exactly (strict).
 
-        ``weight_name`` may be a ``.ckpt``/``.bin`` (``torch.load(weights_only=True)``) or a ``.safetensors`` file.
+        ``weight_name`` may be a ``.ckpt``/``.bin`` (``torch.load(weights_only=True)``, memory-mapped) or a
+        ``.safetensors`` file.
         ``local_files_only=None`` follows ``HF_HUB_OFFLINE``. ``half_precision``: see ``TSR.half_dtype`` (None: the
         per-device default, float16 on CUDA; keep ``torch_dtype`` float32 so that only the trunk runs in half).
         """

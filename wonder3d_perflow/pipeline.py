@@ -577,7 +577,7 @@ def _load_vae(folder: Path, torch_dtype: torch.dtype) -> AutoencoderKL:
     """
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder))
-    state_dict = load_weights_file(folder)
+    state_dict = load_weights_file(folder, dtype=torch_dtype)
     vae._convert_deprecated_attention_blocks(state_dict)
     vae.load_state_dict(state_dict, strict=True, assign=True)
     return vae.to(dtype=torch_dtype).eval()

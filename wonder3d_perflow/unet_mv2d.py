@@ -39,6 +39,8 @@ from torch import nn
 
 from t2mv.perflow.hub import MissingWeightsError, resolve_pretrained
 
+from .weights import read_state_dict
+
 logger = logging.getLogger(__name__)
 
 # Upstream block names → the stock diffusers blocks they equal (with our transformer blocks swapped in).
@@ -356,8 +358,8 @@ class UNetMV2DConditionModel(UNet2DConditionModel):
 
         The architecture is built on the meta device (no memory, no random init), then the weights are assigned
         with `load_state_dict(strict=True)`: every key of the file must match the model and vice versa.
-        Weights: `diffusion_pytorch_model.safetensors`, else `diffusion_pytorch_model.bin` read with
-        `torch.load(weights_only=True)`.
+        Weights: `diffusion_pytorch_model.safetensors`, else `diffusion_pytorch_model.bin` (the published fp16
+        pickle), read one tensor at a time and cast to `torch_dtype` as read (`weights.read_state_dict`).
         """
         prefix = f"{subfolder}/" if subfolder else ""
         root = resolve_pretrained(
@@ -373,7 +375,7 @@ class UNetMV2DConditionModel(UNet2DConditionModel):
         config = json.loads(config_file.read_text())
         with torch.device("meta"):
             model = cls.from_config(config)
-        state_dict = load_weights_file(folder)
+        state_dict = load_weights_file(folder, dtype=torch_dtype)
         model.load_state_dict(state_dict, strict=True, assign=True)
         return model.to(device=device, dtype=torch_dtype).eval()
 
@@ -384,15 +386,13 @@ def _map_block(name: str, table: dict[str, str], field: str) -> str:
     return table[name]
 
 
-def load_weights_file(folder: str | Path, stem: str = "diffusion_pytorch_model") -> dict[str, torch.Tensor]:
-    """Read `<stem>.safetensors` (preferred) or `<stem>.bin` (`torch.load(weights_only=True)`) from `folder`."""
+def load_weights_file(
+    folder: str | Path, stem: str = "diffusion_pytorch_model", dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Read `<stem>.safetensors` (preferred) or `<stem>.bin` from `folder`, one tensor at a time, floating tensors
+    cast to `dtype` as they are read (`weights.read_state_dict`: the fp16 file and its fp32 copy never coexist)."""
     folder = Path(folder)
-    safetensors_file = folder / f"{stem}.safetensors"
-    if safetensors_file.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(safetensors_file, device="cpu")
-    bin_file = folder / f"{stem}.bin"
-    if bin_file.is_file():
-        return torch.load(bin_file, map_location="cpu", weights_only=True, mmap=True)
+    for suffix in ("safetensors", "bin"):
+        if (folder / f"{stem}.{suffix}").is_file():
+            return read_state_dict(folder / f"{stem}.{suffix}", dtype)
     raise MissingWeightsError(str(folder), f"no {stem}.safetensors or {stem}.bin in this folder")
