@@ -262,14 +262,14 @@ def _normal_foreground(normal: Image.Image) -> np.ndarray:
     return np.linalg.norm(1.0 - rgb, axis=-1) >= NORMAL_WHITE_DISTANCE  # (S, S)
 
 
-def _fill_holes(fg: np.ndarray, color_fg: np.ndarray) -> np.ndarray:
-    """Fill enclosed background of `fg` that is small (noise) or that the colour view shows as object."""
+def _fill_holes(fg: np.ndarray, colored: np.ndarray) -> np.ndarray:
+    """Fill enclosed background of `fg` that is small (noise) or that the colour view mostly colours (not white)."""
     labels, count = ndimage.label(~fg)
     if count == 0:
         return fg
     border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
     areas = np.bincount(labels.ravel(), minlength=count + 1)  # (count + 1,)
-    object_votes = np.bincount(labels.ravel(), weights=color_fg.ravel(), minlength=count + 1)
+    object_votes = np.bincount(labels.ravel(), weights=colored.ravel(), minlength=count + 1)
     fill = (areas <= MAX_NOISE_HOLE_FRACTION * fg.size) | (object_votes > 0.5 * areas)
     fill[0] = False
     fill[border] = False
@@ -279,10 +279,11 @@ def _fill_holes(fg: np.ndarray, color_fg: np.ndarray) -> np.ndarray:
 def object_masks(colors: Sequence[Image.Image], normals: Sequence[Image.Image] | None = None) -> ViewMasks:
     """The six views' masks from the normal maps and the colour views together.
 
-    The normal maps decide the silhouette: their background is pure white, which no unit normal encodes, so a white
-    object (a white shirt, a white mug) keeps its mask where a colour view's white background test would bite into
-    it. Enclosed holes are filled when small or when the colour view shows object there; colour-view object more
-    than MASK_RIM_PX inside the outline also counts. Without normal maps, or where a normal map is blank, the colour
+    The object is where either shows surface: the normal maps' background is pure white, which no unit normal
+    encodes, so a white object (a white shirt, a white mug) keeps its mask where a colour view's white background
+    test would bite into it; a real hole (between a table's legs, a mug's handle) is white in both and stays open,
+    where the colour view's enclosed-white rule would close it; a thin part one map loses the other keeps. Enclosed
+    holes are filled when small (noise) or when the colour view is not white there. Without normal maps the colour
     view's mask (`view_masks`) is used.
 
     Args:
@@ -292,21 +293,22 @@ def object_masks(colors: Sequence[Image.Image], normals: Sequence[Image.Image] |
         `ViewMasks` (object, color), CPU bool tensors (6, S, S).
     """
     check_views(colors, normals)
-    color_fg = [m.numpy() for m in view_masks(colors)]  # 6 x (S, S)
     if normals is None:
-        stack = torch.from_numpy(np.stack(color_fg))
+        stack = torch.stack(view_masks(colors))
         return ViewMasks(object=stack, color=stack.clone())
     rim = _disk(MASK_RIM_PX)
     objects, color_masks = [], []
     for k in range(NUM_VIEWS):
+        rgb = np.asarray(colors[k].convert("RGB"), dtype=np.int16)  # (S, S, 3)
+        colored = ~(rgb >= 255 - WHITE_TOLERANCE).all(axis=-1)  # (S, S) not white background
         fg = _normal_foreground(normals[k])
-        if fg.sum() < MIN_MASK_PIXELS:
-            fg = color_fg[k]
-        inner_color = ndimage.binary_erosion(color_fg[k], rim)
-        fg = _fill_holes(_clean_mask(fg | inner_color), color_fg[k])  # (S, S)
-        # The colour view's own silhouette, where the outline agrees with the object's within the rim; a white
-        # region of the object well inside the outline is object colour too.
-        color = (color_fg[k] & ndimage.binary_dilation(fg, rim)) | ndimage.binary_erosion(fg, rim)
+        # Either map showing surface counts: a normal map may lose a thin part (a table leg) that the colour view
+        # shows, a colour view loses white object to the background test.
+        fg = _fill_holes(_clean_mask(fg | colored), colored)  # (S, S)
+        # The colour view's own silhouette: near the object's outline (within the rim: the two maps may sit a pixel
+        # or two apart) only its coloured pixels count, white there is background; well inside the outline a white
+        # region is the object's colour.
+        color = (colored & ndimage.binary_dilation(fg, rim)) | ndimage.binary_erosion(fg, rim)
         objects.append(fg)
         color_masks.append(color)
     return ViewMasks(object=torch.from_numpy(np.stack(objects)), color=torch.from_numpy(np.stack(color_masks)))
