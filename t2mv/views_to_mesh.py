@@ -31,6 +31,7 @@ from PIL import Image
 
 from .view_refine import RefineResult, refine_mesh
 from .view_texture import (
+    MIN_MEAN_IOU,
     ViewCamera,
     ViewMasks,
     ViewTexture,
@@ -99,12 +100,19 @@ def _refine(
     """Fit the camera to the normal maps' silhouettes, refine the vertices; return the mesh to texture."""
     t = time.perf_counter()
     try:
-        camera, _ = fit_camera(mesh, masks.object, device=device, view_corrections=opts.view_corrections)
+        camera, iou = fit_camera(mesh, masks.object, device=device, view_corrections=opts.view_corrections)
     except ViewTextureError as e:
         result.warnings.append(f"Refinement skipped: {e}")
         result.timings["fit"] = time.perf_counter() - t
         return mesh
     result.timings["fit"] = time.perf_counter() - t
+    seen = [x for x in iou if x > 0]
+    if not seen or sum(seen) / len(seen) < MIN_MEAN_IOU:
+        mean = sum(seen) / max(len(seen), 1)
+        result.warnings.append(
+            f"Refinement skipped: the mesh's silhouettes do not match the normal maps (mean IoU {mean:.2f})"
+        )
+        return mesh
     t = time.perf_counter()
     with torch.enable_grad():  # the refiner optimises; a no_grad caller must not break it
         refined = refine_mesh(

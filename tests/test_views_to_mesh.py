@@ -82,6 +82,10 @@ def test_views_that_cannot_be_aligned_keep_the_mesh_and_warn(views):
     out = views_to_mesh(mesh, [Image.fromarray(bar)] * 6, [Image.fromarray(bar)] * 6, texture_size=512)
     assert out.texture is None and out.mesh is mesh
     assert any("could not texture" in w for w in out.warnings)
+    # Nor is the mesh refined against normal maps it does not match.
+    out = views_to_mesh(mesh, [Image.fromarray(bar)] * 6, [Image.fromarray(bar)] * 6, refine=True, texture_size=512)
+    assert out.refine is None and out.mesh is mesh
+    assert any("Refinement skipped" in w for w in out.warnings)
 
 
 def test_bad_inputs_raise_value_errors(views):
