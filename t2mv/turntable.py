@@ -89,17 +89,20 @@ def camera_axes(frames: int, elevation_deg: float, dtype=torch.float32, device=N
 def closed_orientation(faces: np.ndarray, vertices: np.ndarray) -> int:
     """+1 / -1 when the mesh is closed and consistently wound with outward / inward normals, 0 otherwise.
 
-    Closed and consistent: every directed edge occurs once and its reverse once (each edge has exactly two faces that
-    traverse it in opposite directions). Outward: the signed volume is positive.
+    Closed and consistent (on the points, coincident vertices merged): every directed edge occurs once and its
+    reverse once (each edge has exactly two faces that traverse it in opposite directions). Outward: the signed
+    volume is positive.
     """
-    faces = np.asarray(faces, dtype=np.int64)
+    # Coincident vertices are one point: a textured mesh splits its vertices along UV seams, which is no hole.
+    points, merged = np.unique(np.asarray(vertices, dtype=np.float64), axis=0, return_inverse=True)
+    faces = merged.reshape(-1)[np.asarray(faces, dtype=np.int64)]  # (F, 3) into the merged points
     directed = faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)  # (3F, 2)
     base = int(faces.max()) + 1
     forward = np.sort(directed[:, 0] * base + directed[:, 1])  # (3F,)
     backward = np.sort(directed[:, 1] * base + directed[:, 0])
     if np.any(forward[1:] == forward[:-1]) or not np.array_equal(forward, backward):
         return 0
-    tri = np.asarray(vertices, dtype=np.float64)[faces]  # (F, 3, 3)
+    tri = points[faces]  # (F, 3, 3)
     volume = np.einsum("fi,fi->f", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6.0
     return 1 if volume > 0 else -1 if volume < 0 else 0
 

@@ -6,7 +6,6 @@ from PIL import Image
 
 from t2mv.candidates import (
     MAX_CANDIDATES,
-    candidate_generators,
     candidate_seeds,
     choose,
     object_mask,
@@ -129,21 +128,6 @@ def test_candidate_seeds_start_at_the_seed_and_wrap():
             candidate_seeds(0, bad)
 
 
-def test_a_batched_candidate_is_reproduced_alone_from_its_seed(one_thread):
-    """Candidate k of one batched call is the single image made with seed + k (diffusers: one generator per image)."""
-    from t2mv.text_to_image import TextToImage
-
-    t2i = TextToImage.tiny(seed=0)
-    batch = t2i("a red chair", num_images_per_prompt=3, generator=candidate_generators(7, 3), output_type="np")
-    alone = t2i("a red chair", seed=9, output_type="np")
-    other = t2i("a red chair", seed=7, output_type="np")
-    images = np.asarray(batch.images)  # (3, H, W, 3)
-    assert images.shape[0] == 3
-    np.testing.assert_allclose(images[2], np.asarray(alone.images)[0], atol=2e-3)
-    np.testing.assert_allclose(images[0], np.asarray(other.images)[0], atol=2e-3)
-    assert np.abs(images[0] - images[2]).max() > 0.05  # the candidates differ
-
-
 def test_settings_bound_candidates_and_choose():
     from t2mv.errors import BadInputError
     from t2mv.settings import GenerationSettings
@@ -154,3 +138,65 @@ def test_settings_bound_candidates_and_choose():
         GenerationSettings(candidates=2, choose=2).validate()
     with pytest.raises(BadInputError, match="candidates must be"):
         GenerationSettings(candidates=MAX_CANDIDATES + 1).validate()
+
+
+# ------------------------------------------------------------------------------------------------ in the chain
+@pytest.fixture(scope="module")
+def t2i_chain(one_thread):
+    from t2mv.chain import TextTo3D
+
+    return TextTo3D.tiny(0, stages=("text_to_image",))
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_the_chain_writes_n_candidates_and_the_chosen_image(t2i_chain, tmp_path):
+    import json
+
+    from t2mv.settings import GenerationSettings
+
+    result = t2i_chain(
+        "a red chair", settings=GenerationSettings.smoke(seed=5, candidates=3, choose=2), output_dir=tmp_path
+    )
+    assert [p.name for p in sorted(tmp_path.glob("candidate_*.png"))] == [f"candidate_{k}.png" for k in range(3)]
+    np.testing.assert_array_equal(_pixels(tmp_path / "image.png"), _pixels(tmp_path / "candidate_2.png"))
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert (settings["candidates"], settings["chosen"], settings["chosen_by"]) == (3, 2, "choose")
+    assert settings["candidate_seeds"] == [5, 6, 7]
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert len(info["candidate_scores"]) == 3 and {"score", "framing", "weakest"} <= set(info["candidate_scores"][0])
+    assert result.chosen == 2 and result.image is result.candidates[2]
+    # Candidate 2 is reproduced alone from its seed (5 + 2).
+    alone = t2i_chain("a red chair", settings=GenerationSettings.smoke(seed=7), output_dir=tmp_path / "alone")
+    assert not list((tmp_path / "alone").glob("candidate_*"))  # one image: no candidate files
+    assert np.abs(np.asarray(alone.image, np.int16) - _pixels(tmp_path / "candidate_2.png")).max() <= 2
+
+
+def test_given_candidates_are_scored_without_making_images_again(t2i_chain, tmp_path):
+    """The app's "Make 3D" path: earlier candidates go in, the best-scored (the centred object) is chosen."""
+    from t2mv.settings import GenerationSettings
+
+    cut, centred = disc_mask((64, 6, 36)), CENTRED
+    given = [Image.fromarray(picture(cut)), Image.fromarray(picture(centred))]
+    result = t2i_chain("a red ball", candidates=given, settings=GenerationSettings.smoke(), output_dir=tmp_path)
+    assert result.chosen == 1 and result.settings["chosen_by"] == "score"
+    assert "text_to_image" not in result.timings  # nothing generated
+    assert result.candidate_scores[1]["score"] > result.candidate_scores[0]["score"]
+    np.testing.assert_array_equal(_pixels(tmp_path / "image.png"), picture(centred))
+    assert (tmp_path / "candidate_0.png").is_file() and result.settings["candidates"] == 2
+    picked = t2i_chain("a red ball", candidates=given, settings=GenerationSettings.smoke(choose=0))
+    assert picked.chosen == 0 and picked.settings["chosen_by"] == "choose"
+
+
+def test_bad_candidate_requests_are_refused_before_anything_runs(t2i_chain, tmp_path):
+    from t2mv.errors import BadInputError
+    from t2mv.settings import GenerationSettings
+
+    image = Image.fromarray(picture(CENTRED))
+    with pytest.raises(BadInputError, match="not both"):
+        t2i_chain("a ball", image=image, candidates=[image])
+    with pytest.raises(BadInputError, match="choose 3 is out of range"):
+        t2i_chain("a ball", settings=GenerationSettings.smoke(candidates=3, choose=3), output_dir=tmp_path)
+    assert not list(tmp_path.iterdir())

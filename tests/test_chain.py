@@ -258,8 +258,8 @@ def test_save_writes_every_file_and_deterministic_settings(tiny_chain, text_resu
     assert {"settings.json", "timings.json"} <= names and paths["mesh.glb"].stat().st_size > 0
     text_result.save(tmp_path / "b", mesh_formats=())
     assert (tmp_path / "a" / "settings.json").read_text() == (tmp_path / "b" / "settings.json").read_text()
-    with pytest.raises(ValueError, match="glb, obj or ply"):
-        text_result.save(tmp_path / "c", mesh_formats=("stl",))
+    with pytest.raises(ValueError, match="glb, obj, ply or stl"):
+        text_result.save(tmp_path / "c", mesh_formats=("fbx",))
     assert horizontal_strip(text_result.normals).size == (1536, 256)
 
 

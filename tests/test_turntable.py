@@ -113,3 +113,35 @@ def test_bad_settings_and_an_empty_mesh_are_refused():
         render_turntable(coloured_box(), TurntableConfig(size=100))
     with pytest.raises(ValueError, match="empty"):
         render_turntable(trimesh.Trimesh(), TurntableConfig(size=32))
+
+
+def test_the_chain_writes_turntable_mp4_and_mesh_stl(tmp_path):
+    """`--turntable` and `--format stl` through the chain (smoke mode: the video is SMOKE_TURNTABLE_SIZE²)."""
+    import json
+
+    from t2mv.chain import TextTo3D
+    from t2mv.chain.extra_stages import SMOKE_TURNTABLE_SIZE
+    from t2mv.settings import GenerationSettings
+
+    chain = TextTo3D.tiny(0, stages=("text_to_image", "mesh"))
+    settings = GenerationSettings.smoke(turntable=True)
+    result = chain("a red chair", settings=settings, output_dir=tmp_path, mesh_formats=("glb", "stl"))
+    frames = decode(tmp_path / "turntable.mp4")
+    assert frames.shape == (TurntableConfig().frames, SMOKE_TURNTABLE_SIZE, SMOKE_TURNTABLE_SIZE, 3)
+    assert silhouette(frames[0]).any()
+    assert "turntable" in json.loads((tmp_path / "settings.json").read_text())["stages"]
+    assert "turntable" in result.timings
+    stl = trimesh.load(tmp_path / "mesh.stl")
+    assert len(stl.faces) == len(result.mesh.faces)
+    np.testing.assert_allclose(stl.bounds, result.mesh.bounds, atol=1e-5)
+    plain = chain.plan(GenerationSettings.smoke(), prompt="a red chair")
+    assert "turntable" not in [stage.name for stage in plain]  # only when asked for
+
+
+def test_a_mesh_split_along_uv_seams_still_counts_as_closed():
+    sphere = trimesh.creation.icosphere(2)
+    split = sphere.faces.copy()
+    split[0] = [len(sphere.vertices), len(sphere.vertices) + 1, len(sphere.vertices) + 2]  # its own vertex copies
+    vertices = np.concatenate([sphere.vertices, sphere.vertices[sphere.faces[0]]])
+    assert closed_orientation(split, vertices) == 1
+    assert closed_orientation(split[:, ::-1], vertices) == -1

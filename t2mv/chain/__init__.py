@@ -32,6 +32,7 @@ from ..inputs import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, check_output_folder, has_
 from ..residency import StageSlot, auto_low_memory, move_stage
 from ..settings import MAX_SEED, SMOKE_SETTINGS, GenerationSettings
 from ..tiny import SMOKE_BANNER, FakeRembgSession, warn_smoke
+from .extra_stages import SMOKE_TURNTABLE_SIZE, Choose, GivenCandidates, Turntable
 from .files import FAILED_MARKER, MESH_FORMATS, check_mesh_formats, horizontal_strip, to_json
 from .loading import (
     DEFAULT_MULTIVIEW_DELTA,
@@ -351,12 +352,19 @@ class TextTo3D:
         text_input: bool = True,
         multiview: bool = True,
         mesh: bool = True,
+        candidates: Sequence[Image.Image] | None = None,
     ) -> list[Stage]:
         """The stages a request runs, in order: the image (generated or given), preprocessing, the views, the mesh,
         then the views' refinement and the texture (from the views when they exist, else TripoSR's baked field)."""
         run_multiview = multiview and "multiview" in self.stages
         run_mesh = mesh and "mesh" in self.stages
-        plan: list[Stage] = [TextToImageStage(str(prompt), negative_prompt) if text_input else InputImage()]
+        if candidates:  # made earlier from this prompt (the app's "Make 3D" from another candidate)
+            plan: list[Stage] = [GivenCandidates(list(candidates)), Choose()]
+        elif text_input:
+            plan = [TextToImageStage(str(prompt), negative_prompt, settings.candidates)]
+            plan += [Choose()] if settings.candidates > 1 else []
+        else:
+            plan = [InputImage()]
         if run_multiview or run_mesh:
             plan.append(Preprocess(multiview=run_multiview, mesh=run_mesh))
         plan += [Multiview()] if run_multiview else []
@@ -367,6 +375,8 @@ class TextTo3D:
                 plan.append(Texture("views", refine=settings.refine))
             elif settings.bake_texture:
                 plan.append(Texture("field"))
+        if run_mesh and settings.turntable:  # smoke mode: a small video of a noise mesh, quickly
+            plan.append(Turntable(size=SMOKE_TURNTABLE_SIZE) if self.smoke else Turntable())
         return plan
 
     def __call__(
@@ -374,6 +384,7 @@ class TextTo3D:
         prompt: str | None = None,
         *,
         image: Image.Image | str | os.PathLike | None = None,
+        candidates: Sequence[Image.Image | str | os.PathLike] | None = None,
         settings: GenerationSettings | None = None,
         negative_prompt: str | None = None,
         multiview: bool = True,
@@ -389,6 +400,8 @@ class TextTo3D:
         Args:
             prompt: the text; ignored (with a warning) when `image` is given.
             image: a PIL image or a path, used instead of the text-to-image stage (checked by `open_image`).
+            candidates: images made earlier from `prompt` (a best-of-N run's ``candidate_<k>.png``), used instead
+                of making new ones: ``settings.choose`` picks one (-1: scored again), the 3D stages run from it.
             settings: the generation settings (default: `self.defaults`); validated here, before any stage runs.
                 Every stage draws its noise from its own CPU generator seeded with ``settings.seed``, so results do
                 not depend on the device's RNG or on what ran before.
@@ -398,7 +411,7 @@ class TextTo3D:
             output_dir: write each stage's files here as soon as the stage ends (`ChainResult.save_stage`), and
                 ``settings.json`` / ``timings.json`` at the end. When a stage fails after others finished, their
                 files stay, ``FAILED.json`` names the stage and the error, and `StageFailedError` is raised.
-            mesh_formats: the mesh files written into `output_dir` (``glb``, ``obj``, ``ply``).
+            mesh_formats: the mesh files written into `output_dir` (``glb``, ``obj``, ``ply``, ``stl``).
             on_stage_done: called as ``on_stage_done(stage_name, partial_result)`` after each stage.
             **options: `GenerationSettings` fields overriding `settings` (``seed=3, mc_resolution=128``): a shim
                 for keyword callers; unknown names raise `BadInputError`.
@@ -415,6 +428,8 @@ class TextTo3D:
         # Check everything before the first stage: settings, request, image, output folder, background removal.
         settings = self.settings_for(settings, **options)
         self.check_request(prompt, image)
+        if candidates is not None:
+            candidates, settings = self._given_candidates(prompt, image, candidates, settings)
         formats = check_mesh_formats(mesh_formats)
         folder = None if output_dir is None else check_output_folder(output_dir)
         run_multiview = multiview and "multiview" in self.stages
@@ -437,6 +452,7 @@ class TextTo3D:
             text_input=text_input,
             multiview=multiview,
             mesh=mesh,
+            candidates=candidates,
         )
         result = ChainResult(image=image, warnings=warnings)
         result.settings = run_record(
@@ -453,6 +469,21 @@ class TextTo3D:
             mesh_formats=formats,
         )
         return runner.run(plan, ctx)
+
+    @staticmethod
+    def _given_candidates(
+        prompt: str | None, image: Any, candidates: Sequence[Any], settings: GenerationSettings
+    ) -> tuple[list[Image.Image], GenerationSettings]:
+        """Candidates made earlier, opened and checked, and the settings with their count (``choose`` picks one of
+        them; -1 scores them again). BadInputError when they do not fit the request."""
+        from ..candidates import MAX_CANDIDATES
+
+        if image is not None:
+            raise BadInputError("Give either an image or the candidates made from a prompt, not both.")
+        if not 1 <= len(candidates) <= MAX_CANDIDATES:
+            raise BadInputError(f"Give 1 to {MAX_CANDIDATES} candidate images, got {len(candidates)}.")
+        images = [open_image(c, name=f"Candidate {k}") for k, c in enumerate(candidates)]
+        return images, settings.with_changes(candidates=len(images)).validate()
 
     def _describe(self) -> dict[str, Any]:
         """What the run's record says about the chain itself: models, device, dtype, residency, versions."""

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..errors import BadInputError
 
-MESH_FORMATS = ("glb", "obj", "ply")
+MESH_FORMATS = ("glb", "obj", "ply", "stl")
 FAILED_MARKER = "FAILED.json"
 VIEW_KINDS = ("normal", "color")
 _VIEW_FILE = re.compile(r"^(normal|color)_(\d+)_(\w+)\.png$")
@@ -72,7 +72,7 @@ def check_mesh_formats(formats: Sequence[str]) -> list[str]:
     names = [str(fmt).lower().lstrip(".") for fmt in formats]
     unknown = [name for name in names if name not in MESH_FORMATS]
     if unknown:
-        raise BadInputError(f"mesh format must be glb, obj or ply, got {', '.join(map(repr, unknown))}.")
+        raise BadInputError(f"mesh format must be glb, obj, ply or stl, got {', '.join(map(repr, unknown))}.")
     return list(dict.fromkeys(names))
 
 

@@ -19,7 +19,7 @@ from .files import FAILED_MARKER, check_mesh_formats, to_json
 from .stages import stage_files
 
 # The stages `ChainResult.save` writes, in order (``record``: the settings, timings and info files).
-SAVED_STAGES = ("input", "preprocess", "multiview", "mesh", "record")
+SAVED_STAGES = ("candidates", "input", "preprocess", "multiview", "mesh", "turntable", "record")
 
 
 class StageRow(NamedTuple):
@@ -53,6 +53,9 @@ class ChainResult:
         info: what the view stages measured: ``view_texture`` (coverage, per-view silhouette IoU and share,
             the fitted camera, texture source used) and ``refine`` (accepted, losses summary, timings).
         plan: the timed stages planned for the run, in order (the progress bar's steps, the timings table's rows).
+        candidates: the images of a best-of-N run (``candidate_<k>.png``; empty for one image), `candidate_scores`
+            their 3D-suitability scores (`t2mv.candidates.CandidateScore.to_dict`), `chosen` the index of `image`.
+        turntable: the turntable video's frames (T, H, W, 3) uint8 (``turntable.mp4``), None when not asked for.
     """
 
     image: Image.Image | None = None
@@ -70,6 +73,10 @@ class ChainResult:
     field_mesh: Any = None
     info: dict[str, Any] = field(default_factory=dict)
     plan: list[str] = field(default_factory=list)
+    candidates: list[Image.Image] = field(default_factory=list)
+    candidate_scores: list[dict[str, Any]] = field(default_factory=list)
+    chosen: int | None = None
+    turntable: Any = None
 
     def save_stage(
         self, stage: str, folder: str | os.PathLike, *, mesh_formats: Sequence[str] = ("glb",)

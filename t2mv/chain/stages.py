@@ -143,16 +143,30 @@ class InputImage(Stage):
 
 @dataclass
 class TextToImageStage(Stage):
-    """Prompt → image (PeRFlow SD1.5), seeded from its own CPU generator."""
+    """Prompt → image (PeRFlow SD1.5), seeded from its own CPU generator. With `count` > 1: that many candidates in
+    one batched call, seeds seed, seed+1, … (one generator each, so candidate k is the image seed + k makes alone);
+    `extra_stages.Choose` then picks the image."""
 
     prompt: str = ""
     negative_prompt: str | None = None
+    count: int = 1
     name: ClassVar[str] = "text_to_image"
     model: ClassVar[str | None] = "text_to_image"
-    adds: ClassVar[tuple[str, ...]] = ("image",)
-    write = staticmethod(_write_image)
+
+    @property
+    def adds(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("candidates",) if self.count > 1 else ("image",)
+
+    @staticmethod
+    def write(result: Any, folder: Path, mesh_formats: Sequence[str]) -> Files:
+        """``image.png``, or ``candidate_<k>.png`` for each of several candidates."""
+        from .extra_stages import write_candidates
+
+        return {**write_candidates(result, folder, mesh_formats), **_write_image(result, folder, mesh_formats)}
 
     def run(self, ctx: StageContext, model: Any) -> None:
+        from ..candidates import candidate_generators
+
         settings, result = ctx.settings, ctx.result
         out = model(
             self.prompt,
@@ -161,9 +175,13 @@ class TextToImageStage(Stage):
             guidance_scale=settings.t2i_guidance,
             height=settings.height,
             width=settings.width,
-            generator=torch.Generator("cpu").manual_seed(settings.seed),
+            num_images_per_prompt=self.count,
+            generator=candidate_generators(settings.seed, self.count),
         )
-        result.image = out.images[0]
+        if self.count > 1:
+            result.candidates = list(out.images)
+        else:
+            result.image = out.images[0]
         result.warnings += list(getattr(out, "warnings", []))
         result.timings.update({f"text_to_image.{k}": v for k, v in getattr(out, "timings", {}).items()})
 
