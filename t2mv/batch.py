@@ -308,6 +308,8 @@ def _make_one(
             "seconds": time.perf_counter() - started,
             "warnings": result.warnings,
         }
+        if getattr(result, "chosen", None) is not None:  # best of N: the automatic choice (settings.json has it too)
+            marker["chosen"] = result.chosen
         # Last, and in one step: a folder with a marker is whole (a failed marker write leaves it to be redone).
         write_text(json.dumps(marker, indent=2) + "\n", folder / COMPLETE_MARKER)
     except Exception as e:  # one bad prompt (or an OOM, or a full disk) must not stop a long batch

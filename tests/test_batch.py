@@ -344,3 +344,20 @@ def test_two_independent_processes_on_one_folder_make_each_prompt_once(tmp_path)
         assert {"image.png", "normals.png", "colors.png", "settings.json", COMPLETE_MARKER} <= files
         assert len([n for n in files if n.startswith(("normal_", "color_"))]) == 12
     assert json.loads((tmp_path / "out" / SUMMARY_NAME).read_text())["complete"] == len(names)
+
+
+def test_a_batch_with_candidates_records_each_prompts_automatic_choice(tmp_path):
+    from t2mv.chain import TextTo3D
+
+    chain = TextTo3D.tiny(0, stages=("text_to_image",))
+    specs = parse_prompts(["a red teapot", "a blue mug"], base_seed=3)
+    summary = run_batch(chain, specs, tmp_path, progress=False, candidates=2)
+    assert summary.done == [0, 1]
+    for spec in specs:
+        folder = tmp_path / spec.folder
+        assert (folder / "candidate_0.png").is_file() and (folder / "candidate_1.png").is_file()
+        settings = json.loads((folder / "settings.json").read_text())
+        assert settings["candidates"] == 2 and settings["chosen_by"] == "score"
+        assert settings["candidate_seeds"] == [spec.seed, spec.seed + 1]
+        assert json.loads((folder / COMPLETE_MARKER).read_text())["chosen"] == settings["chosen"]
+        assert len(json.loads((folder / "info.json").read_text())["candidate_scores"]) == 2
