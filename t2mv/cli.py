@@ -184,7 +184,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     specs = read_prompts(args.prompts, base_seed=settings.seed, negative_prompt=args.negative_prompt)
     check_output_folder(args.output)
     formats = check_mesh_formats(args.format)
-    check_device(args.device, args.dtype)
+    args.device = check_device(args.device, args.dtype)  # None: auto
     on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
     # One process per GPU (or per CPU worker under torchrun / accelerate launch): each takes its own shard.
     state = PartialState(cpu=on_cpu)

@@ -194,11 +194,12 @@ def _dtype(name: str):
     return None if name == "auto" else getattr(torch, name)
 
 
-def check_device(device: Any, dtype: str = "auto") -> None:
+def check_device(device: Any, dtype: str = "auto") -> str | None:
     """A device the user named (and its dtype) that this machine can use; BadInputError (exit 2) otherwise.
 
     Checked before any model loads, so ``--device cuda`` on a machine without CUDA is one clear line, not
-    "Torch not compiled with CUDA enabled" after the loading started.
+    "Torch not compiled with CUDA enabled" after the loading started. Returns the device's name, None for
+    "choose" (no ``--device``, or ``auto``).
     """
     import torch
 
@@ -213,6 +214,7 @@ def check_device(device: Any, dtype: str = "auto") -> None:
         raise BadInputError("--dtype float16 needs a CUDA GPU and none is usable here; use float32 or bfloat16.")
     if name is not None and parsed.type == "cpu" and dtype == "float16":
         raise BadInputError("--dtype float16 is not supported on the CPU; use float32 (or bfloat16) there.")
+    return name
 
 
 def _check_available(device: Any, name: str) -> None:
@@ -251,9 +253,7 @@ def load_chain(args: argparse.Namespace, stages: Sequence[str], device: Any = No
     from .chain import TextTo3D
     from .inputs import new_rembg_session
 
-    device = device if device is not None else args.device
-    device = None if device is not None and str(device) == "auto" else device
-    check_device(device, args.dtype)
+    device = check_device(device if device is not None else args.device, args.dtype)
     offload, compile_ = getattr(args, "offload", False), getattr(args, "compile", False)
     if smoke_requested(args.tiny):
         print_smoke_banner()

@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     settings = from_namespace(args, smoke=smoke)
     if args.chunk_size < 1:
         raise BadInputError(f"--chunk-size must be a positive integer, got {args.chunk_size}.")
-    check_device(args.device, args.dtype)
+    device_name = check_device(args.device, args.dtype)
     files = collect_images(args.images)
     alpha = [has_alpha(open_image(file)) for file in files]  # every image checked now; reopened one at a time
     output_dir = check_output_folder(args.output)
@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     session = None
     if needs_rembg:  # one session for all images, loaded before the model (smoke mode: the weightless stand-in)
         session = FakeRembgSession() if smoke else new_rembg_session(off_switch="pass --no-remove-bg")
-    device, _ = resolve_device_dtype(args.device, None)
+    device, _ = resolve_device_dtype(device_name, None)
 
     from tqdm.auto import tqdm
 

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     smoke = smoke_requested(args.tiny)
     settings = from_namespace(args, smoke=smoke, skip=("mv_steps",))
     _check_steps(settings.mv_steps, args.scheduler, args.num_time_windows)
-    check_device(args.device, args.dtype)
+    device_name = check_device(args.device, args.dtype)
     image = open_image(args.image)
     output = check_output_folder(args.output, may_exist=args.overwrite).resolve()
     check_output_folder(output.parent)  # the staging folder is made there and renamed into place
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     session = None
     if use_rembg:  # u2net now (smoke mode: the weightless stand-in), not after the model loaded
         session = FakeRembgSession() if smoke else new_rembg_session(off_switch="pass --no-remove-bg")
-    device, dtype = resolve_device_dtype(args.device, None if args.dtype == "auto" else _dtype(args.dtype))
+    device, dtype = resolve_device_dtype(device_name, None if args.dtype == "auto" else _dtype(args.dtype))
 
     import torch
 

@@ -123,7 +123,8 @@ def test_folder_input_and_duplicate_names(tmp_path):
     other.mkdir()
     rgba_image(other / "x.png")
     out = tmp_path / "out"
-    assert cli.main([*FAST, str(folder), str(other / "x.png"), "-o", str(out)]) == 0
+    auto = [*FAST[:-2], "--device", "auto"]  # "auto" = no --device: CUDA when available
+    assert cli.main([*auto, str(folder), str(other / "x.png"), "-o", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["x", "x_2", "y"]
     assert (out / "x_2" / "mesh.glb").is_file()
 
