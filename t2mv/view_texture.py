@@ -563,7 +563,7 @@ def _fit_view_corrections(camera: ViewCamera, soft: _SoftSilhouettes, ok: torch.
         return torch.maximum(torch.minimum(z, bounds), -bounds)
 
     z = _adam_ascent(
-        torch.zeros(NUM_VIEWS, 3, device=device), per_view, soft, ((1.5, 20, 0.004), (0.7, 20, 0.0015)), clamp
+        torch.zeros(NUM_VIEWS, 3, device=device), per_view, soft, ((1.5, 12, 0.006), (0.7, 12, 0.002)), clamp
     )
     zoom = z[:, 0].exp().tolist()
     shift = [(float(du), float(dv)) for du, dv in z[:, 1:].tolist()]
