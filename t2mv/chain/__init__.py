@@ -32,7 +32,7 @@ from ..inputs import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, check_output_folder, has_
 from ..residency import StageSlot, auto_low_memory, move_stage
 from ..settings import MAX_SEED, SMOKE_SETTINGS, GenerationSettings
 from ..tiny import SMOKE_BANNER, FakeRembgSession, warn_smoke
-from .extra_stages import SMOKE_TURNTABLE_SIZE, Choose, GivenCandidates, Turntable
+from .extra_stages import SMOKE_TURNTABLE_SIZE, Choose, GivenCandidates, Turntable, given_candidates
 from .files import FAILED_MARKER, MESH_FORMATS, check_mesh_formats, horizontal_strip, to_json
 from .loading import (
     DEFAULT_MULTIVIEW_DELTA,
@@ -43,14 +43,15 @@ from .loading import (
     MemoSession,
     check_loaders,
     check_stages,
+    describe_chain,
     enable_compile,
     low_memory_loaders,
+    model_ids,
     multiview_size,
     naming_stage,
     pretrained_loaders,
     resolve_device_dtype,
     tiny_loaders,
-    versions,
 )
 from .result import ChainResult, StageRow, run_record
 from .runner import Runner
@@ -234,16 +235,7 @@ class TextTo3D:
                 logger.warning(
                     "Less RAM available than the resident chain needs: low-memory mode (one stage at a time)."
                 )
-        ids = {
-            "text_to_image": {"t2i_model": str(t2i_model), "t2i_delta": None if t2i_delta is None else str(t2i_delta)},
-            "multiview": {
-                "multiview_model": str(multiview_model),
-                "multiview_delta": None if multiview_delta is None else str(multiview_delta),
-            },
-            "mesh": {"triposr_model": str(triposr_model)},
-        }
-        model_ids = {key: value for name in STAGES if name in stages for key, value in ids[name].items()}
-        model_ids["delta_variant"] = delta_variant
+        ids = model_ids(stages, t2i_model, t2i_delta, multiview_model, multiview_delta, triposr_model, delta_variant)
         loaders = pretrained_loaders(
             t2i_model=t2i_model,
             t2i_delta=t2i_delta,
@@ -257,7 +249,7 @@ class TextTo3D:
             local_files_only=local_files_only,
         )
         common = dict(device=device, dtype=dtype, offload=offload, rembg_session=rembg_session, compile=compile)
-        return cls._build(loaders, stages, bool(low_memory), model_ids=model_ids, **common)
+        return cls._build(loaders, stages, bool(low_memory), model_ids=ids, **common)
 
     @classmethod
     def tiny(
@@ -429,7 +421,7 @@ class TextTo3D:
         settings = self.settings_for(settings, **options)
         self.check_request(prompt, image)
         if candidates is not None:
-            candidates, settings = self._given_candidates(prompt, image, candidates, settings)
+            candidates, settings = given_candidates(image, candidates, settings)
         formats = check_mesh_formats(mesh_formats)
         folder = None if output_dir is None else check_output_folder(output_dir)
         run_multiview = multiview and "multiview" in self.stages
@@ -456,7 +448,7 @@ class TextTo3D:
         )
         result = ChainResult(image=image, warnings=warnings)
         result.settings = run_record(
-            settings, plan, prompt if text_input else None, negative_prompt, use_rembg, self._describe()
+            settings, plan, prompt if text_input else None, negative_prompt, use_rembg, describe_chain(self)
         )
         ctx = StageContext(result, settings, self.device, session, self._multiview_size() if run_multiview else None)
         runner = Runner(
@@ -469,34 +461,6 @@ class TextTo3D:
             mesh_formats=formats,
         )
         return runner.run(plan, ctx)
-
-    @staticmethod
-    def _given_candidates(
-        prompt: str | None, image: Any, candidates: Sequence[Any], settings: GenerationSettings
-    ) -> tuple[list[Image.Image], GenerationSettings]:
-        """Candidates made earlier, opened and checked, and the settings with their count (``choose`` picks one of
-        them; -1 scores them again). BadInputError when they do not fit the request."""
-        from ..candidates import MAX_CANDIDATES
-
-        if image is not None:
-            raise BadInputError("Give either an image or the candidates made from a prompt, not both.")
-        if not 1 <= len(candidates) <= MAX_CANDIDATES:
-            raise BadInputError(f"Give 1 to {MAX_CANDIDATES} candidate images, got {len(candidates)}.")
-        images = [open_image(c, name=f"Candidate {k}") for k, c in enumerate(candidates)]
-        return images, settings.with_changes(candidates=len(images)).validate()
-
-    def _describe(self) -> dict[str, Any]:
-        """What the run's record says about the chain itself: models, device, dtype, residency, versions."""
-        return {
-            "models": self.model_ids,
-            "device": self.device.type,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "offload": self.offload,
-            "low_memory": self.low_memory,
-            "compiled": self.compiled,
-            "smoke": self.smoke,
-            "versions": versions(),
-        }
 
     def _multiview_size(self) -> int:
         if self.multiview is None:  # low-memory mode: measured when the stage was checked at construction

@@ -18,24 +18,13 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
-from ..inputs import write_image
+from ..errors import BadInputError
+from ..inputs import open_image, write_image
+from ..settings import GenerationSettings
+from .files import candidate_file, write_candidates  # noqa: F401  (candidate_file: re-exported)
 from .stages import Files, Stage, StageContext
 
 SMOKE_TURNTABLE_SIZE = 128  # smoke meshes are noise; the frames cost per pixel
-
-
-def candidate_file(index: int) -> str:
-    """``candidate_<k>.png``: the k-th image of a best-of-N run."""
-    return f"candidate_{index}.png"
-
-
-def write_candidates(result: Any, folder: Path, mesh_formats: Sequence[str]) -> Files:
-    """``candidate_0.png`` … ``candidate_{N-1}.png`` (nothing for a single image: that one is ``image.png``)."""
-    if len(result.candidates) < 2:
-        return {}
-    return {
-        f"candidate_{k}": write_image(image, folder / candidate_file(k)) for k, image in enumerate(result.candidates)
-    }
 
 
 def _write_image(result: Any, folder: Path, mesh_formats: Sequence[str]) -> Files:
@@ -111,3 +100,18 @@ class Turntable(Stage):
         out = render_turntable(ctx.result.mesh, TurntableConfig(size=self.size), device=ctx.device)
         ctx.result.turntable = out.frames  # (T, H, W, 3) uint8; encoded when the stage's files are written
         ctx.result.timings["turntable.render"] = time.perf_counter() - started
+
+
+def given_candidates(
+    image: Any, candidates: Sequence[Any], settings: GenerationSettings
+) -> tuple[list[Image.Image], GenerationSettings]:
+    """Candidates made earlier, opened and checked, and the settings with their count (``choose`` picks one of
+    them; -1 scores them again). BadInputError when they do not fit the request."""
+    from ..candidates import MAX_CANDIDATES
+
+    if image is not None:
+        raise BadInputError("Give either an image or the candidates made from a prompt, not both.")
+    if not 1 <= len(candidates) <= MAX_CANDIDATES:
+        raise BadInputError(f"Give 1 to {MAX_CANDIDATES} candidate images, got {len(candidates)}.")
+    images = [open_image(c, name=f"Candidate {k}") for k, c in enumerate(candidates)]
+    return images, settings.with_changes(candidates=len(images)).validate()

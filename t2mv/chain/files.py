@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 from PIL import Image
 
 from ..errors import BadInputError
+from ..inputs import write_image
 
 MESH_FORMATS = ("glb", "obj", "ply", "stl")
 FAILED_MARKER = "FAILED.json"
@@ -83,3 +84,17 @@ def horizontal_strip(images: Sequence[Image.Image]) -> Image.Image:
     for i, image in enumerate(images):
         strip.paste(image.convert("RGB").resize((width, height)), (i * width, 0))
     return strip
+
+
+def candidate_file(index: int) -> str:
+    """``candidate_<k>.png``: the k-th image of a best-of-N run."""
+    return f"candidate_{index}.png"
+
+
+def write_candidates(result: Any, folder: Path, mesh_formats: Sequence[str]) -> dict[str, Path]:
+    """``candidate_0.png`` … ``candidate_{N-1}.png`` (nothing for a single image: that one is ``image.png``)."""
+    if len(result.candidates) < 2:
+        return {}
+    return {
+        f"candidate_{k}": write_image(image, folder / candidate_file(k)) for k, image in enumerate(result.candidates)
+    }

@@ -227,3 +227,39 @@ def versions() -> dict[str, str]:
         "diffusers": diffusers.__version__,
         "python": platform.python_version(),
     }
+
+
+def model_ids(
+    stages: Sequence[str],
+    t2i_model: Any,
+    t2i_delta: Any,
+    multiview_model: Any,
+    multiview_delta: Any,
+    triposr_model: Any,
+    delta_variant: str,
+) -> dict[str, Any]:
+    """The models of `stages` as ``settings.json`` records them (``models``)."""
+    ids = {
+        "text_to_image": {"t2i_model": str(t2i_model), "t2i_delta": None if t2i_delta is None else str(t2i_delta)},
+        "multiview": {
+            "multiview_model": str(multiview_model),
+            "multiview_delta": None if multiview_delta is None else str(multiview_delta),
+        },
+        "mesh": {"triposr_model": str(triposr_model)},
+    }
+    found = {key: value for name in STAGES if name in stages for key, value in ids[name].items()}
+    return {**found, "delta_variant": delta_variant}
+
+
+def describe_chain(chain: Any) -> dict[str, Any]:
+    """What a run's record says about the chain itself (a `TextTo3D`): models, device, dtype, residency, versions."""
+    return {
+        "models": chain.model_ids,
+        "device": chain.device.type,
+        "dtype": str(chain.dtype).removeprefix("torch."),
+        "offload": chain.offload,
+        "low_memory": chain.low_memory,
+        "compiled": chain.compiled,
+        "smoke": chain.smoke,
+        "versions": versions(),
+    }

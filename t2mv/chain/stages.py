@@ -23,7 +23,7 @@ import torch
 
 from ..inputs import write_image
 from ..settings import GenerationSettings
-from .files import check_mesh_formats, horizontal_strip, view_file
+from .files import check_mesh_formats, horizontal_strip, view_file, write_candidates
 
 Files = dict[str, Path]
 STAGE_TYPES: dict[str, type[Stage]] = {}  # name → class, filled by Stage.__init_subclass__
@@ -160,8 +160,6 @@ class TextToImageStage(Stage):
     @staticmethod
     def write(result: Any, folder: Path, mesh_formats: Sequence[str]) -> Files:
         """``image.png``, or ``candidate_<k>.png`` for each of several candidates."""
-        from .extra_stages import write_candidates
-
         return {**write_candidates(result, folder, mesh_formats), **_write_image(result, folder, mesh_formats)}
 
     def run(self, ctx: StageContext, model: Any) -> None:
