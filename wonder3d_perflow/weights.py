@@ -174,3 +174,31 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[
     return {
         key: _cast(value, dtype) if isinstance(value, torch.Tensor) else value for key, value in state_dict.items()
     }
+
+
+def describe_file(path: str | Path) -> dict[str, object]:
+    """What a weights file is, without reading its tensors: format, stored dtype(s), tensor count and size."""
+    path = Path(path)
+    dtypes: set[str] = set()
+    count = 0
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as handle:
+            (header_size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(header_size))
+        infos = [info for key, info in header.items() if key != "__metadata__"]
+        dtypes, count, kind = {str(_SAFETENSORS_DTYPES[i["dtype"]]) for i in infos}, len(infos), "safetensors"
+    elif zipfile.is_zipfile(path):
+        kind = "torch zip pickle"
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+            with archive.open(name) as handle:
+                try:
+                    records = _StateDictUnpickler(handle).load()
+                    dtypes = {str(r.storage.dtype) for r in records.values() if isinstance(r, _TensorRecord)}
+                    count = len(records)
+                except NotAStateDictPickle:
+                    kind = "torch zip pickle (not a plain state dict)"
+    else:
+        kind = "legacy torch pickle"
+    return {"format": kind, "dtypes": sorted(d.replace("torch.", "") for d in dtypes), "tensors": count,
+            "bytes": path.stat().st_size}  # fmt: skip
