@@ -150,6 +150,26 @@ def run(args: argparse.Namespace) -> int:
     timings["total"] = sum(timings[k] for k in ("load", "preprocess", "multiview"))
 
     # 4. The chain's files, written by the chain's writer into a staging folder, then renamed into place.
+    record = _record(args, settings, smoke=smoke, device=device, dtype=dtype, use_rembg=use_rembg, out=out)
+    result = ChainResult(
+        image=image,
+        mv_input=condition,
+        normals=list(out.normals),
+        colors=list(out.colors),
+        view_names=tuple(out.view_names),
+        timings=timings,
+        settings=record,
+    )
+    _save_atomically(result, output)
+
+    print(f"wrote 12 views, 2 strips and settings.json to {output} ({out.timings['total']:.2f} s)")
+    if smoke:
+        print("SMOKE MODE: the images are noise from random weights.", file=sys.stderr)
+    return EXIT_OK
+
+
+def _record(args: argparse.Namespace, settings: Any, *, smoke: bool, device, dtype, use_rembg: bool, out) -> dict:
+    """settings.json: the chain's record for the multiview stage, plus this command's own options."""
     models = {
         "multiview_model": "tiny(seed=0)" if smoke else str(args.multiview_model),
         "multiview_delta": None if smoke or args.no_multiview_delta else str(args.multiview_delta),
@@ -162,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         "input_file": str(args.image),
         "pipeline": out.settings,
     }
-    record = stage_record(
+    return stage_record(
         settings,
         stages=STAGES,
         models=models,
@@ -172,16 +192,10 @@ def run(args: argparse.Namespace) -> int:
         use_rembg=use_rembg,
         command=command,
     )
-    result = ChainResult(
-        image=image,
-        mv_input=condition,
-        normals=list(out.normals),
-        colors=list(out.colors),
-        view_names=tuple(out.view_names),
-        timings=timings,
-        settings=record,
-        warnings=[],
-    )
+
+
+def _save_atomically(result: Any, output: Path) -> None:
+    """`result`'s files into a staging folder next to `output`, renamed into place when all are written."""
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
@@ -192,11 +206,6 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-    print(f"wrote 12 views, 2 strips and settings.json to {output} ({out.timings['total']:.2f} s)")
-    if smoke:
-        print("SMOKE MODE: the images are noise from random weights.", file=sys.stderr)
-    return EXIT_OK
 
 
 def _dtype(name: str):
