@@ -67,6 +67,8 @@ SETTING_CONTROLS = (
     "bake_texture",
     "texture_size",
     "simplify_faces",
+    "candidates",
+    "turntable",
 )
 OUTPUTS = (
     "image",
@@ -81,10 +83,13 @@ OUTPUTS = (
     "status",
     "field_mesh",
     "view_report",
+    "candidates",
+    "turntable",
+    "chosen",
 )
 TIMING_HEADERS = ["stage", "seconds", "GPU peak (GiB)", "host RSS (GiB)"]
 VIEW_REPORT_HEADERS = ["view", "silhouette IoU", "surface share"]
-MESH_FORMATS = ("glb", "obj", "ply")
+MESH_FORMATS = ("glb", "obj", "ply", "stl")
 REQUEST_PREFIX = "run-"
 REQUEST_MARKER = ".t2mv-request"  # only folders carrying it are ever deleted by the clean-up
 DEFAULT_KEEP_REQUESTS = 50
@@ -229,7 +234,7 @@ def _outputs(folder: Path, result: Any, seed: int, status: str) -> tuple:
     if glb is not None:
         obj_files = [p for p in sorted(folder.glob("mesh.*")) if p.suffix in (".obj", ".mtl", ".png")]
         downloads += [glb, str(_zip(folder / "mesh_obj.zip", obj_files))]
-        downloads += [p for p in [file("mesh.ply")] if p is not None]
+        downloads += [p for p in [file("mesh.ply"), file("mesh.stl")] if p is not None]
     if views:
         extras = [folder / n for n in ("normals.png", "colors.png", "mv_input.png", "mesh_input.png", "image.png")]
         extras += [folder / "settings.json"]
@@ -258,7 +263,36 @@ def _outputs(folder: Path, result: Any, seed: int, status: str) -> tuple:
         status,
         file("mesh_field.glb"),
         view_report(result),
+        candidate_gallery(folder, result),
+        file("turntable.mp4"),
+        -1 if result is None or result.chosen is None else result.chosen,
     )
+
+
+def candidate_gallery(folder: Path, result: Any) -> list[tuple[str, str]]:
+    """The best-of-N images of a request with their 3D-suitability scores, the chosen one marked (empty for one
+    image)."""
+    scores = [] if result is None else result.candidate_scores
+    items = []
+    for k in range(len(list(folder.glob("candidate_*.png")))):
+        path = folder / f"candidate_{k}.png"
+        if not path.is_file():
+            break
+        caption = f"{k}" + (f" · score {scores[k]['score']:.2f}" if k < len(scores) else "")
+        items.append((str(path), caption + (" · chosen" if result is not None and result.chosen == k else "")))
+    return items
+
+
+def _candidate_files(value: Any) -> list[str]:
+    """The candidate gallery's value (``[(path, caption), ...]`` or plain paths / file dicts) → image paths."""
+    files = []
+    for item in value or []:
+        item = item[0] if isinstance(item, list | tuple) else item
+        item = item.get("path") or item.get("name") if isinstance(item, dict) else item
+        item = getattr(item, "path", item)  # a gradio FileData
+        if item:
+            files.append(str(item))
+    return files
 
 
 def make_generate(
@@ -268,6 +302,7 @@ def make_generate(
     controls: Sequence[str] = SETTING_CONTROLS,
     keep_requests: int = DEFAULT_KEEP_REQUESTS,
     keep_hours: float = DEFAULT_KEEP_HOURS,
+    from_candidates: bool = False,
 ):
     """The click handler for `chain`, writing each request's files into its own folder under `output_root`.
 
@@ -276,6 +311,9 @@ def make_generate(
         output_root: where request folders go; old ones are cleaned (see `clean_request_folders`) per request.
         controls: the `GenerationSettings` options the UI sends, after `REQUEST_INPUTS`.
         keep_requests, keep_hours: the clean-up limits.
+        from_candidates: the "Make 3D" handler instead: two more inputs, ``candidate_images`` (the candidates
+            gallery of an earlier request) and ``chosen_candidate`` (the index clicked, -1: the best score), and the
+            3D stages run from that image without making the images again.
 
     Returns:
         ``generate(prompt, negative_prompt, seed, randomize_seed, image, *<controls>, progress)``, callable with
@@ -297,6 +335,7 @@ def make_generate(
     specs = GenerationSettings.bounds()
     labels = {name: spec.label for name, spec in specs.items()}
     names = tuple(REQUEST_INPUTS) + tuple(controls)
+    names += ("candidate_images", "chosen_candidate") if from_candidates else ()
     parameter = inspect.Parameter.POSITIONAL_OR_KEYWORD
     signature = inspect.Signature(
         [inspect.Parameter(name, parameter) for name in names]
@@ -306,7 +345,10 @@ def make_generate(
     def run(request: dict[str, Any], progress: Any) -> tuple:
         # 1. Check the request before anything runs: prompt, seed, settings, image.
         prompt = (request["prompt"] or "").strip()
-        image_path = request["image"]
+        candidate_files = _candidate_files(request.get("candidate_images")) if from_candidates else []
+        if from_candidates and not candidate_files:
+            raise gr.Error("There are no candidates yet: set Candidate images above 1 and press Generate first.")
+        image_path = None if from_candidates else request["image"]  # "Make 3D" starts from a candidate
         if not image_path and not prompt:
             raise gr.Error("Enter a prompt, or upload an image instead.")
         if len(prompt) > MAX_PROMPT_CHARS:
@@ -320,6 +362,10 @@ def make_generate(
         elif seed is None or seed == "":
             raise gr.Error(f"Seed is missing; give a whole number in [0, {MAX_SEED}] or tick Random seed.")
         values = {"seed": seed, **{name: request[name] for name in controls}}
+        if from_candidates:
+            chosen = request.get("chosen_candidate")
+            chosen = -1 if chosen is None or chosen == "" else int(chosen)
+            values.update(candidates=len(candidate_files), choose=chosen if 0 <= chosen < len(candidate_files) else -1)
         try:
             # Slider floats become ints where exact (4.0 → 4); then one check, naming options by their labels.
             converted = GenerationSettings.from_mapping(values, base=chain.defaults, coerce=True, skip=specs)
@@ -348,6 +394,7 @@ def make_generate(
             result = chain(
                 None if image is not None else prompt,
                 image=image,
+                candidates=candidate_files or None,
                 negative_prompt=(request["negative_prompt"] or "").strip() or None,
                 settings=settings,
                 callback=on_stage,
@@ -522,6 +569,20 @@ def build_demo(
                     out_image = gr.Image(label="Generated image", type="filepath", interactive=False, height=220)
                     out_mv_input = gr.Image(label="Multiview input", type="filepath", interactive=False, height=220)
                     out_mesh_input = gr.Image(label="Mesh input", type="filepath", interactive=False, height=220)
+                candidates = gr.Gallery(
+                    label="Candidates (click one, then Make 3D from it)",
+                    columns=4,
+                    rows=1,
+                    height=200,
+                    object_fit="contain",
+                    allow_preview=False,
+                    visible=has_t2i,
+                    elem_id="candidates",
+                )
+                # The candidate clicked (or chosen by the last run); -1: the best score. A hidden number, not a
+                # State, so the API's /make_3d takes it as `chosen_candidate` too.
+                chosen = gr.Number(value=-1, precision=0, visible=False, label="Candidate", elem_id="chosen-candidate")
+                make_3d_button = gr.Button("Make 3D from the selected candidate", visible=has_t2i, elem_id="make-3d")
                 gallery = {"columns": 6, "rows": 1, "height": 190, "object_fit": "contain"}
                 normals = gr.Gallery(label="Normals", elem_id="normals", **gallery)
                 colors = gr.Gallery(label="Colors", elem_id="colors", **gallery)
@@ -550,6 +611,14 @@ def build_demo(
                     visible=has_mesh,
                     elem_id="view-report",
                 )
+                turntable = gr.Video(
+                    label="Turntable (tick Turntable video under Settings)",
+                    visible=has_mesh,
+                    interactive=False,
+                    autoplay=True,
+                    loop=True,
+                    elem_id="turntable",
+                )
                 downloads = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
                 timings = gr.Dataframe(
                     headers=TIMING_HEADERS,
@@ -559,8 +628,18 @@ def build_demo(
                 )
         inputs = [prompt, negative, seed, randomize, image, *controls]
         outputs = [out_image, out_mv_input, out_mesh_input, normals, colors, viewer, downloads, timings, seed, status]
-        outputs += [field_viewer, report]
+        outputs += [field_viewer, report, candidates, turntable, chosen]
         generate = make_generate(chain, output_root, keep_requests=keep_requests, keep_hours=keep_hours)
+        make_3d = make_generate(
+            chain, output_root, keep_requests=keep_requests, keep_hours=keep_hours, from_candidates=True
+        )
+
+        def select_candidate(evt):
+            return evt.index
+
+        select_candidate.__annotations__ = {"evt": gr.SelectData}  # gradio passes the click by this annotation
+        candidates.select(select_candidate, None, [chosen], queue=False, api_name=False)
+        make_3d_button.click(make_3d, [*inputs, candidates, chosen], outputs, api_name="make_3d", concurrency_limit=1)
         for trigger, api_name in ((button.click, "generate"), (prompt.submit, False)):
             # The status line first says a request runs, and after it, whether it failed: a failed request returns
             # no values (gradio shows its error), which would leave the previous request's "Done" standing.

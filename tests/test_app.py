@@ -3,6 +3,7 @@ their alpha, sliders read the settings' bounds, --share needs a login, request f
 readable, uploads are size-limited, and late failures keep the finished stages."""
 
 import ast
+import json
 import os
 import socket
 import stat
@@ -49,6 +50,8 @@ DEFAULTS = {
     "bake_texture": False,
     "texture_size": 512,
     "simplify_faces": 0,
+    "candidates": 1,
+    "turntable": False,
 }
 OUT = {name: i for i, name in enumerate(app.OUTPUTS)}
 
@@ -247,7 +250,7 @@ def test_uploads_in_other_modes_are_converted(mesh_chain, tmp_path, toasts, mode
     out = call(app.make_generate(mesh_chain, tmp_path / "runs"), image=str(path), prompt="")
     assert Image.open(out[OUT["mesh_input"]]).size == (512, 512)
     assert len(trimesh.load(out[OUT["mesh"]], force="mesh").faces) > 0
-    assert {Path(p).name for p in out[OUT["downloads"]]} == {"mesh.glb", "mesh_obj.zip", "mesh.ply"}
+    assert {Path(p).name for p in out[OUT["downloads"]]} == {"mesh.glb", "mesh_obj.zip", "mesh.ply", "mesh.stl"}
     assert out[OUT["seed"]] == 1 and "Background: background removed" in out[OUT["status"]]
     assert not toasts
 
@@ -576,3 +579,59 @@ def test_after_a_failed_request_the_status_line_no_longer_says_done(mesh_chain, 
                 assert "Done" not in status and "failed" in status, status
             else:
                 assert status == "Done in 2.0 s · seed 2."
+
+
+def test_candidates_gallery_then_make_3d_from_another_one(tmp_path, toasts):
+    """N images in a gallery, the chosen one marked; "Make 3D" from another runs the 3D stages from it without
+    making the images again; the turntable video and the STL come with the mesh."""
+    chain = TextTo3D.tiny(stages=("text_to_image", "mesh"))
+    out = call(app.make_generate(chain, tmp_path), prompt="a red chair", candidates=3, turntable=True)
+    gallery, chosen = out[OUT["candidates"]], out[OUT["chosen"]]
+    assert len(gallery) == 3 and "chosen" in gallery[chosen][1] and "score" in gallery[0][1]
+    assert out[OUT["turntable"]].endswith("turntable.mp4")
+    assert any(str(p).endswith("mesh.stl") for p in out[OUT["downloads"]])
+    other = (chosen + 1) % 3
+    make_3d = app.make_generate(chain, tmp_path, from_candidates=True)
+    again = call(make_3d, prompt="a red chair", candidates=3, candidate_images=gallery, chosen_candidate=other)
+    assert again[OUT["chosen"]] == other and "chosen" in again[OUT["candidates"]][other][1]
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(again[OUT["image"]])), np.asarray(Image.open(gallery[other][0]))
+    )
+    assert "text_to_image" not in [row[0] for row in again[OUT["timings"]]["data"]]  # no images made again
+    settings = json.loads((Path(again[OUT["image"]]).parent / "settings.json").read_text())
+    assert (settings["prompt"], settings["chosen"], settings["chosen_by"]) == ("a red chair", other, "choose")
+    assert len(trimesh.load(again[OUT["mesh"]], force="mesh").faces) > 0
+    with pytest.raises(gr.Error, match="no candidates yet"):
+        call(make_3d, prompt="a red chair", candidate_images=[], chosen_candidate=0)
+
+
+def test_the_api_from_python_with_gradio_client(tmp_path):
+    """docs/usage.md's recipe: the named endpoints /generate and /make_3d, called by keyword from gradio_client."""
+    from gradio_client import Client, handle_file
+
+    chain = TextTo3D.tiny(stages=("text_to_image", "mesh"))
+    demo = app.build_demo(chain, output_dir=tmp_path / "runs")
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+        assert {"/generate", "/make_3d"} <= set(endpoints)
+        # Keywords by the inputs' names; the settings left out keep the page's defaults.
+        out = client.predict(prompt="a red chair", negative_prompt="", image=None, candidates=2, api_name="/generate")
+        assert len(out[OUT["candidates"]]) == 2 and out[OUT["mesh"]].endswith(".glb")
+        gallery = [{"image": handle_file(item["image"]), "caption": None} for item in out[OUT["candidates"]]]
+        again = client.predict(
+            prompt="a red chair",
+            negative_prompt="",
+            image=None,
+            candidate_images=gallery,
+            chosen_candidate=1,
+            api_name="/make_3d",
+        )
+        assert again[OUT["chosen"]] == 1
+        newest = max((tmp_path / "runs").glob("run-*"), key=lambda folder: folder.stat().st_mtime)
+        settings = json.loads((newest / "settings.json").read_text())
+        assert (settings["chosen"], settings["candidates"], settings["chosen_by"]) == (1, 2, "choose")
+    finally:
+        demo.close()
