@@ -163,9 +163,12 @@ class MultiviewPipeline(DiffusionPipeline):
                 delta, variant=delta_variant, local_files_only=local_files_only, lazy=True
             )
 
-        unet = UNetMV2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=torch_dtype)
-        vae = _load_vae(root / "vae", torch_dtype)
+        # The UNet last: it is read one tensor at a time (no transient beyond one tensor), while transformers'
+        # loader briefly holds the CLIP file's pages next to its fp32 copy; this order keeps the load's peak at the
+        # three models' own size (--low-memory).
         image_encoder = _load_image_encoder(root / "image_encoder", torch_dtype)
+        vae = _load_vae(root / "vae", torch_dtype)
+        unet = UNetMV2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=torch_dtype)
         feature_extractor = CLIPImageProcessor.from_pretrained(root / "feature_extractor")
         ddim = DDIMScheduler.from_pretrained(root, subfolder="scheduler")
         sampler = ddim if scheduler == "ddim" else _perflow_from(ddim.config, num_time_windows)
