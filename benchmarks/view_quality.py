@@ -244,7 +244,7 @@ def run_variant(case: Case, variant: str, *, texture_size: int, device: torch.de
     clean = variant.startswith("clean")
     colors, normals = (case.clean_colors, case.clean_normals) if clean else (case.colors, case.normals)
     options = {} if iterations is None else {"iterations": iterations}
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():  # as inference code calls it
         out = views_to_mesh(
             case.start, colors, normals, refine=variant.endswith("+refine"), fallback=case.fallback,
@@ -252,6 +252,7 @@ def run_variant(case: Case, variant: str, *, texture_size: int, device: torch.de
         )  # fmt: skip
     info: dict[str, Any] = {
         "seconds": time.perf_counter() - t,
+        "process_cpu_seconds": time.process_time() - cpu,  # on a shared machine: the CPU this process got
         "timings_s": {k: round(float(v), 4) for k, v in out.timings.items()},
         "textured": out.texture is not None,
         "warnings": list(out.warnings),
@@ -271,6 +272,11 @@ def run_variant(case: Case, variant: str, *, texture_size: int, device: torch.de
 
 
 # --------------------------------------------------------------------------------------------- targets (issue 15)
+
+
+# "Worse than the start" beyond the metrics' own noise (the same surface, resampled, moves them by about this);
+# Chamfer: 1 % more.
+NOISE = {"texture_psnr": 0.05, "texture_ssim": 0.002, "silhouette_psnr": 0.05, "normal_consistency": 0.002}
 
 
 def targets(variants: dict[str, dict]) -> dict[str, dict]:
@@ -296,13 +302,12 @@ def targets(variants: dict[str, dict]) -> dict[str, dict]:
         gain = m["views+refine"]["silhouette_psnr"] - m["views"]["silhouette_psnr"]
         put("refine_silhouette_psnr_plus_0.5dB", gain >= 0.5, round(gain, 3))
     if "field" in m:
-        higher = ("texture_psnr", "texture_ssim", "silhouette_psnr", "normal_consistency")
         worse = []
         for name in ("views", "views+refine"):
             if name not in m:
                 continue
-            worse += [f"{name}.{k}" for k in higher if m[name][k] < m["field"][k] - 1e-9]
-            worse += [f"{name}.chamfer"] if m[name]["chamfer"] > m["field"]["chamfer"] * (1 + 1e-9) else []
+            worse += [f"{name}.{k}" for k, tol in NOISE.items() if m[name][k] < m["field"][k] - tol]
+            worse += [f"{name}.chamfer"] if m[name]["chamfer"] > m["field"]["chamfer"] * 1.01 else []
         put("no_metric_worse_than_start", not worse, worse)
     return out
 
@@ -425,22 +430,22 @@ def main(argv: list[str] | None = None) -> int:
         "objects": {},
     }
     pictures = {}
+    grid_path = Path(args.grid) if args.grid else (out.with_suffix(".png") if out is not None else None)
     for name in args.objects:
         record["objects"][name], pictures[name] = evaluate_object(name, args, device)
         record["load_average_end"] = list(os.getloadavg())
+        record["targets_summary"] = {
+            key: {o: obj["targets"][key]["pass"] for o, obj in record["objects"].items() if key in obj["targets"]}
+            for key in sorted({k for obj in record["objects"].values() for k in obj["targets"]})
+        }
         if out is not None:  # partial results after every object
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(record, indent=1) + "\n")
-    record["targets_summary"] = {
-        key: {name: obj["targets"][key]["pass"] for name, obj in record["objects"].items() if key in obj["targets"]}
-        for key in sorted({k for obj in record["objects"].values() for k in obj["targets"]})
-    }
-    grid_path = Path(args.grid) if args.grid else (out.with_suffix(".png") if out is not None else None)
+        if grid_path is not None:
+            picture_grid(pictures).save(grid_path)
     if out is not None:
-        out.write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {out}")
     if grid_path is not None:
-        picture_grid(pictures).save(grid_path)
         print(f"wrote {grid_path}")
     for key, per in record["targets_summary"].items():
         print(
