@@ -153,3 +153,26 @@ def test_triposr_checkpoint_is_memory_mapped(monkeypatch, request):
     monkeypatch.setattr(torch, "load", spy)
     TSR.from_pretrained(request.config.rootpath / "tests/fixtures/triposr_tiny", "config.yaml", "model.ckpt")
     assert len(calls) == 1 and calls[0].get("mmap") is True and calls[0].get("weights_only") is True
+
+
+def test_low_memory_benchmark_names_the_published_formats_and_they_load(tmp_path):
+    """benchmarks.low_memory (files layout) records each file's format; the fake repositories load strictly."""
+    from benchmarks import low_memory
+    from triposr import TSR
+    from wonder3d_perflow import MultiviewPipeline
+
+    report = low_memory.run("tiny", variants=(), layout="files", repo_dir=tmp_path)
+    files = report["files"]
+    expected = {
+        "wonder3d/unet/diffusion_pytorch_model.bin": ("torch zip pickle", ["float16"]),
+        "wonder3d/vae/diffusion_pytorch_model.bin": ("torch zip pickle", ["float16"]),
+        "wonder3d/image_encoder/pytorch_model.bin": ("torch zip pickle", ["float16"]),
+        "delta/diffusion_pytorch_model.v0-1.safetensors": ("safetensors", ["float16"]),
+        "triposr/model.ckpt": ("torch zip pickle", ["float32"]),
+    }
+    assert {name: (files[name]["format"], files[name]["dtypes"]) for name in expected} == expected
+    assert report["layout"] == "files" and all(files[name]["bytes"] > 0 for name in expected)
+    pipe = MultiviewPipeline.from_pretrained(tmp_path / "wonder3d", delta=tmp_path / "delta", local_files_only=True)
+    assert pipe.unet.dtype == torch.float32 and pipe.delta_report.skipped_shape == ["conv_in.weight"]
+    assert len(pipe.delta_report.applied) > 0 and not pipe.delta_report.missing
+    TSR.from_pretrained(tmp_path / "triposr", local_files_only=True)
