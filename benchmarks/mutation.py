@@ -31,7 +31,7 @@ PACKAGES = ("t2mv", "triposr", "wonder3d_perflow", "benchmarks")
 # target -> (modules to mutate, tests that must kill their mutants)
 TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "settings": (("t2mv/settings.py",), ("tests/test_settings.py",)),
-    "inputs": (("t2mv/inputs.py",), ("tests/test_bad_inputs.py",)),
+    "inputs": (("t2mv/inputs.py",), ("tests/test_inputs.py", "tests/test_bad_inputs.py")),
     "chain": (("t2mv/chain",), ("tests/test_chain.py", "tests/test_chain_views.py")),
     "views": (
         ("t2mv/views_to_mesh.py", "t2mv/view_texture.py"),
