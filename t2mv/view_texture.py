@@ -61,7 +61,7 @@ FULL_VIEW_WEIGHT = 0.02
 ATLAS_MAX_COST = 0.2
 # Colour harmonisation: the prior towards gain 1 / bias 0, per view, relative to the mean weight the view pairs put
 # on the data; the points sampled for it; and bounds on the correction (a generator's drift is well inside them).
-HARMONIZE_PRIOR = 0.002
+HARMONIZE_PRIOR = 0.05
 HARMONIZE_POINTS = 20000
 MAX_GAIN_CHANGE = 0.5
 MAX_BIAS_CHANGE = 0.3
@@ -441,26 +441,28 @@ class _SoftSilhouettes:
 
 def _adam_ascent(
     params: torch.Tensor,
-    objective: Callable[[torch.Tensor, torch.Tensor], tuple[float, torch.Tensor]],
+    objective: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     soft: _SoftSilhouettes,
     schedule: tuple[tuple[float, int, float], ...],
     project: Callable[[torch.Tensor], torch.Tensor] = lambda p: p,
 ) -> torch.Tensor:
     """Gradient ascent with Adam (written out: torch.optim's first import costs seconds), one blur level after
     another (sigma, steps, lr); each level starts from the best point of the one before. `project` keeps the
-    parameters in their bounds after each step."""
+    parameters in their bounds after each step. The objective's value is a scalar, or one per row of `params` for
+    separable problems (then each row keeps its own best point)."""
     for sigma, steps, lr in schedule:
         images = soft.images(sigma)
         m1, m2 = torch.zeros_like(params), torch.zeros_like(params)
-        best = (float("-inf"), params.clone())
+        best_value, best = None, params.clone()
         for step in range(1, steps + 1):
             value, grad = objective(params, images)
-            if value > best[0]:
-                best = (value, params.clone())
+            better = torch.ones_like(value, dtype=torch.bool) if best_value is None else value > best_value
+            best_value = value if best_value is None else torch.where(better, value, best_value)
+            best = torch.where(better.reshape(better.shape + (1,) * (params.ndim - better.ndim)), params, best)
             m1 = 0.9 * m1 + 0.1 * grad
             m2 = 0.999 * m2 + 0.001 * grad * grad
             params = project(params + lr * (m1 / (1 - 0.9**step)) / ((m2 / (1 - 0.999**step)).sqrt() + 1e-8))
-        params = best[1]
+        params = best
     return params
 
 
@@ -514,13 +516,13 @@ def _fit(
     )
     right32 = right.float()
 
-    def shared(p: torch.Tensor, images: torch.Tensor) -> tuple[float, torch.Tensor]:
+    def shared(p: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = torch.stack([p[0].expand(NUM_VIEWS), right32 @ p[1:], p[2].expand(NUM_VIEWS)], dim=-1)  # (6, 3)
         iou, g = soft.iou_and_grad(q, images)
         g = g * soft.weight[:, None]  # (6, 3)
         grad = torch.cat([g[:, 0].sum()[None], (right32 * g[:, 1:2]).sum(0)])  # (4,)
         grad[2] += g[:, 2].sum()  # p_y through B_k (right_k has no y)
-        return float((iou * soft.weight).sum()), grad
+        return (iou * soft.weight).sum(), grad
 
     params = torch.tensor([np.log(scale), *(center * scale).tolist()], dtype=torch.float32, device=device)  # (4,)
     params = _adam_ascent(params, shared, soft, ((2.0, 25, 0.01), (0.7, 15, 0.003)))
@@ -551,19 +553,19 @@ def _fit_view_corrections(camera: ViewCamera, soft: _SoftSilhouettes, ok: torch.
         big_s = s * z[:, 0].exp()  # (6,)
         return torch.stack([big_s.log(), big_s * rc - z[:, 1], big_s * c[1] - z[:, 2]], dim=-1)
 
-    def per_view(z: torch.Tensor, images: torch.Tensor) -> tuple[float, torch.Tensor]:
+    def per_view(z: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = to_q(z)
         iou, g = soft.iou_and_grad(q, images)  # (6,), (6, 3)
         big_s = q[:, 0].exp()
         grad = torch.stack([g[:, 0] + g[:, 1] * big_s * rc + g[:, 2] * big_s * c[1], -g[:, 1], -g[:, 2]], dim=-1)
-        # Each view climbs its own IoU (Adam normalises per parameter); the sum is what "best" tracks.
-        return float((iou * soft.weight).sum()), grad * ok[:, None]
+        # Each view climbs its own IoU and keeps its own best point.
+        return iou, grad * ok[:, None]
 
     def clamp(z: torch.Tensor) -> torch.Tensor:
         return torch.maximum(torch.minimum(z, bounds), -bounds)
 
     z = _adam_ascent(
-        torch.zeros(NUM_VIEWS, 3, device=device), per_view, soft, ((1.5, 12, 0.006), (0.7, 12, 0.002)), clamp
+        torch.zeros(NUM_VIEWS, 3, device=device), per_view, soft, ((1.5, 20, 0.004), (0.7, 20, 0.0015)), clamp
     )
     zoom = z[:, 0].exp().tolist()
     shift = [(float(du), float(dv)) for du, dv in z[:, 1:].tolist()]
