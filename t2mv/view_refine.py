@@ -1,31 +1,25 @@
-"""Refine the TripoSR mesh from Wonder3D's six normal maps and masks.
+"""Refine the TripoSR mesh from Wonder3D's six normal maps and masks: remeshing and the Large Steps fit.
 
-A differentiable orthographic renderer in plain PyTorch (CPU or CUDA, no compiled extension) renders, for the six
-view cameras of `t2mv.view_texture`, the mesh's per-pixel normal (export frame = the front camera's OpenGL frame,
-which is the frame of Wonder3D's normal maps) and a soft silhouette. The vertices are then fitted to the maps with
-the "Large Steps" parameterisation (Nicolet et al. 2021): the optimiser moves u = (I + λL) x instead of the vertex
-positions x, which turns its gradient steps into smooth, low-frequency deformations.
+The renderer (`t2mv.view_render`) gives, for the six view cameras, the mesh's per-pixel normals and a soft
+silhouette with gradients to the vertices. The vertices are fitted to the maps with the "Large Steps"
+parameterisation (Nicolet et al. 2021): the optimiser moves u = (I + λL) x instead of the vertex positions x, which
+turns its gradient steps into smooth, low-frequency deformations.
 
-Renderer:
-- Visibility (which triangle each pixel centre shows) comes from the z-buffer rasteriser
-  `triposr.texture.rasterize_screen` and has no gradient.
-- Barycentrics are recomputed from the projected vertex positions at the pixel centres, so the interpolated vertex
-  normals carry gradients to the vertex positions.
-- Silhouette: pixels where coverage changes within their 3x3 neighbourhood take a soft coverage
-  clamp(0.5 + d, 0, 1), with d the signed distance (pixels, positive inside) from the pixel centre to the nearest
-  projected contour edge (an edge between a front- and a back-facing triangle). That is the area a straight edge
-  covers of a pixel-wide box, and it gives the silhouette its gradient to the contour vertices (the role of
-  nvdiffrast's `antialias`).
+Remeshing: a TripoSR (marching-cubes) mesh has slivers and very uneven triangles, on which the uniform Laplacian of
+Large Steps is a poor smoother and the fit folds faces. Before each optimisation round the surface is remeshed
+isotropically (Botsch-Kobbelt, gpytoolbox `remesh_botsch`) to an edge length given in the views' pixels, coarse
+then fine (default 6 then 3 px at 256²: a triangle spans a few of the maps' pixels, the finest detail the maps can
+place, and ~10-30k faces for an object filling the views). The refined mesh therefore has its own faces and
+vertices; vertex colours are carried over from the nearest input vertex, and the chain textures the mesh after
+refinement. `remesh=False` keeps the input's faces (one round).
 
-Optimisation (`refine_mesh`): loss = per view (weighted as Wonder3D's own reconstruction weighs them) the
-reliability-weighted mean of 1 - cos(rendered normal, map normal) over the mask (pixels near the mask's rim and
-normals seen at grazing angles count less) + 0.1 x the squared soft-silhouette error + a small Laplacian energy of
-the displacement. Views with an empty mask, or whose normal map contradicts its own mask's outline or the input
-mesh, are left out with a warning. The iterate with the lowest loss is kept, and it replaces the input only if the
-data loss went down and nothing degenerated (non-finite vertices, folded faces, new self-intersections).
-The faces are kept (no remeshing): vertex colours and any per-vertex data stay valid, and at the 20k-100k faces of a
-TripoSR mesh a triangle already covers only a few of the normal maps' pixels (about 3 at 20k faces, under 1 at
-100k), so splitting edges would add vertices the maps cannot place.
+Loss: per view (weighted as Wonder3D's own reconstruction weighs them) the reliability-weighted mean of
+1 - cos(rendered normal, map normal) over the mask (pixels near the mask's rim, normals seen at grazing angles and
+pixels the map does not decode as a normal count less or not at all) + 0.1 x the squared soft-silhouette error + a
+small Laplacian energy of the displacement. Views with an empty or outline-less mask, or whose normal map
+contradicts its own mask's outline or the input mesh, are left out with a warning. Each round keeps its lowest-loss
+iterate; the result replaces the input only if the data loss went down and nothing degenerated (non-finite
+vertices, folded faces, new self-intersections).
 """
 
 from __future__ import annotations
@@ -34,7 +28,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,336 +36,25 @@ import torch.nn.functional as F
 import trimesh
 from PIL import Image
 
-from triposr import texture as _texture
 from wonder3d_perflow import cameras as _cameras
+
+from .view_render import (  # noqa: F401  (re-exported: the renderer's names stay reachable as view_refine.*)
+    NUM_VIEWS,
+    Camera,
+    Render,
+    Topology,
+    Visibility,
+    face_normals,
+    mesh_topology,
+    render,
+    vertex_normals,
+    visibility,
+)
 
 # Wonder3D's own reconstruction (instant-nsr-pl, neuralangelo-ortho-wmask.yaml) weights the views
 # [1.0, 0.8, 0.2, 1.0, 0.4, 0.7] in VIEW_NAMES order (front, front_right, right, back, left, front_left): the front
 # and back are the most reliable generations (see ../shared/research/wonder3d.md, "Mesh reconstruction").
 DEFAULT_VIEW_WEIGHTS = (1.0, 0.8, 0.2, 1.0, 0.4, 0.7)
-NUM_VIEWS = 6
-
-
-class Camera(Protocol):
-    """What `refine_mesh` needs of `t2mv.view_texture.ViewCamera` (`texture_from_views(...).camera`)."""
-
-    image_size: int
-
-    def project(self, points: torch.Tensor) -> torch.Tensor:  # (N, 3) -> (6, N, 3): col px, row px, depth
-        ...
-
-
-# --------------------------------------------------------------------------------------------- mesh topology
-
-
-@dataclass
-class Topology:
-    """Fixed connectivity of the mesh being refined (the optimisation moves vertices only)."""
-
-    faces: torch.Tensor  # (F, 3) long
-    edges: torch.Tensor  # (E, 2) long, unique undirected edges
-    edge_faces: torch.Tensor  # (E, 2) long: the two faces of each edge (-1: boundary edge, one face only)
-    edge_opposite: torch.Tensor  # (E, 2) long: the vertex opposite the edge in each of those faces (-1: none)
-    num_vertices: int
-
-
-def mesh_topology(faces: torch.Tensor, num_vertices: int) -> Topology:
-    """Unique edges and their adjacent faces. Edges with more than two faces (non-manifold) keep the first two.
-
-    Args:
-        faces: (F, 3) long. num_vertices: V.
-
-    Returns:
-        `Topology` on the faces' device.
-    """
-    device = faces.device
-    f = faces.long()
-    directed = torch.cat([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]], dim=0)  # (3F, 2) edge k of face i at k*F + i
-    opposite = torch.cat([f[:, 2], f[:, 0], f[:, 1]], dim=0)  # (3F,)
-    face_of = torch.arange(len(f), device=device).repeat(3)  # (3F,)
-    key = directed.amin(dim=1) * num_vertices + directed.amax(dim=1)  # (3F,) undirected edge id
-    uniq, inverse = torch.unique(key, return_inverse=True)  # (E,), (3F,)
-    num_edges = len(uniq)
-    order = torch.argsort(inverse, stable=True)  # directed edges grouped by undirected edge, face order kept
-    sorted_edge = inverse[order]
-    first = torch.searchsorted(sorted_edge, torch.arange(num_edges, device=device))  # (E,) start of each group
-    count = torch.bincount(inverse, minlength=num_edges)  # (E,)
-    edge_faces = torch.full((num_edges, 2), -1, dtype=torch.long, device=device)
-    edge_opposite = torch.full((num_edges, 2), -1, dtype=torch.long, device=device)
-    edge_faces[:, 0] = face_of[order[first]]
-    edge_opposite[:, 0] = opposite[order[first]]
-    two = count >= 2
-    second = order[(first + 1).clamp(max=len(order) - 1)]
-    edge_faces[two, 1] = face_of[second[two]]
-    edge_opposite[two, 1] = opposite[second[two]]
-    edges = torch.stack([uniq // num_vertices, uniq % num_vertices], dim=1)  # (E, 2)
-    return Topology(f, edges, edge_faces, edge_opposite, num_vertices)
-
-
-def face_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Area-weighted (unnormalised) face normals (F, 3): cross(v1 - v0, v2 - v0), counter-clockwise = outward."""
-    tri = vertices[faces]  # (F, 3, 3)
-    return torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1)  # (F, 3)
-
-
-def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Unit vertex normals (V, 3): the area-weighted mean of the adjacent face normals (differentiable)."""
-    fn = face_normals(vertices, faces)  # (F, 3)
-    acc = torch.zeros_like(vertices).index_add(0, faces.reshape(-1), fn.repeat_interleave(3, dim=0))  # (V, 3)
-    return F.normalize(acc, dim=-1, eps=1e-12)
-
-
-# --------------------------------------------------------------------------------------------- renderer
-
-
-@dataclass
-class Visibility:
-    """Non-differentiable part of a render of the six views: the triangle each pixel shows and the contour edge
-    bounding each silhouette pixel. Pixels are flat indices view * S * S + row * S + col. Recomputed by
-    `visibility()`; it may be reused for a few steps while the vertices move little (everything differentiable is
-    recomputed from the current vertices by `render()`)."""
-
-    pixel: torch.Tensor  # (N,) covered pixels
-    face: torch.Tensor  # (N,) the triangle each one shows
-    pair: torch.Tensor  # (N,) index of each pixel's (view, triangle) pair in pair_view / pair_face
-    pair_view: torch.Tensor  # (P,) the distinct (view, triangle) pairs seen
-    pair_face: torch.Tensor  # (P,)
-    hard: torch.Tensor  # (6, S * S) bool coverage of the z-buffer
-    edge_pixel: torch.Tensor  # (B,) silhouette pixels (coverage changes in their 3x3 neighbourhood)
-    edge: torch.Tensor  # (B, 2) vertex ids of the contour edge nearest each one
-    edge_sign: torch.Tensor  # (B,) +1 / -1: the inside lies to the left / right of edge a -> b
-    size: int
-    xy: torch.Tensor  # (6, V, 2) projected vertices it was computed for (to measure how far they have moved)
-    cache: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # per-target constants of the losses
-
-
-@dataclass
-class Render:
-    """Differentiable render at the pixels of a `Visibility`.
-
-    The interpolated normal is affine in the pixel position within a triangle, so it is kept per (view, triangle)
-    pair: m(p) = gx * p.x + gy * p.y + h (unnormalised); `normal` evaluates it at the pixels.
-    """
-
-    gx: torch.Tensor  # (P, 3)
-    gy: torch.Tensor  # (P, 3)
-    h: torch.Tensor  # (P, 3)
-    edge_coverage: torch.Tensor  # (B,) soft coverage of each silhouette pixel in [0, 1]
-    vis: Visibility
-
-    @property
-    def normal(self) -> torch.Tensor:
-        """(N, 3) unit export-frame normal at each covered pixel (differentiable)."""
-        pair = self.vis.pair
-        p = self._pixel_centres()  # (N, 2)
-        m = self.gx.index_select(0, pair) * p[:, :1] + self.gy.index_select(0, pair) * p[:, 1:]
-        return F.normalize(m + self.h.index_select(0, pair), dim=-1, eps=1e-12)  # (N, 3)
-
-    def cosine(self, target: torch.Tensor) -> torch.Tensor:
-        """(N,) cosine between each pixel's normal and target (N, 3) unit vectors: `(normal * target).sum(-1)`, in
-        one fused autograd node (the optimiser's hot path: ~3x fewer tensor passes than the composed ops)."""
-        return _PixelCosine.apply(self.gx, self.gy, self.h, self.vis.pair, self._pixel_centres(), target)
-
-    def _pixel_centres(self) -> torch.Tensor:
-        return _centres(self.vis.pixel, self.vis.size, self.h.dtype)
-
-    def images(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense images: normal (6, S * S, 3) (0 where uncovered) and soft coverage (6, S * S)."""
-        vis = self.vis
-        values = self.normal  # (N, 3)
-        normal = torch.zeros(vis.hard.numel(), 3, dtype=values.dtype, device=values.device)
-        normal = normal.index_put((vis.pixel,), values).reshape(*vis.hard.shape, 3)
-        coverage = vis.hard.reshape(-1).to(values.dtype).index_put((vis.edge_pixel,), self.edge_coverage)
-        return normal, coverage.reshape(vis.hard.shape)
-
-
-def _centres(pixel: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Pixel centres (N, 2) as (x, y) = (col + 0.5, row + 0.5) of flat indices [view * S * S +] row * S + col."""
-    local = pixel % (size * size)
-    return torch.stack([(local % size).to(dtype) + 0.5, (local // size).to(dtype) + 0.5], dim=-1)
-
-
-def _contour_edges(xy: torch.Tensor, front: torch.Tensor, topo: Topology) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contour edges of one view: between a front- and a back-facing triangle, or on an open front-facing border.
-
-    Args:
-        xy: (V, 2) projected vertices (pixels). front: (F,) bool, the faces that face this view.
-
-    Returns:
-        edges (C, 2) vertex ids, sign (C,) +1 where the inside (the front face's third vertex) lies to the left of
-        a -> b in (x, y), else -1.
-    """
-    f0, f1 = topo.edge_faces[:, 0], topo.edge_faces[:, 1]
-    boundary = f1 < 0
-    front1 = front[f1.clamp(min=0)] & ~boundary
-    contour = (front[f0] != front1) | (boundary & front[f0])  # (E,)
-    idx = torch.nonzero(contour).squeeze(1)
-    edges = topo.edges[idx]  # (C, 2)
-    inner = torch.where(front[f0[idx]], topo.edge_opposite[idx, 0], topo.edge_opposite[idx, 1])  # (C,)
-    a, b, o = xy[edges[:, 0]], xy[edges[:, 1]], xy[inner]
-    cross = (b[:, 0] - a[:, 0]) * (o[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (o[:, 0] - a[:, 0])  # (C,)
-    return edges, torch.where(cross >= 0, 1.0, -1.0).to(xy.dtype)
-
-
-def _segment_candidates(
-    a: torch.Tensor, b: torch.Tensor, size: int, margin: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pixels within `margin` of each segment a -> b (pixel coordinates, centres at +0.5).
-
-    Returns:
-        pixel (T,) flat indices row * S + col, segment (T,) ids, dist (T,) distance from the pixel centre to the
-        segment.
-    """
-    device = a.device
-    lo = (torch.minimum(a, b) - margin - 0.5).ceil().clamp(0, size - 1).long()  # (C, 2)
-    hi = (torch.maximum(a, b) + margin - 0.5).floor().clamp(-1, size - 1).long()  # (C, 2)
-    extent = (hi - lo + 1).clamp(min=0)  # (C, 2)
-    counts = extent[:, 0] * extent[:, 1]  # (C,)
-    total = int(counts.sum())
-    if total == 0:
-        empty = torch.empty(0, dtype=torch.long, device=device)
-        return empty, empty, torch.empty(0, dtype=a.dtype, device=device)
-    seg = torch.repeat_interleave(torch.arange(len(a), device=device), counts, output_size=total)  # (T,)
-    local = torch.arange(total, device=device) - (torch.cumsum(counts, 0) - counts)[seg]  # (T,)
-    span = extent[seg, 0]
-    col = lo[seg, 0] + local % span
-    row = lo[seg, 1] + local // span
-    p = torch.stack([col.to(a.dtype) + 0.5, row.to(a.dtype) + 0.5], dim=-1)  # (T, 2)
-    d = b[seg] - a[seg]  # (T, 2)
-    t = (((p - a[seg]) * d).sum(-1) / (d * d).sum(-1).clamp(min=1e-12)).clamp(0.0, 1.0)  # (T,)
-    dist = (p - a[seg] - t[:, None] * d).norm(dim=-1)  # (T,)
-    keep = dist <= margin
-    return (row * size + col)[keep], seg[keep], dist[keep]
-
-
-def _mixed_neighbourhood(hard: torch.Tensor, size: int) -> torch.Tensor:
-    """(6, S * S) bool: pixels whose 3x3 neighbourhood holds both covered and uncovered pixels."""
-    img = hard.reshape(-1, 1, size, size).float()  # (6, 1, S, S)
-    dil = F.max_pool2d(img, 3, stride=1, padding=1)
-    ero = -F.max_pool2d(-img, 3, stride=1, padding=1)
-    return (dil != ero).reshape(hard.shape)
-
-
-@torch.no_grad()
-def visibility(
-    vertices: torch.Tensor, topo: Topology, camera: Camera, size: int, *, margin: float = 1.0
-) -> Visibility:
-    """Rasterise the six views (z-buffer, front-facing triangles only) and pair each silhouette pixel with its
-    nearest contour edge.
-
-    Args:
-        vertices: (V, 3) export-frame positions (outward winding). topo: the mesh's `Topology`.
-        camera: the six view cameras. size: image size S.
-        margin: how far (pixels) from a contour edge a silhouette pixel may be to get one.
-
-    Returns:
-        `Visibility` on the vertices' device.
-    """
-    n_pix = size * size
-    proj = camera.project(vertices.detach())  # (6, V, 3) col, row, depth
-    axes = _cameras.view_axes(dtype=vertices.dtype, device=vertices.device)  # (6, 3, 3)
-    front = face_normals(vertices.detach(), topo.faces) @ axes[:, 2].T > 0  # (F, 6) facing each viewer
-    hard = torch.zeros(NUM_VIEWS, n_pix, dtype=torch.bool, device=vertices.device)
-    pixels, faces, edge_pixels, edges_out, signs = [], [], [], [], []
-    for k in range(NUM_VIEWS):
-        # A closed, outward mesh shows only front-facing triangles: the back half need not be rasterised.
-        shown = torch.nonzero(front[:, k]).squeeze(1)  # (F_k,)
-        pixel, face, _ = _texture.rasterize_screen(proj[k, :, :2], proj[k, :, 2], topo.faces[shown], size, size)
-        pixels.append(pixel + k * n_pix)
-        faces.append(shown[face])
-        hard[k, pixel] = True
-    mixed = _mixed_neighbourhood(hard, size)  # (6, S * S)
-    for k in range(NUM_VIEWS):
-        xy = proj[k, :, :2]  # (V, 2)
-        edges, sign = _contour_edges(xy, front[:, k], topo)
-        pix, seg, dist = _segment_candidates(xy[edges[:, 0]], xy[edges[:, 1]], size, margin)
-        on_edge = mixed[k, pix]
-        pix, seg, dist = pix[on_edge], seg[on_edge], dist[on_edge]
-        chosen = _texture.first_best(pix, dist, n_pix)
-        edge_pixels.append(pix[chosen] + k * n_pix)
-        edges_out.append(edges[seg[chosen]])
-        signs.append(sign[seg[chosen]])
-    pixel, face = torch.cat(pixels), torch.cat(faces)
-    view = pixel // n_pix
-    key, pair = torch.unique(view * len(topo.faces) + face, return_inverse=True)  # (P,), (N,)
-    return Visibility(
-        pixel,
-        face,
-        pair,
-        key // len(topo.faces),
-        key % len(topo.faces),
-        hard,
-        torch.cat(edge_pixels),
-        torch.cat(edges_out),
-        torch.cat(signs),
-        size,
-        proj[..., :2].clone(),
-    )
-
-
-def render(vertices: torch.Tensor, topo: Topology, camera: Camera, vis: Visibility) -> Render:
-    """Differentiable normals and soft silhouette of the six views at the pixels of `vis`.
-
-    Args:
-        vertices: (V, 3) export-frame positions (with grad). vis: from `visibility()` (same or nearby vertices).
-
-    Returns:
-        `Render` with gradients to `vertices` through the vertex normals, the barycentrics (recomputed at the pixel
-        centres from the projected vertices) and the contour edges' positions.
-    """
-    size, num = vis.size, len(vertices)
-    xy = camera.project(vertices)[..., :2].reshape(-1, 2)  # (6 * V, 2): vertex v of view k at k * V + v
-    normals = vertex_normals(vertices, topo.faces)  # (V, 3)
-    # Barycentrics are affine in the pixel position, so per (view, triangle) pair the interpolated normal is
-    # m(p) = gx * p.x + gy * p.y + h; the pixels then only evaluate that (same values, far fewer operations).
-    # index_select rather than fancy indexing: its backward is a plain index_add (much cheaper on the CPU).
-    tri = topo.faces.index_select(0, vis.pair_face)  # (P, 3)
-    tri_xy = xy.index_select(0, (tri + (vis.pair_view * num)[:, None]).reshape(-1)).reshape(-1, 3, 2)  # (P, 3, 2)
-    a, b, c = tri_xy.unbind(1)  # (P, 2) each
-    det = (b[:, 1] - c[:, 1]) * (a[:, 0] - c[:, 0]) + (c[:, 0] - b[:, 0]) * (a[:, 1] - c[:, 1])  # (P,)
-    det = torch.where(det.abs() < 1e-9, torch.full_like(det, 1e-9), det)  # edge-on slivers: no blow-up
-    ax = torch.stack([b[:, 1] - c[:, 1], c[:, 1] - a[:, 1]], dim=-1) / det[:, None]  # (P, 2) d l0/dx, d l1/dx
-    ay = torch.stack([c[:, 0] - b[:, 0], a[:, 0] - c[:, 0]], dim=-1) / det[:, None]  # (P, 2) d l0/dy, d l1/dy
-    a0 = -(ax * c[:, :1] + ay * c[:, 1:])  # (P, 2) l0, l1 at p = (0, 0)
-    n = normals.index_select(0, tri.reshape(-1)).reshape(-1, 3, 3)  # (P, 3, 3)
-    dn = n[:, :2] - n[:, 2:]  # (P, 2, 3): l2 = 1 - l0 - l1
-    gx = (ax[..., None] * dn).sum(1)  # (P, 3)
-    gy = (ay[..., None] * dn).sum(1)
-    h = (a0[..., None] * dn).sum(1) + n[:, 2]
-    # Soft coverage of silhouette pixels: a pixel-wide box cut by the contour edge's line.
-    e = vis.edge + (vis.edge_pixel // (size * size) * num)[:, None]  # (B, 2) into xy
-    ea, eb = xy[e[:, 0]], xy[e[:, 1]]  # (B, 2)
-    q = _centres(vis.edge_pixel, size, xy.dtype)  # (B, 2)
-    d = eb - ea
-    cross = d[:, 0] * (q[:, 1] - ea[:, 1]) - d[:, 1] * (q[:, 0] - ea[:, 0])  # (B,)
-    signed = vis.edge_sign * cross / d.norm(dim=-1).clamp(min=1e-9)  # (B,) pixels, > 0 inside
-    return Render(gx, gy, h, (0.5 + signed).clamp(0.0, 1.0), vis)
-
-
-class _PixelCosine(torch.autograd.Function):
-    """cos(m(p), t) per pixel with m(p) = gx[pair] * p.x + gy[pair] * p.y + h[pair], backward by hand:
-    d cos / d m = (t - cos * m / |m|) / |m|, gathered back to the pairs with index_add."""
-
-    @staticmethod
-    def forward(ctx, gx, gy, h, pair, p, target):
-        px, py = p[:, :1], p[:, 1:]  # (N, 1)
-        m = gx.index_select(0, pair) * px + gy.index_select(0, pair) * py + h.index_select(0, pair)  # (N, 3)
-        length = m.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # (N, 1)
-        unit = m / length
-        cos = (unit * target).sum(-1)  # (N,)
-        ctx.save_for_backward(unit, length, cos, pair, p, target)
-        ctx.num_pairs = len(h)
-        return cos
-
-    @staticmethod
-    def backward(ctx, grad):
-        unit, length, cos, pair, p, target = ctx.saved_tensors
-        g = (target - cos[:, None] * unit) * (grad[:, None] / length)  # (N, 3) d loss / d m
-        zeros = torch.zeros(ctx.num_pairs, 3, dtype=g.dtype, device=g.device)
-        grad_h = zeros.index_add(0, pair, g)
-        grad_gx = zeros.index_add(0, pair, g * p[:, :1])
-        grad_gy = zeros.index_add(0, pair, g * p[:, 1:])
-        return grad_gx, grad_gy, grad_h, None, None, None
 
 
 # --------------------------------------------------------------------------------------------- Large Steps
@@ -484,6 +167,7 @@ class Targets:
     mask: torch.Tensor  # (6, S * S) float 0 / 1
     weight: torch.Tensor  # (6, S * S) reliability of each normal pixel in [0, 1] (0 outside the mask)
     size: int
+    valid: torch.Tensor  # (6, S * S) bool: the normal map decodes to a unit normal there (inside or outside the mask)
 
 
 def _images_to_tensor(images: Sequence[Image.Image] | torch.Tensor, mode: str) -> torch.Tensor:
@@ -541,24 +225,26 @@ def make_targets(
     unit = vec / length.clamp(min=1e-6)[..., None]
     axes = _cameras.view_axes(device=device)  # (6, 3, 3)
     facing = (unit * axes[:, None, None, 2]).sum(-1)  # (6, S, S) cosine to each view's direction
-    weight = (facing / grazing).clamp(0.0, 1.0) * (length > 0.5)  # (6, S, S) undecodable pixels: 0
+    # A unit normal decodes to length ~1; the white (or black, grey) background decodes to sqrt(3) (or ~0): no target.
+    valid = (length > 0.5) & (length < 1.4)  # (6, S, S)
+    weight = (facing / grazing).clamp(0.0, 1.0) * valid  # (6, S, S)
     weight = weight * ((_erosion_depth(m, rim) + 1.0) / (rim + 1.0)).clamp(max=1.0) * m
     return Targets(
-        unit.reshape(NUM_VIEWS, -1, 3), m.reshape(NUM_VIEWS, -1).float(), weight.reshape(NUM_VIEWS, -1), size
+        unit.reshape(NUM_VIEWS, -1, 3),
+        m.reshape(NUM_VIEWS, -1).float(),
+        weight.reshape(NUM_VIEWS, -1),
+        size,
+        valid.reshape(NUM_VIEWS, -1),
     )
 
 
-def silhouette_agreement(targets: Targets) -> torch.Tensor:
-    """Per view (6,): how well the normal map agrees with its own mask's outline.
-
-    On a mask's rim the true normal points outwards in the image plane; the score is the mean cosine between the
-    map's normal and that outward direction (from the blurred mask's gradient) over the rim pixels: 0.98 for the
-    renders of the tests' ground truth, 0.0 for a flat map, 0.29 for the opposite side view's map. NaN where the
-    mask has no rim.
-    """
+def _rim_band(targets: Targets, band: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask pixels within `band` pixels of the mask's outline, (6, S * S) bool, and the outward direction there
+    (6, S * S, 3) in the export frame (unit, down the blurred mask's gradient). Image borders are no outline."""
     size = targets.size
     m = targets.mask.reshape(NUM_VIEWS, 1, size, size)
-    blur = F.avg_pool2d(m, 5, stride=1, padding=2, count_include_pad=False)
+    width = 2 * band + 1  # the blurred gradient is non-zero up to `band` pixels from the outline
+    blur = F.avg_pool2d(m, width, stride=1, padding=band, count_include_pad=False)
     gx = (blur[..., :, 2:] - blur[..., :, :-2]) / 2  # (6, 1, S, S-2) d/dcol
     gy = (blur[..., 2:, :] - blur[..., :-2, :]) / 2  # (6, 1, S-2, S) d/drow
     gx = F.pad(gx, (1, 1, 0, 0))[:, 0].reshape(NUM_VIEWS, -1)  # (6, S * S)
@@ -566,11 +252,35 @@ def silhouette_agreement(targets: Targets) -> torch.Tensor:
     axes = _cameras.view_axes(device=m.device)  # (6, 3, 3)
     # Outward = down the mask's gradient; image rows grow downwards, camera up is -row.
     outward = -gx[..., None] * axes[:, None, 0] + gy[..., None] * axes[:, None, 1]  # (6, S * S, 3)
-    norm = outward.norm(dim=-1)
-    rim = (targets.mask > 0) & (_erosion_depth(m[:, 0] > 0, 1).reshape(NUM_VIEWS, -1) == 0) & (norm > 1e-3)
-    cos = (F.normalize(outward, dim=-1) * targets.normal).sum(-1)  # (6, S * S)
-    count = rim.sum(-1)
-    return torch.where(count > 0, (cos * rim).sum(-1) / count.clamp(min=1), torch.full_like(norm[:, 0], math.nan))
+    near = _erosion_depth(m[:, 0] > 0, band).reshape(NUM_VIEWS, -1) < band  # (6, S * S)
+    rim = (targets.mask > 0) & near & (outward.norm(dim=-1) > 1e-3)
+    return rim, F.normalize(outward, dim=-1)
+
+
+def silhouette_agreement(targets: Targets, *, band: int = 3, side: float = 0.3) -> torch.Tensor:
+    """Per view (6,): how well the normal map agrees with its own mask's outline.
+
+    Where a surface is seen from the side at the outline, its normal points outwards in the image plane. The score
+    is sum(cos) / sum(|cos|), cos between the map's normal and the outward direction (down the blurred mask's
+    gradient), over the mask pixels within `band` pixels of the outline where the map shows a side (in-plane
+    component > `side`): 1 when no side turns inwards, -1 when all do. The band, rather than the outline pixels alone, tolerates masks a pixel or two off the normal map's
+    silhouette (the outline pixels of a larger mask show the map's background, which decodes to no normal; those of
+    a smaller one lie a little inside, where the normals still point outwards). Pixels facing the camera (a box's
+    face seen square-on ends in a crease, not a turned side) are no evidence either way. Renders of the tests'
+    smooth ground truth score ~1, the opposite side view's map ~0.3 or less. NaN where the mask has no outline
+    (empty, or filling the image) or the map shows no side along it (a flat map, a box seen square-on).
+    """
+    rim, outward = _rim_band(targets, band)
+    normal = targets.normal  # (6, S * S, 3)
+    axes = _cameras.view_axes(device=normal.device)  # (6, 3, 3)
+    in_plane = normal - (normal * axes[:, None, 2]).sum(-1, keepdim=True) * axes[:, None, 2]  # (6, S * S, 3)
+    rim = rim & targets.valid & (in_plane.norm(dim=-1) > side)
+    cos = (outward * normal).sum(-1) * rim  # (6, S * S)
+    # Sides along the outline may also run along it (a box's side seen at 45 degrees, at its top edge: cos ~0);
+    # what contradicts the outline is a side turned inwards, so the score weighs each pixel by |cos|.
+    weight = cos.abs().sum(-1)  # (6,)
+    enough = weight >= (0.05 * rim.sum(-1)).clamp(min=1.0)
+    return torch.where(enough, cos.sum(-1) / weight.clamp(min=1e-12), torch.full_like(weight, math.nan))
 
 
 def view_losses(rendered: Render, targets: Targets) -> tuple[torch.Tensor, torch.Tensor]:
@@ -690,6 +400,42 @@ def flipped_faces(before: torch.Tensor, after: torch.Tensor, faces: torch.Tensor
     return int(((face_normals(before, faces) * face_normals(after, faces)).sum(-1) < 0).sum())
 
 
+def folded_faces(vertices: torch.Tensor, faces: torch.Tensor) -> int:
+    """Faces whose normal points against the summed normals of their three corners (folds), on any topology.
+
+    A corner's normal is the area-weighted mean of the faces around it, so a face turned over against its
+    neighbourhood (a fold, a pleat the optimiser pushed through itself) disagrees with it; 0 on a clean mesh."""
+    fn = face_normals(vertices, faces)  # (F, 3)
+    corners = vertex_normals(vertices, faces)[faces].sum(1)  # (F, 3)
+    return int(((fn * corners).sum(-1) < 0).sum())
+
+
+def remesh(vertices: np.ndarray, faces: np.ndarray, edge_length: float, *, iterations: int = 5):
+    """Isotropic remeshing (Botsch-Kobbelt: split, collapse, flip, relax; gpytoolbox `remesh_botsch`) to triangles
+    with edges about `edge_length` long, the new vertices projected back onto the input surface. Open borders are
+    kept as they are (gpytoolbox fixes border vertices).
+
+    Args:
+        vertices: (V, 3) float. faces: (F, 3) int. edge_length: target edge length (export units).
+
+    Returns:
+        (vertices (V', 3) float64, faces (F', 3) int64) with no unreferenced vertex or degenerate face.
+    """
+    import gpytoolbox  # a compiled library: loaded on the first refinement only
+
+    v, f = gpytoolbox.remesh_botsch(
+        np.ascontiguousarray(vertices, dtype=np.float64),
+        np.ascontiguousarray(faces, dtype=np.int32),
+        i=iterations,
+        h=float(edge_length),
+        project=True,
+    )
+    f = np.asarray(f, dtype=np.int64)
+    f = f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])]
+    used, f = np.unique(f, return_inverse=True)
+    return np.asarray(v, dtype=np.float64)[used], f.reshape(-1, 3)
+
+
 # --------------------------------------------------------------------------------------------- refinement
 
 
@@ -697,10 +443,14 @@ def flipped_faces(before: torch.Tensor, after: torch.Tensor, faces: torch.Tensor
 class RefineResult:
     """Result of `refine_mesh`.
 
-    mesh: the refined mesh (same faces, same vertex order and visuals as the input), or the input itself when
-    rejected. losses: "initial" / "final" per-view and total losses, "history" (total loss per iteration),
-    "views_used". timings: seconds per phase. accepted: False when the input was kept. warnings: why views were
-    dropped or the result rejected. settings: the options used.
+    mesh: the refined mesh, or the input itself when rejected. With remeshing (the default) it has its own faces
+    and vertices: vertex colours are carried over from the nearest input vertex, other visuals (a UV texture) are
+    dropped, as the views texture the mesh after refinement. With remesh=False the faces, vertex order and visuals
+    are the input's. losses: "initial" / "final" per-view and total losses, "history" (total loss per iteration,
+    all rounds), "rounds" (per round: edge length in pixels, faces, iterations, best iteration, flipped faces),
+    "views_used", "silhouette_agreement" (None where a mask has no outline), "flipped_faces", "folded_faces".
+    timings: seconds per phase. accepted: False when the input was kept. warnings: why views were dropped or the
+    result rejected. settings: the options used.
     """
 
     mesh: trimesh.Trimesh
@@ -711,6 +461,18 @@ class RefineResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class FitOptions:
+    """Options of one Large Steps round (see `refine_mesh`)."""
+
+    lr: float = 3e-2
+    lam: float = 19.0
+    silhouette_weight: float = 0.1
+    smooth_weight: float = 0.02
+    raster_every: int = 10
+    max_drift: float = 1.0
+
+
 def _loss_summary(normal: torch.Tensor, sil: torch.Tensor, weights: torch.Tensor, silhouette_weight: float) -> dict:
     data = (weights * (normal + silhouette_weight * sil)).sum() / weights.sum().clamp(min=1e-12)
     return {
@@ -718,6 +480,135 @@ def _loss_summary(normal: torch.Tensor, sil: torch.Tensor, weights: torch.Tensor
         "normal": [round(float(x), 6) for x in normal],
         "silhouette": [round(float(x), 6) for x in sil],
     }
+
+
+def _pixel_size(camera: Camera, device: torch.device) -> float:
+    """Export-frame length of one pixel of the (orthographic) views: a unit step along the front view's image
+    right, projected."""
+    p = camera.project(torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]], device=device))  # (6, 2, 3)
+    return 1.0 / float((p[0, 1, :2] - p[0, 0, :2]).norm())
+
+
+def _choose_views(
+    x0: torch.Tensor,
+    topo: Topology,
+    camera: Camera,
+    targets: Targets,
+    weights: torch.Tensor,
+    *,
+    min_agreement: float,
+    max_input_angle: float,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], dict[str, Any], list[str]]:
+    """Which views to trust: non-empty masks with an outline, normal maps consistent with their outline and with
+    the input mesh. Returns the weights with the others zeroed, the input's per-view losses, records, warnings."""
+    warnings: list[str] = []
+    weights = weights.clone()
+    vis0 = visibility(x0, topo, camera, targets.size)
+    with torch.no_grad():
+        r0 = render(x0, topo, camera, vis0)
+        losses0 = view_losses(r0, targets)
+        img0, _ = r0.images()  # (6, S * S, 3)
+    agreement = silhouette_agreement(targets)
+    outline = _rim_band(targets, 3)[0].any(-1)  # (6,)
+    cover = targets.mask.mean(-1)  # (6,)
+    cos0 = (img0 * targets.normal).sum(-1).clamp(-1, 1)  # (6, S * S)
+    both = (targets.weight > 0) & vis0.hard
+    angle0 = torch.rad2deg(torch.acos(cos0) * both).sum(-1) / both.sum(-1).clamp(min=1)  # (6,)
+    names = _cameras.VIEW_NAMES
+    for k in range(NUM_VIEWS):
+        reason = None
+        if weights[k] <= 0:
+            continue
+        if cover[k] < 1e-3:
+            reason = "its mask is empty"
+        elif not outline[k]:
+            reason = "its mask has no outline to check the normal map against (it fills the image)"
+        elif agreement[k] < min_agreement:  # (NaN compares False: no side seen at the outline, see below)
+            reason = f"its normal map disagrees with its mask's outline (agreement {float(agreement[k]):.2f})"
+        elif both[k].sum() == 0 or angle0[k] > max_input_angle:
+            reason = f"its normals are {float(angle0[k]):.0f} degrees from the input mesh's on average"
+        elif not math.isfinite(float(agreement[k])) and angle0[k] > max_input_angle / 2:
+            # No side at the outline (a flat map, or a box seen square-on): only the input mesh can vouch for it.
+            reason = (
+                f"its normal map shows no side at its outline and is {float(angle0[k]):.0f} degrees from the input"
+                " mesh's on average"
+            )
+        if reason:
+            weights[k] = 0.0
+            warnings.append(f"view {names[k]} left out of the refinement: {reason}")
+    records = {
+        "views_used": [names[k] for k in range(NUM_VIEWS) if weights[k] > 0],
+        # None, not NaN, where a mask has no outline: the record goes into info.json.
+        "silhouette_agreement": [round(float(a), 4) if math.isfinite(float(a)) else None for a in agreement],
+        "input_normal_angle_deg": [round(float(a), 3) for a in angle0],
+    }
+    return weights, losses0, records, warnings
+
+
+def _fit_round(
+    x0: torch.Tensor,
+    faces: torch.Tensor,
+    camera: Camera,
+    targets: Targets,
+    weights: torch.Tensor,
+    iterations: int,
+    step: float,
+    opts: FitOptions,
+) -> tuple[torch.Tensor, list[float], int, int, float]:
+    """One Large Steps round from x0 (V, 3) on fixed faces: Adam on u = (I + λL) x, step `step` (export units).
+
+    Returns:
+        the lowest-loss iterate (V, 3), the loss history, its iteration, rasterisations, seconds rasterising.
+    """
+    topo = mesh_topology(faces, len(x0))
+    steps = LargeSteps(topo, opts.lam, x0.device)
+    e = topo.edges
+    neighbours = torch.sparse_coo_tensor(
+        torch.stack([torch.cat([e[:, 0], e[:, 1]]), torch.cat([e[:, 1], e[:, 0]])]),
+        torch.ones(2 * len(e), device=x0.device),
+        (len(x0), len(x0)),
+        check_invariants=False,
+    ).coalesce()
+    degree = torch.sparse.sum(neighbours, dim=1).to_dense().clamp(min=1)[:, None]  # (V, 1)
+    edge_len = float((x0[e[:, 0]] - x0[e[:, 1]]).norm(dim=-1).mean())
+    u = steps.to_differential(x0).clone().requires_grad_(True)  # (V, 3)
+    opt = AdamUniform(u, step)
+    best_loss, best_x, best_it = math.inf, x0, 0
+    vis, last, rasters, raster_time, history = None, 0, 0, 0.0, []
+    for it in range(iterations + 1):
+        x = steps.from_differential(u)  # (V, 3)
+        drift = math.inf if vis is None else float((camera.project(x.detach())[..., :2] - vis.xy).abs().amax())
+        if vis is None or it - last >= opts.raster_every or drift > opts.max_drift:
+            t_r = time.perf_counter()
+            vis, last, rasters = visibility(x, topo, camera, targets.size), it, rasters + 1
+            raster_time += time.perf_counter() - t_r
+        normal, sil = view_losses(render(x, topo, camera, vis), targets)
+        data = (weights * (normal + opts.silhouette_weight * sil)).sum() / weights.sum()
+        disp = x - x0
+        lap = disp - torch.sparse.mm(neighbours, disp) / degree  # (V, 3) displacement's uniform Laplacian
+        total = data + opts.smooth_weight * (lap**2).sum(-1).mean() / edge_len**2
+        value = float(total.detach())
+        history.append(round(value, 6))
+        if not math.isfinite(value):
+            break
+        if value < best_loss:
+            best_loss, best_x, best_it = value, x.detach().clone(), it
+        if it == iterations:
+            break
+        total.backward()
+        opt.step()
+    return best_x, history, best_it, rasters, raster_time
+
+
+def _carry_visuals(mesh: trimesh.Trimesh, vertices: np.ndarray, faces: np.ndarray) -> trimesh.Trimesh:
+    """The refined mesh with the input's vertex colours taken from the nearest input vertex (no UV visuals)."""
+    from scipy.spatial import cKDTree
+
+    out = trimesh.Trimesh(vertices, faces, process=False)
+    if mesh.visual.kind == "vertex":
+        nearest = cKDTree(np.asarray(mesh.vertices)).query(vertices)[1]
+        out.visual.vertex_colors = np.asarray(mesh.visual.vertex_colors)[nearest]
+    return out
 
 
 def refine_mesh(
@@ -739,27 +630,31 @@ def refine_mesh(
     min_agreement: float = 0.5,
     max_input_angle: float = 60.0,
     check_intersections: bool = True,
+    remesh: bool = True,
+    edge_pixels: Sequence[float] = (6.0, 3.0),
 ) -> RefineResult:
-    """Fit the mesh's vertices to the six normal maps and masks (the faces are kept).
+    """Fit the mesh to the six normal maps and masks, remeshed coarse to fine (works under `torch.no_grad()`).
 
     Args:
-        mesh: the TripoSR mesh in the export frame (trimesh; its visuals are carried over).
+        mesh: the TripoSR mesh in the export frame (trimesh; vertex colours are carried over).
         normals: 6 normal maps in `VIEW_NAMES` order as the multiview stage returns them (PIL RGB, (n + 1) / 2 in
             the front camera's OpenGL frame), or (6, 3, S, S) in [0, 1].
         masks: 6 PIL "L" images (255 = object) or (6, S, S) in [0, 1], aligned with the normal maps.
         camera: the fitted orthographic cameras (`texture_from_views(...).camera`); `camera.image_size` must be S.
-        iterations: optimisation steps. device: where to run (default CPU). seed: recorded; the method draws no
-            random numbers, so runs on one device are identical.
-        lr: Adam step, as a fraction of the mesh's bounding radius. lam: Large Steps' λ (larger: smoother steps).
+        iterations: optimisation steps, all rounds together. device: where to run (default CPU). seed: recorded;
+            the method draws no random numbers, so runs on one device are identical.
+        lr: Adam step, as a fraction of the mesh's bounding radius (x0.8 each later round, as the Large Steps
+            authors do after a remesh). lam: Large Steps' λ (larger: smoother steps).
         view_weights: per-view weights (default: Wonder3D's own reconstruction's). silhouette_weight,
             smooth_weight: weights of the silhouette term and of the displacement's Laplacian energy.
         raster_every, max_drift: re-rasterise the visibility after this many steps, or sooner once a vertex has
-            moved more than `max_drift` pixels in a view since the last time (barycentrics and contour distances
-            are recomputed at every step regardless).
+            moved more than `max_drift` pixels in a view since the last time.
         min_agreement: views whose normal map agrees less than this with its mask's outline
             (`silhouette_agreement`) are left out, with a warning. max_input_angle: views whose mean normal angle
             to the input mesh exceeds this (degrees) are left out, with a warning.
         check_intersections: reject results that add self-intersections (`self_intersections`, ~0.1-0.5 s).
+        remesh: remesh isotropically before each round; edge_pixels: one round per entry, its target edge length
+            in the views' pixels (coarse to fine). remesh=False: one round on the input's own faces.
 
     Returns:
         `RefineResult`. When the data loss (normal + silhouette over the views used) does not go down, something
@@ -768,160 +663,165 @@ def refine_mesh(
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    warnings: list[str] = []
     device = torch.device("cpu") if device is None else torch.device(device)
+    rounds = [float(e) for e in edge_pixels] if remesh else [0.0]
     if iterations < 0 or raster_every < 1:
         raise ValueError("iterations must be >= 0 and raster_every >= 1")
     if len(view_weights) != NUM_VIEWS:
         raise ValueError(f"view_weights needs {NUM_VIEWS} values, got {len(view_weights)}")
+    if not rounds or min(rounds) < 0 or (remesh and min(rounds) <= 0):
+        raise ValueError(f"edge_pixels needs one or more positive lengths, got {list(edge_pixels)}")
     if len(mesh.faces) == 0:
         raise ValueError("cannot refine an empty mesh")
+    opts = FitOptions(lr, lam, silhouette_weight, smooth_weight, raster_every, max_drift)
     settings = {
         "iterations": iterations,
         "device": str(device),
         "seed": seed,
-        "lr": lr,
-        "lam": lam,
         "view_weights": [float(w) for w in view_weights],
-        "silhouette_weight": silhouette_weight,
-        "smooth_weight": smooth_weight,
-        "raster_every": raster_every,
-        "max_drift": max_drift,
+        "remesh": remesh,
+        "edge_pixels": rounds if remesh else None,
+        **opts.__dict__,
     }
+    targets = make_targets(normals, masks, device=device)
+    if int(camera.image_size) != targets.size:
+        raise ValueError(f"camera.image_size {camera.image_size} differs from the maps' size {targets.size}")
+    with torch.no_grad():  # nothing before the rounds needs a graph, whatever the caller's mode
+        x0, faces0, warnings = _input_mesh(mesh, device)
+        topo0 = mesh_topology(faces0, len(x0))
+        weights = torch.tensor([float(w) for w in view_weights], device=device)  # (6,)
+        weights, (normal0, sil0), records, dropped = _choose_views(
+            x0, topo0, camera, targets, weights, min_agreement=min_agreement, max_input_angle=max_input_angle
+        )
+    warnings += dropped
+    shown = weights.clamp(min=1e-12) if weights.sum() == 0 else weights
+    losses: dict[str, Any] = {"initial": _loss_summary(normal0, sil0, shown, silhouette_weight), **records}
+    losses.update(history=[], rounds=[])
+    timings["checks"] = time.perf_counter() - t_start
 
-    def reject(reason: str, losses: dict[str, Any]) -> RefineResult:
+    def reject(reason: str) -> RefineResult:
         warnings.append(f"refinement rejected, input mesh kept: {reason}")
         timings["total"] = time.perf_counter() - t_start
         return RefineResult(mesh, losses, timings, False, warnings, settings)
 
-    targets = make_targets(normals, masks, device=device)
-    size = targets.size
-    if int(camera.image_size) != size:
-        raise ValueError(f"camera.image_size {camera.image_size} differs from the maps' size {size}")
+    if weights.sum() == 0:
+        return reject("no usable view")
+    x, faces, flips = _run_rounds(x0, faces0, camera, targets, weights, rounds, iterations, opts, losses, timings)
+    t = time.perf_counter()
+    with torch.no_grad():
+        reason = _verdict(x0, faces0, x, faces, flips, camera, targets, weights, opts, check_intersections, losses)
+    timings["accept"] = time.perf_counter() - t
+    if reason:
+        return reject(reason)
+    if remesh:
+        out = _carry_visuals(mesh, x.cpu().double().numpy(), faces.cpu().numpy())
+    else:  # the input's own faces: its visuals and face winding stay as they were
+        out = mesh.copy()
+        out.vertices = x.cpu().double().numpy()
+    timings["total"] = time.perf_counter() - t_start
+    return RefineResult(out, losses, timings, True, warnings, settings)
+
+
+def _input_mesh(mesh: trimesh.Trimesh, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The mesh as tensors, (V, 3) float32 and (F, 3) long, its faces flipped if they wind inwards."""
     x0 = torch.as_tensor(np.ascontiguousarray(mesh.vertices), dtype=torch.float32, device=device)  # (V, 3)
     faces = torch.as_tensor(np.ascontiguousarray(mesh.faces), dtype=torch.long, device=device)  # (F, 3)
     if float(face_normals(x0.double(), faces).mul(x0.double()[faces[:, 0]]).sum()) < 0:
         # Negative signed volume: the faces wind inwards; the renderer needs outward normals.
-        faces = faces.flip(1)
-        warnings.append("the mesh's faces wind inwards (negative volume); refined with outward winding")
-    topo = mesh_topology(faces, len(x0))
+        return x0, faces.flip(1), ["the mesh's faces wind inwards (negative volume); refined with outward winding"]
+    return x0, faces, []
+
+
+def _run_rounds(
+    x0: torch.Tensor,
+    faces0: torch.Tensor,
+    camera: Camera,
+    targets: Targets,
+    weights: torch.Tensor,
+    rounds: list[float],
+    iterations: int,
+    opts: FitOptions,
+    losses: dict[str, Any],
+    timings: dict[str, float],
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Remesh (edge length > 0) and fit, round after round; records each round in `losses` and `timings`.
+
+    Returns:
+        the vertices (V', 3) and faces (F', 3) of the last round's best iterate, and the faces that flipped within
+        the rounds (turned by more than 90 degrees from the round's start).
+    """
+    device = x0.device
+    pixel = _pixel_size(camera, device)
     radius = float((x0 - x0.mean(0)).norm(dim=-1).max())
-    steps = LargeSteps(topo, lam, device)
-    neighbours = torch.sparse_coo_tensor(
-        torch.stack(
-            [torch.cat([topo.edges[:, 0], topo.edges[:, 1]]), torch.cat([topo.edges[:, 1], topo.edges[:, 0]])]
-        ),
-        torch.ones(2 * len(topo.edges), device=device),
-        (len(x0), len(x0)),
-        check_invariants=False,
-    ).coalesce()
-    degree = torch.sparse.sum(neighbours, dim=1).to_dense().clamp(min=1)[:, None]  # (V, 1)
-    edge_len = float((x0[topo.edges[:, 0]] - x0[topo.edges[:, 1]]).norm(dim=-1).mean())
-    timings["setup"] = time.perf_counter() - t_start
+    share = [iterations // len(rounds)] * len(rounds)
+    share[-1] += iterations - sum(share)
+    x, faces, flips = x0, faces0, 0
+    timings.update(remesh=0.0, optimise=0.0, rasterise=0.0)
+    for r, (edge_px, n_it) in enumerate(zip(rounds, share)):
+        t = time.perf_counter()
+        if edge_px > 0:
+            v, f = remesh(x.cpu().numpy(), faces.cpu().numpy(), edge_px * pixel)
+            x = torch.as_tensor(v, dtype=torch.float32, device=device)  # (V', 3)
+            faces = torch.as_tensor(f, dtype=torch.long, device=device)  # (F', 3)
+        timings["remesh"] += time.perf_counter() - t
+        t = time.perf_counter()
+        with torch.enable_grad():  # a no_grad caller (inference code often is one) must not switch the fit off
+            best, history, best_it, rasters, raster_time = _fit_round(
+                x, faces, camera, targets, weights, n_it, opts.lr * 0.8**r * radius, opts
+            )
+        timings["optimise"] += time.perf_counter() - t
+        timings["rasterise"] += raster_time
+        flipped = flipped_faces(x, best, faces)
+        flips += flipped
+        losses["history"] += history
+        losses["rounds"].append(
+            {
+                "edge_pixels": edge_px or None,
+                "faces": len(faces),
+                "vertices": len(x),
+                "iterations": n_it,
+                "best_iteration": best_it,
+                "rasterisations": rasters,
+                "flipped_faces": flipped,
+            }
+        )
+        x = best
+    return x, faces, flips
 
-    # Which views to trust: non-empty masks, normal maps consistent with their outline and with the input mesh.
-    t = time.perf_counter()
-    weights = torch.tensor([float(w) for w in view_weights], device=device)  # (6,)
-    vis0 = visibility(x0, topo, camera, size)
-    with torch.no_grad():
-        r0 = render(x0, topo, camera, vis0)
-        normal0, sil0 = view_losses(r0, targets)
-        img0, _ = r0.images()  # (6, S * S, 3)
-    agreement = silhouette_agreement(targets)
-    cover = targets.mask.mean(-1)  # (6,)
-    cos0 = (img0 * targets.normal).sum(-1).clamp(-1, 1)  # (6, S * S)
-    both = (targets.weight > 0) & vis0.hard
-    angle0 = torch.rad2deg(torch.acos(cos0) * both).sum(-1) / both.sum(-1).clamp(min=1)  # (6,)
-    names = _cameras.VIEW_NAMES
-    for k in range(NUM_VIEWS):
-        reason = None
-        if weights[k] <= 0:
-            continue
-        if cover[k] < 1e-3:
-            reason = "its mask is empty"
-        elif not agreement[k] >= min_agreement:
-            reason = f"its normal map disagrees with its mask's outline (agreement {float(agreement[k]):.2f})"
-        elif both[k].sum() == 0 or angle0[k] > max_input_angle:
-            reason = f"its normals are {float(angle0[k]):.0f} degrees from the input mesh's on average"
-        if reason:
-            weights[k] = 0.0
-            warnings.append(f"view {names[k]} left out of the refinement: {reason}")
-    initial = _loss_summary(
-        normal0, sil0, weights.clamp(min=1e-12) if weights.sum() == 0 else weights, silhouette_weight
-    )
-    losses: dict[str, Any] = {
-        "initial": initial,
-        "views_used": [names[k] for k in range(NUM_VIEWS) if weights[k] > 0],
-        "silhouette_agreement": [round(float(a), 4) for a in agreement],
-        "input_normal_angle_deg": [round(float(a), 3) for a in angle0],
-        "history": [],
-    }
-    timings["checks"] = time.perf_counter() - t
-    if weights.sum() == 0:
-        return reject("no usable view", losses)
 
-    # Large Steps: optimise u = (I + λL) x with a uniform Adam.
-    t = time.perf_counter()
-    u = steps.to_differential(x0).clone().requires_grad_(True)  # (V, 3)
-    opt = AdamUniform(u, lr * radius)
-    best_loss, best_x, best_it, vis = math.inf, x0, 0, vis0
-    raster_time, rasters, last = 0.0, 1, 0
-    for it in range(iterations + 1):
-        x = steps.from_differential(u)  # (V, 3)
-        if it > 0:
-            drift = float((camera.project(x.detach())[..., :2] - vis.xy).abs().amax())
-            if it - last >= raster_every or drift > max_drift:
-                t_r = time.perf_counter()
-                vis, last, rasters = visibility(x, topo, camera, size), it, rasters + 1
-                raster_time += time.perf_counter() - t_r
-        normal, sil = view_losses(render(x, topo, camera, vis), targets)
-        data = (weights * (normal + silhouette_weight * sil)).sum() / weights.sum()
-        disp = x - x0
-        lap = disp - torch.sparse.mm(neighbours, disp) / degree  # (V, 3) displacement's uniform Laplacian
-        smooth = (lap**2).sum(-1).mean() / edge_len**2
-        total = data + smooth_weight * smooth
-        value = float(total.detach())
-        losses["history"].append(round(value, 6))
-        if not math.isfinite(value):
-            break
-        if value < best_loss:
-            best_loss, best_x, best_it = value, x.detach().clone(), it
-        if it == iterations:
-            break
-        total.backward()
-        opt.step()
-    timings["optimise"] = time.perf_counter() - t
-    timings["rasterise"] = raster_time
-    losses["rasterisations"] = rasters
-
-    # Accept only what is better than the input, finite and not folded.
-    t = time.perf_counter()
-    x1 = best_x
-    losses["best_iteration"] = best_it
-    if best_it == 0:
-        return reject("no step lowered the loss", losses)
-    if not torch.isfinite(x1).all():
-        return reject("non-finite vertices", losses)
-    with torch.no_grad():
-        vis1 = visibility(x1, topo, camera, size)
-        normal1, sil1 = view_losses(render(x1, topo, camera, vis1), targets)
-    final = _loss_summary(normal1, sil1, weights, silhouette_weight)
-    losses["final"] = final
-    folds = flipped_faces(x0, x1, faces)
-    losses["flipped_faces"] = folds
+def _verdict(
+    x0: torch.Tensor,
+    faces0: torch.Tensor,
+    x: torch.Tensor,
+    faces: torch.Tensor,
+    flips: int,
+    camera: Camera,
+    targets: Targets,
+    weights: torch.Tensor,
+    opts: FitOptions,
+    check_intersections: bool,
+    losses: dict[str, Any],
+) -> str | None:
+    """Why the result (x, faces) must not replace the input (x0, faces0), or None; records the final losses."""
+    if not torch.isfinite(x).all():
+        return "non-finite vertices"
+    topo = mesh_topology(faces, len(x))
+    normal1, sil1 = view_losses(render(x, topo, camera, visibility(x, topo, camera, targets.size)), targets)
+    final = losses["final"] = _loss_summary(normal1, sil1, weights, opts.silhouette_weight)
+    initial = losses["initial"]
+    folds = {"input": folded_faces(x0, faces0), "result": folded_faces(x, faces)}
+    losses["flipped_faces"], losses["folded_faces"] = flips, folds
     if not math.isfinite(final["data"]) or final["data"] >= initial["data"]:
-        return reject(f"the loss did not go down ({initial['data']:.5f} -> {final['data']:.5f})", losses)
-    if folds > max(1, len(faces) // 1000):
-        return reject(f"{folds} faces folded over", losses)
+        return f"the loss did not go down ({initial['data']:.5f} -> {final['data']:.5f})"
+    tolerance = max(1, len(faces) // 1000)
+    if flips > tolerance:
+        return f"{flips} faces folded over"
+    if folds["result"] > folds["input"] + tolerance:
+        return f"{folds['result']} faces are folded against their neighbours (input: {folds['input']})"
     if check_intersections:
-        f_np = faces.cpu().numpy()
-        after = self_intersections(x1.cpu().numpy(), f_np)
-        before = self_intersections(x0.cpu().numpy(), f_np) if after else 0  # a clean result needs no comparison
+        after = self_intersections(x.cpu().numpy(), faces.cpu().numpy())
+        before = self_intersections(x0.cpu().numpy(), faces0.cpu().numpy()) if after else 0  # clean: no need
         losses["self_intersections"] = {"input": before if after else None, "result": after}
         if after > before:
-            return reject(f"self-intersections went from {before} to {after}", losses)
-    timings["accept"] = time.perf_counter() - t
-    out = mesh.copy()
-    out.vertices = x1.cpu().double().numpy()
-    timings["total"] = time.perf_counter() - t_start
-    return RefineResult(out, losses, timings, True, warnings, settings)
+            return f"self-intersections went from {before} to {after}"
+    return None

@@ -1,12 +1,11 @@
-"""t2mv.view_refine: renderer gradients, the renderer against an analytic ray-cast, recovery of detail from six
-normal maps, and robustness to bad views.
-
-The ground truth is a sphere with 18 Gaussian bumps (asymmetric, so a mirrored view would show); the start mesh is
-a plain, lower-resolution sphere (what TripoSR's smoothing leaves of such detail).
+"""t2mv.view_refine: recovery of detail from six normal maps (an analytic bumpy sphere, and a creased object with
+a handle from a TripoSR-like marching-cubes start), remeshing without folds, robustness to bad views and to masks a
+pixel or two off the normal maps, a no_grad caller, and the Large Steps solver.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -14,107 +13,27 @@ import pytest
 import torch
 import trimesh
 from PIL import Image
-from scipy.spatial import cKDTree
+from scipy import ndimage
+from view_scenes import (
+    CAMERA,
+    RADIUS,
+    SIZE,
+    bumpy_sphere,
+    chamfer,
+    encode,
+    mug_start,
+    mug_truth,
+    mug_views,
+    raycast_targets,
+    render_targets,
+    surface_errors,
+)
 
-from benchmarks.view_refine import bump_centres
 from t2mv import view_refine as vr
 from t2mv.view_texture import ViewCamera
-from wonder3d_perflow.cameras import VIEW_NAMES, view_axes
+from wonder3d_perflow.cameras import VIEW_NAMES
 
-SIZE = 128
-RADIUS = 0.5
-BUMP = 0.1  # bump height, fraction of the radius
-WIDTH = 0.04  # bump width: exp((d . c - 1) / WIDTH), about 0.2 rad
-CAMERA = ViewCamera(scale=1.4, center=(0.01, 0.02, -0.01), image_size=SIZE)
 FAST = {"iterations": 60, "lr": 5e-2, "lam": 10.0}  # converges on these small meshes in a test's time
-
-
-CENTRES = bump_centres()  # the benchmark's ground truth, shared
-
-
-def bump_radius(d: np.ndarray) -> np.ndarray:
-    """Radius (N,) of the ground truth along unit directions d (N, 3)."""
-    return RADIUS * (1.0 + BUMP * np.exp((d @ CENTRES.T - 1.0) / WIDTH).sum(-1))
-
-
-def analytic_normal(d: np.ndarray) -> np.ndarray:
-    """Outward unit normals (N, 3) of the ground truth at its points along unit directions d (N, 3):
-    the gradient of f(p) = |p| - r(p / |p|)."""
-    g = RADIUS * BUMP * (np.exp((d @ CENTRES.T - 1.0) / WIDTH) / WIDTH) @ CENTRES  # (N, 3) dr/dd
-    tangential = g - (g * d).sum(-1, keepdims=True) * d
-    n = d - tangential / bump_radius(d)[:, None]
-    return n / np.linalg.norm(n, axis=-1, keepdims=True)
-
-
-def bumpy_sphere(subdivisions: int) -> trimesh.Trimesh:
-    sphere = trimesh.creation.icosphere(subdivisions=subdivisions)
-    d = sphere.vertices / np.linalg.norm(sphere.vertices, axis=1, keepdims=True)
-    return trimesh.Trimesh(d * bump_radius(d)[:, None], sphere.faces, process=False)
-
-
-def encode(normals: np.ndarray, masks: np.ndarray) -> tuple[list[Image.Image], list[Image.Image]]:
-    """(6, S, S, 3) unit normals + (6, S, S) bool -> the multiview stage's PIL images (white background)."""
-    rgb = np.where(masks[..., None], np.round((normals + 1.0) / 2.0 * 255.0), 255.0).clip(0, 255).astype(np.uint8)
-    return [Image.fromarray(x) for x in rgb], [Image.fromarray((m * 255).astype(np.uint8)) for m in masks]
-
-
-def render_targets(mesh: trimesh.Trimesh, camera: ViewCamera):
-    """Targets rendered by the module's own renderer."""
-    x = torch.tensor(mesh.vertices, dtype=torch.float32)
-    topo = vr.mesh_topology(torch.tensor(mesh.faces), len(x))
-    vis = vr.visibility(x, topo, camera, camera.image_size)
-    normal, _ = vr.render(x, topo, camera, vis).images()
-    s = camera.image_size
-    return encode(normal.reshape(6, s, s, 3).numpy(), vis.hard.reshape(6, s, s).numpy())
-
-
-def raycast_targets(camera: ViewCamera):
-    """Targets by an independent analytic ray-cast of the ground truth: orthographic rays through the pixel centres,
-    the first sign change of f(p) = |p| - r(p / |p|) along each, refined by bisection."""
-    s, scale = camera.image_size, camera.scale
-    axes = view_axes(torch.float64).numpy()  # (6, 3, 3)
-    u = (np.arange(s) + 0.5) / s * 2.0 - 1.0  # column -> NDC u
-    v = 1.0 - (np.arange(s) + 0.5) / s * 2.0  # row -> NDC v
-    uu, vv = np.meshgrid(u, v)  # (S, S), [row, col]
-    ts = np.linspace(0.6, -0.6, 61)  # along the view direction, from the camera's side (radius < 0.56)
-
-    def f(p):
-        r = np.linalg.norm(p, axis=-1)
-        return r - bump_radius(p / r[..., None])
-
-    normals, masks = np.zeros((6, s, s, 3)), np.zeros((6, s, s), dtype=bool)
-    for k in range(6):
-        right, up, back = axes[k]
-        origin = np.asarray(camera.center) + (uu / scale)[..., None] * right + (vv / scale)[..., None] * up
-        origin = origin.reshape(-1, 3)  # (S * S, 3)
-        near = np.linalg.norm(origin - (origin @ back)[:, None] * back, axis=1) < 0.6  # rays that can hit
-        values = np.stack([f(origin[near] + t * back) for t in ts], axis=1)  # (R, T)
-        inside = values < 0
-        hit = np.zeros(len(origin), dtype=bool)
-        hit[near] = inside.any(axis=1)
-        inside = inside[inside.any(axis=1)]
-        first = inside.argmax(axis=1)
-        lo, hi, o = ts[np.maximum(first - 1, 0)], ts[first], origin[hit]  # f(lo) > 0 > f(hi)
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            out = f(o + mid[:, None] * back) > 0
-            lo, hi = np.where(out, mid, lo), np.where(out, hi, mid)
-        p = o + ((lo + hi) / 2)[:, None] * back
-        n = np.zeros((s * s, 3))
-        n[hit] = analytic_normal(p / np.linalg.norm(p, axis=-1, keepdims=True))
-        normals[k], masks[k] = n.reshape(s, s, 3), hit.reshape(s, s)
-    return normals, masks
-
-
-def surface_errors(mesh: trimesh.Trimesh, gt: trimesh.Trimesh, n: int = 100_000) -> tuple[float, float]:
-    """Symmetric Chamfer distance (mean of both directions) and mean angle (degrees) between the mesh's normals and
-    the analytic ground truth's normal in the same direction from the centre."""
-    pa, fa = trimesh.sample.sample_surface(mesh, n, seed=1)
-    pb, _ = trimesh.sample.sample_surface(gt, n, seed=2)
-    chamfer = (cKDTree(pb).query(pa)[0].mean() + cKDTree(pa).query(pb)[0].mean()) / 2
-    d = pa / np.linalg.norm(pa, axis=1, keepdims=True)
-    cos = (mesh.face_normals[fa] * analytic_normal(d)).sum(-1).clip(-1, 1)
-    return float(chamfer), float(np.degrees(np.arccos(cos)).mean())
 
 
 @pytest.fixture(scope="module")
@@ -142,109 +61,9 @@ def start_errors(start, gt):
 # --------------------------------------------------------------------------------------------- renderer
 
 
-def test_render_gradients_match_finite_differences(one_thread):
-    mesh = bumpy_sphere(1)  # 42 vertices, 80 faces
-    camera = ViewCamera(scale=1.5, center=(0.0, 0.0, 0.0), image_size=32)
-    x = torch.tensor(mesh.vertices, dtype=torch.float64)
-    topo = vr.mesh_topology(torch.tensor(mesh.faces), len(x))
-    vis = vr.visibility(x, topo, camera, 32)
-    base = vr.render(x, topo, camera, vis)
-    gen = torch.Generator().manual_seed(0)
-    w_normal = torch.randn(len(vis.pixel), 3, generator=gen, dtype=torch.float64)  # (N, 3)
-    # Interior of the silhouette ramp only: at 0 or 1 the coverage is clamped (no gradient, a kink).
-    ramp = (base.edge_coverage > 0.02) & (base.edge_coverage < 0.98)
-    assert ramp.sum() > 20
-    w_edge = torch.randn(len(vis.edge_pixel), generator=gen, dtype=torch.float64) * ramp  # (B,)
-
-    def loss(v: torch.Tensor, check_same_visibility: bool = False) -> torch.Tensor:
-        vis_v = vr.visibility(v, topo, camera, 32)  # re-rasterised: the function the optimiser really sees
-        if check_same_visibility:  # a step of 1e-6 moves no pixel centre across an edge
-            assert torch.equal(vis_v.pixel, vis.pixel) and torch.equal(vis_v.face, vis.face)
-            assert torch.equal(vis_v.edge_pixel, vis.edge_pixel) and torch.equal(vis_v.edge, vis.edge)
-        r = vr.render(v, topo, camera, vis_v)
-        return (r.normal * w_normal).sum() + (r.edge_coverage * w_edge).sum()
-
-    xg = x.clone().requires_grad_(True)
-    loss(xg).backward()
-    # Every coordinate of 8 contour vertices (silhouette and normals) and of 8 others (normals only).
-    contour = vis.edge.unique()
-    others = torch.tensor([i for i in range(len(x)) if i not in set(contour.tolist())])
-    chosen = torch.cat([contour[torch.randperm(len(contour), generator=gen)[:8]], others[:8]])
-    eps = 1e-6
-    for i in chosen.tolist():
-        for j in range(3):
-            plus, minus = x.clone(), x.clone()
-            plus[i, j] += eps
-            minus[i, j] -= eps
-            numeric = (loss(plus, True) - loss(minus, True)) / (2 * eps)
-            torch.testing.assert_close(xg.grad[i, j], numeric, rtol=1e-5, atol=1e-7)
-    assert xg.grad[chosen].abs().max() > 1e-3
-
-    # The silhouette term alone reaches the contour vertices (and only through the edges it is computed from).
-    xs = x.clone().requires_grad_(True)
-    vr.render(xs, topo, camera, vis).edge_coverage.mul(w_edge).sum().backward()
-    moved = xs.grad.norm(dim=-1) > 0
-    assert moved.any()
-    assert set(torch.nonzero(moved).squeeze(1).tolist()) <= set(vis.edge.unique().tolist())
-
-
-def test_fused_pixel_cosine(one_thread):
-    """The optimiser's fused cosine node: finite differences (gradcheck) and the composed ops agree with it."""
-    gen = torch.Generator().manual_seed(1)
-    pairs, pixels = 7, 40
-    gx, gy, h = (torch.randn(pairs, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    pair = torch.randint(0, pairs, (pixels,), generator=gen)
-    p = torch.rand(pixels, 2, generator=gen, dtype=torch.float64) * 4
-    target = torch.nn.functional.normalize(torch.randn(pixels, 3, generator=gen, dtype=torch.float64), dim=-1)
-    assert torch.autograd.gradcheck(lambda *a: vr._PixelCosine.apply(*a, pair, p, target), (gx, gy, h))
-
-    mesh = bumpy_sphere(1)
-    x = torch.tensor(mesh.vertices, dtype=torch.float64, requires_grad=True)
-    topo = vr.mesh_topology(torch.tensor(mesh.faces), len(x))
-    camera = ViewCamera(scale=1.5, center=(0.0, 0.0, 0.0), image_size=32)
-    r = vr.render(x, topo, camera, vr.visibility(x, topo, camera, 32))
-    target = torch.nn.functional.normalize(
-        torch.randn(len(r.vis.pixel), 3, generator=gen, dtype=torch.float64), dim=-1
-    )
-    fused = r.cosine(target)
-    composed = (r.normal * target).sum(-1)
-    torch.testing.assert_close(fused, composed)
-    (g_fused,) = torch.autograd.grad(fused.sum(), x, retain_graph=True)
-    (g_composed,) = torch.autograd.grad(composed.sum(), x)
-    torch.testing.assert_close(g_fused, g_composed)
-
-
-def test_renderer_matches_analytic_raycast(gt, one_thread):
-    """The module's renders of the ground-truth mesh agree with an independent ray-cast of the analytic surface:
-    same silhouettes (also no mirror image: the bumps are asymmetric) and normals in the front camera's frame."""
-    normals_rc, masks_rc = raycast_targets(CAMERA)
-    x = torch.tensor(gt.vertices, dtype=torch.float32)
-    topo = vr.mesh_topology(torch.tensor(gt.faces), len(x))
-    vis = vr.visibility(x, topo, CAMERA, SIZE)
-    normal, coverage = vr.render(x, topo, CAMERA, vis).images()
-    hard = vis.hard.reshape(6, SIZE, SIZE).numpy()
-    normal = normal.reshape(6, SIZE, SIZE, 3).numpy()
-    for k, name in enumerate(VIEW_NAMES):
-        iou = (hard[k] & masks_rc[k]).sum() / (hard[k] | masks_rc[k]).sum()
-        assert iou > 0.98, (name, iou)
-        soft = coverage[k].reshape(SIZE, SIZE).numpy()
-        assert abs(soft.sum() - masks_rc[k].sum()) < 0.01 * masks_rc[k].sum(), name
-        both = hard[k] & masks_rc[k]
-        cos = (normal[k][both] * normals_rc[k][both]).sum(-1).clip(-1, 1)
-        assert np.degrees(np.arccos(cos)).mean() < 2.0, name
-    # Mirror check: the left and right halves of the front view differ, and the renders agree on which is which.
-    assert not np.array_equal(masks_rc[0], masks_rc[0][:, ::-1])
-
-
-def test_topology_and_solver(one_thread, monkeypatch):
+def test_large_steps_solver(one_thread, monkeypatch):
     mesh = trimesh.creation.icosphere(subdivisions=2)
-    faces = torch.tensor(mesh.faces)
-    topo = vr.mesh_topology(faces, len(mesh.vertices))
-    assert len(topo.edges) == len(mesh.edges_unique)
-    assert (topo.edge_faces >= 0).all()  # closed: two faces per edge
-    for e, (f0, f1), (o0, o1) in zip(topo.edges.tolist()[:50], topo.edge_faces.tolist(), topo.edge_opposite.tolist()):
-        assert set(e) < set(mesh.faces[f0]) and set(e) < set(mesh.faces[f1])
-        assert o0 in mesh.faces[f0] and o0 not in e and o1 in mesh.faces[f1] and o1 not in e
+    topo = vr.mesh_topology(torch.tensor(mesh.faces), len(mesh.vertices))
     steps = vr.LargeSteps(topo, 19.0, torch.device("cpu"))
     x = torch.tensor(mesh.vertices, dtype=torch.float32)
     u = steps.to_differential(x)
@@ -272,15 +91,16 @@ def test_self_intersections():
 # --------------------------------------------------------------------------------------------- refinement
 
 
-def check_refined(result, start, gt, start_errors):
+def check_refined(result, start, gt, start_errors, *, fall: float = 0.5):
+    """Accepted, surface errors down to `fall` x the start's, closed, no fold, no self-intersection."""
     assert result.accepted, result.warnings
     chamfer, angle = surface_errors(result.mesh, gt)
-    assert chamfer <= 0.5 * start_errors[0], (chamfer, start_errors)
-    assert angle <= 0.5 * start_errors[1], (angle, start_errors)
-    assert result.mesh.is_watertight and np.array_equal(result.mesh.faces, start.faces)
+    assert chamfer <= fall * start_errors[0], (chamfer, start_errors)
+    assert angle <= fall * start_errors[1], (angle, start_errors)
+    assert result.mesh.is_watertight
+    assert vr.folded_faces(torch.tensor(result.mesh.vertices), torch.tensor(result.mesh.faces)) == 0
     assert vr.self_intersections(result.mesh.vertices, result.mesh.faces) == 0
-    assert result.losses["final"]["data"] < 0.5 * result.losses["initial"]["data"]
-    np.testing.assert_array_equal(result.mesh.visual.vertex_colors, start.visual.vertex_colors)
+    assert result.losses["final"]["data"] < fall * result.losses["initial"]["data"]
 
 
 def test_refinement_recovers_detail(start, gt, targets, start_errors, one_thread):
@@ -288,8 +108,23 @@ def test_refinement_recovers_detail(start, gt, targets, start_errors, one_thread
     result = vr.refine_mesh(start, normals, masks, CAMERA, **FAST)
     check_refined(result, start, gt, start_errors)
     assert result.warnings == []
-    assert len(result.losses["history"]) == FAST["iterations"] + 1
-    assert set(result.timings) >= {"setup", "optimise", "total"}
+    rounds = result.losses["rounds"]
+    assert [r["edge_pixels"] for r in rounds] == [6.0, 3.0] and sum(r["iterations"] for r in rounds) == 60
+    assert result.settings["edge_pixels"] == [6.0, 3.0]
+    assert len(result.losses["history"]) == FAST["iterations"] + len(rounds)
+    # Remeshed to the pixels: 3 px edges at 128² hold ~4x fewer faces than 6 px ones, each face a few pixels wide.
+    assert 3 < rounds[1]["faces"] / rounds[0]["faces"] < 5 and len(result.mesh.faces) == rounds[1]["faces"]
+    assert set(result.timings) >= {"remesh", "optimise", "total"}
+    # Vertex colours come over from the input (one colour here).
+    assert (np.asarray(result.mesh.visual.vertex_colors) == start.visual.vertex_colors[0]).all()
+
+
+def test_refinement_without_remeshing_keeps_faces_and_visuals(start, gt, targets, start_errors, one_thread):
+    normals, masks = targets
+    result = vr.refine_mesh(start, normals, masks, CAMERA, remesh=False, **FAST)
+    check_refined(result, start, gt, start_errors)
+    assert np.array_equal(result.mesh.faces, start.faces) and result.losses["rounds"][0]["edge_pixels"] is None
+    np.testing.assert_array_equal(result.mesh.visual.vertex_colors, start.visual.vertex_colors)
 
 
 def test_refinement_from_raycast_maps(start, gt, start_errors, one_thread):
@@ -312,8 +147,8 @@ def test_inward_winding_is_handled(targets, one_thread):
     normals, masks = targets
     mesh = trimesh.creation.icosphere(subdivisions=3, radius=RADIUS)
     inward = trimesh.Trimesh(mesh.vertices, mesh.faces[:, ::-1], process=False)
-    a = vr.refine_mesh(mesh, normals, masks, CAMERA, iterations=8, check_intersections=False)
-    b = vr.refine_mesh(inward, normals, masks, CAMERA, iterations=8, check_intersections=False)
+    a = vr.refine_mesh(mesh, normals, masks, CAMERA, iterations=8, check_intersections=False, remesh=False)
+    b = vr.refine_mesh(inward, normals, masks, CAMERA, iterations=8, check_intersections=False, remesh=False)
     assert b.accepted and any("inwards" in w for w in b.warnings)
     assert np.array_equal(b.mesh.faces, inward.faces)
     np.testing.assert_allclose(b.mesh.vertices, a.mesh.vertices, atol=1e-5)
@@ -341,9 +176,10 @@ def test_bad_view_leaves_mesh_no_worse(case, view, start, gt, targets, start_err
         normals[k] = normals[VIEW_NAMES.index("right")]
     result = vr.refine_mesh(start, normals, masks, CAMERA, **FAST)
     assert any(view in w for w in result.warnings), result.warnings
-    assert view not in result.losses["views_used"]
-    chamfer, angle = surface_errors(result.mesh, gt)
-    assert chamfer <= start_errors[0] and angle <= start_errors[1]
+    assert result.losses["views_used"] == [v for v in VIEW_NAMES if v != view]
+    # The other five views still refine the mesh: the result is accepted and the errors fall (returning the input,
+    # or rejecting everything once a view is dropped, fails here).
+    check_refined(result, start, gt, start_errors, fall=0.6)
 
 
 def test_normals_disagreeing_everywhere_are_rejected(start, targets, one_thread):
@@ -374,3 +210,89 @@ def test_bad_inputs():
         vr.refine_mesh(mesh, grey, white, ViewCamera(scale=1.0, center=(0.0, 0.0, 0.0), image_size=64))
     with pytest.raises(ValueError, match="view_weights"):
         vr.refine_mesh(mesh, grey, white, CAMERA, view_weights=(1.0, 1.0))
+
+
+# --------------------------------------------------------------------------------------------- TripoSR-like input
+
+
+@pytest.fixture(scope="module")
+def mug(one_thread):
+    """A creased box with a handle: its true views (sphere-traced), its fine mesh, and a TripoSR-like start (the
+    occupancy at 1/80 blurred and marching-cubed: ~30k uneven faces, rounded creases, a thicker handle)."""
+    camera = ViewCamera(scale=1.5, center=(0.11, 0.0, 0.0), image_size=SIZE)
+    return camera, mug_views(camera), mug_truth(120.0), mug_start(80.0)
+
+
+# Measured on this scene (128² views): the defaults' step and smoothing fit the bumpy sphere's smooth detail; a creased
+# object needs a finer remesh, a smaller step and λ and a stronger silhouette (Chamfer 0.88x the start here; with
+# the input's own faces the fit folds ~150 faces and is rejected).
+CREASED = {"edge_pixels": (4.0, 2.0), "lam": 2.0, "lr": 4e-3, "silhouette_weight": 0.3}
+
+
+def test_marching_cubes_start_refines_without_folds(mug, one_thread):
+    camera, (normals, masks), truth, start = mug
+    assert 25_000 < len(start.faces) < 40_000
+    result = vr.refine_mesh(start, normals, masks, camera, iterations=200, **CREASED)
+    assert result.accepted, result.warnings
+    assert result.losses["views_used"] == list(VIEW_NAMES)
+    assert result.losses["final"]["data"] < 0.25 * result.losses["initial"]["data"]
+    out = result.mesh
+    # No fold (checked two ways: against the faces' own corners, and no pair of neighbours turned back on each
+    # other), no self-intersection, closed, and nearer the truth.
+    assert vr.folded_faces(torch.tensor(out.vertices), torch.tensor(out.faces)) == 0
+    assert (out.face_adjacency_angles < np.radians(150)).all()
+    assert vr.self_intersections(out.vertices, out.faces) == 0 and out.is_watertight
+    before, after = chamfer(start, truth), chamfer(out, truth)
+    assert after <= 0.92 * before, (before, after)
+
+
+def shifted_masks(masks: list[Image.Image], grow: tuple[int, ...]) -> list[Image.Image]:
+    """Masks grown (> 0) or shrunk (< 0) by whole pixels: a generator's normal maps and masks a pixel or two apart."""
+    out = []
+    for mask, g in zip(masks, grow):
+        m = np.asarray(mask) > 127
+        if g:
+            m = (ndimage.binary_dilation if g > 0 else ndimage.binary_erosion)(m, iterations=abs(g))
+        out.append(Image.fromarray(m.astype(np.uint8) * 255))
+    return out
+
+
+@pytest.mark.parametrize("grow", [(2, 1, -1, 2, -2, 1), (-2, -1, 1, -2, 2, -1)])
+def test_masks_a_pixel_or_two_off_the_normal_maps_keep_every_view(grow, targets, mug, one_thread):
+    """Smooth and creased objects alike: masks grown or shrunk by 1-2 px still agree with their normal maps."""
+    normals, masks = targets
+    camera, (mug_normals, mug_masks), _, _ = mug
+    for views, smooth in (((normals, masks), True), ((mug_normals, mug_masks), False)):
+        t = vr.make_targets(views[0], shifted_masks(views[1], grow), device=torch.device("cpu"))
+        agreement = vr.silhouette_agreement(t)
+        seen = ~torch.isnan(agreement)  # NaN: no side seen at the outline (the box's faces seen square-on)
+        assert seen.all() if smooth else seen.sum() >= 2, agreement
+        assert (agreement[seen] > 0.8).all(), agreement
+    # The refinement keeps all six views of the sphere, with masks off by up to 2 px.
+    start = trimesh.creation.icosphere(subdivisions=3, radius=RADIUS * 1.02)
+    result = vr.refine_mesh(start, normals, shifted_masks(masks, grow), CAMERA, iterations=0)
+    assert result.losses["views_used"] == list(VIEW_NAMES), result.warnings
+
+
+def test_refinement_under_no_grad(targets, one_thread):
+    """Inference code often runs under torch.no_grad(): the fit still runs and matches a run outside it."""
+    normals, masks = targets
+    mesh = trimesh.creation.icosphere(subdivisions=3, radius=RADIUS)
+    with torch.no_grad():
+        a = vr.refine_mesh(mesh, normals, masks, CAMERA, iterations=8, check_intersections=False)
+    b = vr.refine_mesh(mesh, normals, masks, CAMERA, iterations=8, check_intersections=False)
+    assert a.accepted and a.losses["history"][-1] < a.losses["history"][0]
+    assert np.array_equal(a.mesh.vertices, b.mesh.vertices)
+
+
+def test_mask_without_outline_is_named_not_nan(targets, one_thread):
+    """A mask filling the whole image (the smoke chain's noise views) has no outline: the view is left out with a
+    plain reason, and the record has no NaN (it goes into info.json)."""
+    normals, masks = list(targets[0]), list(targets[1])
+    masks[0] = Image.new("L", (SIZE, SIZE), 255)
+    mesh = trimesh.creation.icosphere(subdivisions=3, radius=RADIUS)
+    result = vr.refine_mesh(mesh, normals, masks, CAMERA, iterations=4, check_intersections=False)
+    front = [w for w in result.warnings if "front" in w]
+    assert len(front) == 1 and "no outline" in front[0] and "nan" not in front[0].lower(), result.warnings
+    assert result.losses["silhouette_agreement"][0] is None
+    json.dumps(result.losses, allow_nan=False)
