@@ -139,8 +139,12 @@ def _cmd_image(args: argparse.Namespace) -> int:
     chain = load_chain(args, ("text_to_image",))
     result = chain(args.prompt, negative_prompt=args.negative_prompt, settings=settings)
     write_image(result.image, output)
+    written = {"image": output, "settings": settings_path}
+    if result.image_upscaled is not None:  # --upscale: image_1024.png beside image.png
+        side = result.image_upscaled.width
+        written["image_upscaled"] = write_image(result.image_upscaled, output.with_stem(f"{output.stem}_{side}"))
     write_text(_json(result.settings), settings_path)
-    _report(result, {"image": output, "settings": settings_path}, output.parent)
+    _report(result, written, output.parent)
     return EXIT_OK
 
 

@@ -190,8 +190,10 @@ class GenerationSettings:
         int(CHAIN_PRESET["num_inference_steps"]),
         group="text_to_image",
         label="Text-to-image steps",
-        help=f"PeRFlow steps (at least {T2I_TIME_WINDOWS}: one per time window)",
-        low=T2I_TIME_WINDOWS,
+        # The bound per model kind (PeRFlow: one step per time window at least) is `t2i_kind_problem`'s.
+        help=f"steps: PeRFlow at least {T2I_TIME_WINDOWS} (one per time window), rectified flow (InstaFlow) at least "
+        "1; a rectified-flow --t2i-model brings its own defaults (InstaFlow: 1 step, no guidance)",
+        low=1,
         high=MAX_STEPS,
         step=1,
     )
@@ -209,6 +211,18 @@ class GenerationSettings:
     )
     width: int = option(
         512, group="text_to_image", label="Width", help="image width", low=64, high=1024, multiple_of=8, smoke=64
+    )
+    upscale: int = option(
+        0,
+        group="text_to_image",
+        label="Upscale (PeRFlow-Refiner)",
+        help="also refine the image to this side with the PeRFlow-Refiner (ControlNet-Tile img2img, 4 steps) and "
+        "write image_<side>.png; the 3D stages keep the image as made; 0 = off",
+        low=128,
+        high=2048,
+        multiple_of=64,
+        zero_allowed=True,
+        step=64,
     )
     candidates: int = option(
         1,
@@ -482,6 +496,29 @@ class GenerationSettings:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values, for settings.json."""
         return asdict(self)
+
+
+def t2i_model_defaults(kind: str, model: str = "") -> dict[str, Any]:
+    """The text-to-image options a model of `kind` brings as its own defaults (InstaFlow: 1 step, no guidance;
+    PeRFlow: none, the settings' defaults are its own)."""
+    from .rectified_flow import defaults_for
+
+    if kind == "perflow":
+        return {}
+    own = defaults_for(kind, model)
+    return {"t2i_steps": own.num_inference_steps, "t2i_guidance": own.guidance_scale}
+
+
+def t2i_kind_problem(settings: GenerationSettings, kind: str, *, name: str = "t2i_steps") -> str | None:
+    """One message when ``settings.t2i_steps`` is outside the bounds of a text-to-image model of `kind` (PeRFlow:
+    one step per time window at least; rectified flow: 1), else None. `name`: the option as the user knows it."""
+    from .rectified_flow import defaults_for
+
+    own = defaults_for(kind, perflow_windows=T2I_TIME_WINDOWS)
+    if own.min_steps <= settings.t2i_steps <= own.max_steps:
+        return None
+    why = " for a PeRFlow model (one step per time window)" if kind == "perflow" else ""
+    return f"{name} must be an integer in [{own.min_steps}, {own.max_steps}]{why}, got {settings.t2i_steps}."
 
 
 def _default_flag(name: str, kind: str, default: Any) -> str:

@@ -42,6 +42,7 @@ from .accel import (  # noqa: F401
 )
 from .perflow.delta import load_delta_weights, merge_delta_weights
 from .perflow.hub import MissingWeightsError, resolve_pretrained
+from .rectified_flow import KindDefaults, defaults_for, kind_of_folder
 
 logger = logging.getLogger(__name__)
 
@@ -260,6 +261,13 @@ def _perflow_scheduler(scheduler_folder: Path | None):
     return PeRFlowScheduler(**config, **PERFLOW_SD15_SCHEDULER)
 
 
+def _rf_scheduler():
+    """InstaFlow's sampler: Euler steps on the predicted velocity (imported here: it imports diffusers)."""
+    from .perflow.rf_scheduler import RectifiedFlowScheduler
+
+    return RectifiedFlowScheduler()
+
+
 class TextToImage:
     """SD1.5 + PeRFlow text-to-image.
 
@@ -267,10 +275,21 @@ class TextToImage:
     ``StableDiffusionPipeline`` whose scheduler is a ``PeRFlowScheduler``. ``.pipe`` is that pipeline.
     """
 
-    def __init__(self, pipe, *, settings: dict[str, Any] | None = None, default_size: int = 512):
+    def __init__(
+        self,
+        pipe,
+        *,
+        settings: dict[str, Any] | None = None,
+        default_size: int = 512,
+        defaults: KindDefaults | None = None,
+    ):
         self.pipe = pipe
         self.settings = dict(settings or {})
         self.default_size = default_size
+        self.kind = "rectified_flow" if type(pipe.scheduler).__name__ == "RectifiedFlowScheduler" else "perflow"
+        # The model's own sampling defaults and step bounds (`__call__` uses them for arguments left at None).
+        windows = getattr(pipe.scheduler.config, "num_time_windows", 4)
+        self.defaults = defaults or defaults_for(self.kind, self.settings.get("model", ""), perflow_windows=windows)
         self._compiled: CompiledRun | None = None
         # Low-memory callers that build the stage for one call: the text encoder is moved to the meta device once the
         # prompts are encoded, freeing its memory for the UNet and the decode.
@@ -321,6 +340,12 @@ class TextToImage:
             logger.warning("%s looks like a merged PeRFlow model already; adding the ΔW %s again.", model, delta)
         started = time.perf_counter()
         folder = _resolve_model(model, torch_dtype == torch.float16, local_files_only)
+        kind = kind_of_folder(folder)  # ValueError for a pipeline that is neither kind
+        if kind == "rectified_flow" and delta is not None:
+            raise ValueError(
+                f"{model} is a rectified-flow model (InstaFlow / 2-rectified flow); the PeRFlow ΔW {delta} is for "
+                "SD1.5 fine-tunes and cannot be merged into it: drop --t2i-delta."
+            )
         delta_weights = None
         if delta is not None:
             delta_weights = load_delta_weights(delta, delta_variant, local_files_only=local_files_only)
@@ -329,12 +354,14 @@ class TextToImage:
         text_encoder = _load_text_encoder(folder, torch_dtype)
         unet = _load_diffusers_component(UNet2DConditionModel, folder, "unet", torch_dtype)
         vae = _load_diffusers_component(AutoencoderKL, folder, "vae", torch_dtype)
+        # A RectifiedFlowPipeline folder holds SD1.5's components; only the sampler differs (t2mv.rectified_flow).
+        scheduler = _rf_scheduler() if kind == "rectified_flow" else _perflow_scheduler(folder / "scheduler")
         pipe = StableDiffusionPipeline(
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             unet=unet,
-            scheduler=_perflow_scheduler(folder / "scheduler"),
+            scheduler=scheduler,
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
@@ -357,21 +384,29 @@ class TextToImage:
             "delta_report": None if report is None else report.summary(),
             "torch_dtype": str(torch_dtype).removeprefix("torch."),
             "device": str(torch.device(device)),
-            "scheduler": "PeRFlowScheduler",
-            **PERFLOW_SD15_SCHEDULER,
+            "kind": kind,
+            **(
+                {"scheduler": "RectifiedFlowScheduler"}
+                if kind == "rectified_flow"
+                else {"scheduler": "PeRFlowScheduler", **PERFLOW_SD15_SCHEDULER}
+            ),
             "safety_checker": None,
             "load_seconds": round(time.perf_counter() - started, 3),
         }
         # 512 for SD1.5 (sample_size 64 × VAE factor 8), as diffusers' own default.
-        return cls(pipe, settings=settings, default_size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        return cls(pipe, settings=settings, default_size=size, defaults=defaults_for(kind, model))
 
     @classmethod
-    def tiny(cls, seed: int = 0) -> TextToImage:
+    def tiny(cls, seed: int = 0, *, kind: str = "perflow") -> TextToImage:
         """A tiny random pipeline (char-level CLIP tokenizer, 2-layer text encoder, 2-block UNet, 4-block VAE).
 
         No files or network. Images default to 64² (latents 8²); CPU/float32. Output is noise-like: it exists to
-        exercise the code paths (smoke mode, tests), not to make pictures.
+        exercise the code paths (smoke mode, tests), not to make pictures. ``kind="rectified_flow"`` samples it
+        as InstaFlow does (one Euler step, no guidance by default).
         """
+        if kind not in ("perflow", "rectified_flow"):
+            raise ValueError(f"kind must be 'perflow' or 'rectified_flow', got {kind!r}.")
         from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -414,20 +449,25 @@ class TextToImage:
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             unet=unet,
-            scheduler=PeRFlowScheduler(**PERFLOW_SD15_SCHEDULER),
+            scheduler=_rf_scheduler() if kind == "rectified_flow" else PeRFlowScheduler(**PERFLOW_SD15_SCHEDULER),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
         )
         _use_sdpa(pipe)
         pipe.set_progress_bar_config(disable=True)
+        sampler = (
+            {"scheduler": "RectifiedFlowScheduler"}
+            if kind == "rectified_flow"
+            else {"scheduler": "PeRFlowScheduler", **PERFLOW_SD15_SCHEDULER}
+        )
         settings = {
-            "model": f"tiny(seed={seed})",
+            "model": f"tiny(seed={seed})" if kind == "perflow" else f"tiny-instaflow(seed={seed})",
             "delta": None,
             "torch_dtype": "float32",
             "device": "cpu",
-            "scheduler": "PeRFlowScheduler",
-            **PERFLOW_SD15_SCHEDULER,
+            "kind": kind,
+            **sampler,
             "safety_checker": None,
         }
         return cls(pipe, settings=settings, default_size=64)
@@ -512,8 +552,8 @@ class TextToImage:
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
         *,
-        num_inference_steps: int = 4,
-        guidance_scale: float = 4.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
@@ -527,9 +567,12 @@ class TextToImage:
         Args:
             prompt: one prompt or a list (one image per prompt, times `num_images_per_prompt`).
             negative_prompt: one for all prompts, or one per prompt; `None` = empty (upstream's chain default).
-            num_inference_steps: PeRFlow steps (at least 4, the number of time windows; fewer are raised to 4).
-                Upstream: 4 for the 3D chain (`CHAIN_PRESET`), 8 for plain text-to-image (`T2I_PRESET`).
-            guidance_scale: classifier-free guidance (≤ 1 turns it off). Upstream: 4.5 at 4 steps, 7.5 at 8.
+            num_inference_steps: steps; None = the model's own default (`self.defaults`: PeRFlow 4, InstaFlow 1,
+                2-rectified flow 25). PeRFlow takes at least one step per time window (4), rectified flow at
+                least 1, both at most 100. Upstream PeRFlow: 4 for the 3D chain (`CHAIN_PRESET`), 8 for plain
+                text-to-image (`T2I_PRESET`).
+            guidance_scale: classifier-free guidance (≤ 1 turns it off); None = the model's default (PeRFlow 4.5,
+                InstaFlow 0, 2-rectified flow 1.5). Upstream PeRFlow: 4.5 at 4 steps, 7.5 at 8.
             height, width: image size, multiples of 8; default: the UNet's native size (512 for SD1.5, 64 for
                 `tiny`).
             num_images_per_prompt: images per prompt.
@@ -563,8 +606,14 @@ class TextToImage:
         width = self.default_size if width is None else width
         if height <= 0 or width <= 0 or height % 8 or width % 8:
             raise ValueError(f"height and width must be positive multiples of 8, got {height}×{width}.")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}.")
+        num_inference_steps = self.defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
+        low, high = self.defaults.min_steps, self.defaults.max_steps
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+            raise ValueError(f"num_inference_steps must be an int, got {num_inference_steps!r}.")
+        if not low <= num_inference_steps <= high:
+            why = " (one per PeRFlow time window at least)" if self.kind == "perflow" else ""
+            raise ValueError(f"num_inference_steps must be in [{low}, {high}]{why}, got {num_inference_steps}.")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0 (1 or less turns guidance off), got {guidance_scale}.")
         if output_type not in _OUTPUT_TYPES:

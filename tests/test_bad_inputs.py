@@ -93,6 +93,13 @@ CASES = [
         2,
         "--t2i-steps",
     ),
+    (
+        "image-steps-below-1",
+        "t2mv",
+        ["image", "a cat", "--t2i-steps", "0", "-o", out("a.png")],
+        2,
+        "--t2i-steps must be an integer in [1, 100]",
+    ),
     ("image-seed-too-big", "t2mv", ["image", "a cat", "--seed", str(2**70), "-o", out("a.png")], 2, "4294967295"),
     ("image-seed-negative", "t2mv", ["image", "a cat", "--seed", "-5", "-o", out("a.png")], 2, "--seed"),
     ("image-seed-not-a-number", "t2mv", ["image", "a cat", "--seed", "abc", "-o", out("a.png")], 2, "invalid int"),
@@ -232,6 +239,26 @@ def test_cuda_without_cuda_is_bad_input_on_every_command(command, argv, tiny, fi
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and "--device cuda:" in lines[0] and "--device cpu" in lines[0], captured.err
     assert "Traceback" not in captured.err + captured.out and list(tmp_path.iterdir()) == []
+
+
+def test_a_t2i_model_that_is_neither_kind_is_bad_input(tmp_path, capsys, monkeypatch):
+    """Issue 19: a --t2i-model whose model_index.json names neither an SD1.5 (PeRFlow) nor a rectified-flow pipeline
+    is refused at the edge, from that file alone: exit 2, one line naming both kinds, nothing loaded or written."""
+    from t2mv.chain import TextTo3D
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("no model may load for a model of neither kind")
+
+    folder = tmp_path / "sdxl"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    monkeypatch.delenv("T2MV_SMOKE", raising=False)
+    monkeypatch.setattr(TextTo3D, "from_pretrained", no_loading)
+    argv = ["image", "a cat", "--t2i-model", str(folder), "--device", "cpu", "-o", str(tmp_path / "a.png")]
+    assert cli.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "StableDiffusionXLPipeline" in lines[0] and "RectifiedFlowPipeline" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sdxl"]
 
 
 def test_the_table_is_big_enough_and_covers_every_command():

@@ -19,7 +19,7 @@ from t2mv.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NO_WEIGHTS, main
     "command, expected",
     [
         ([], ["image", "text-to-mesh", "image-to-mesh", "batch", "app"]),
-        (["image"], ["--t2i-steps", "(default: 4; an integer in [4, 100])", "--tiny", "--device", "--dtype"]),
+        (["image"], ["--t2i-steps", "(default: 4; an integer in [1, 100])", "--tiny", "--device", "--dtype"]),
         (["text-to-mesh"], ["--mc-resolution", "--bake-texture", "(default: 1.0;", "--offload", "--debug"]),
         (["image-to-mesh"], ["--no-remove-bg", "(default: 0.85;", "--simplify", "diffusion_pytorch_model.<variant>"]),
         (["batch"], ["prompt file", "--mesh", "(default: outputs/batch)", "torchrun"]),

@@ -23,7 +23,8 @@ def test_bounds_come_from_the_stages_constants():
 
     b = GenerationSettings.bounds()
     assert MV_TIME_WINDOWS == TRAINED_TIME_WINDOWS and b["mv_steps"].low == TRAINED_TIME_WINDOWS
-    assert T2I_TIME_WINDOWS == PERFLOW_SD15_SCHEDULER["num_time_windows"] == b["t2i_steps"].low
+    # t2i steps: 1..100 for every kind; PeRFlow's one step per time window is `t2i_kind_problem`'s bound
+    assert T2I_TIME_WINDOWS == PERFLOW_SD15_SCHEDULER["num_time_windows"] and b["t2i_steps"].low == 1
     # The marching-cubes range is triposr.mesh's, intersected with the chain's (issue 11, item 5: three ranges).
     assert mesh.MIN_RESOLUTION <= b["mc_resolution"].low and b["mc_resolution"].high <= mesh.MAX_RESOLUTION
     assert (b["mc_resolution"].low, b["mc_resolution"].high) == (32, 512)
@@ -37,7 +38,7 @@ def test_bounds_come_from_the_stages_constants():
 @pytest.mark.parametrize(
     "changes, match",
     [
-        ({"t2i_steps": 2}, r"t2i_steps must be an integer in \[4, 100\], got 2"),  # was silently raised to 4
+        ({"t2i_steps": 0}, r"t2i_steps must be an integer in \[1, 100\], got 0"),
         ({"mv_steps": 2}, r"mv_steps must be an integer in \[4, 100\]"),  # was accepted, failed after t2i ran
         ({"mc_threshold": math.nan}, "mc_threshold must be a finite number"),
         ({"mc_threshold": math.inf}, "mc_threshold"),
@@ -61,6 +62,17 @@ def test_bad_values_are_one_line_naming_the_option_and_the_range(changes, match)
     with pytest.raises(BadInputError, match=match) as info:
         settings.validate()
     assert "\n" not in str(info.value) and isinstance(info.value, ValueError)
+
+
+def test_t2i_steps_are_bounded_by_the_model_kind():
+    from t2mv.settings import t2i_kind_problem, t2i_model_defaults
+
+    two = GenerationSettings(t2i_steps=2)
+    assert "t2i_steps must be an integer in [4, 100] for a PeRFlow model" in t2i_kind_problem(two, "perflow")
+    assert t2i_kind_problem(two, "rectified_flow") is None
+    assert t2i_kind_problem(GenerationSettings(t2i_steps=4), "perflow") is None
+    instaflow = t2i_model_defaults("rectified_flow", "XCLiu/instaflow_0_9B_from_sd_1_5")
+    assert instaflow == {"t2i_steps": 1, "t2i_guidance": 0.0} and t2i_model_defaults("perflow") == {}
 
 
 def test_several_problems_in_one_message_and_unknown_names():

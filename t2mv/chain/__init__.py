@@ -171,6 +171,18 @@ class TextTo3D:
         self.smoke = smoke
         self.model_ids = dict(model_ids or {})
         self.defaults = defaults if defaults is not None else GenerationSettings.defaults(smoke)
+        t2i = self._slots["text_to_image"].stage
+        if defaults is None and getattr(t2i, "kind", "perflow") != "perflow":
+            # A rectified-flow text-to-image model (InstaFlow) brings its own steps and guidance as the defaults.
+            from ..settings import t2i_model_defaults
+
+            self.defaults = self.defaults.with_changes(**t2i_model_defaults(t2i.kind, t2i.settings.get("model", "")))
+        # The PeRFlow-Refiner (--upscale): what `t2mv.chain.upscale` loads on the first request that asks for it.
+        from ..refiner import DEFAULT_CONTROLNET
+
+        self.refiner_controlnet, self.refiner_base = DEFAULT_CONTROLNET, DEFAULT_T2I_MODEL
+        self.local_files_only: bool | None = None
+        self._refiner_parts = None
         self._rembg_session = None if rembg_session is None else MemoSession(rembg_session)
         if smoke:
             warn_smoke()
@@ -317,7 +329,14 @@ class TextTo3D:
         base = self.defaults if settings is None else settings
         if not isinstance(base, GenerationSettings):
             raise BadInputError(f"settings must be a GenerationSettings, got {type(base).__name__}.")
-        return base.with_changes(**options).validate()
+        settings = base.with_changes(**options).validate()
+        t2i = self._slots["text_to_image"].stage
+        from ..settings import t2i_kind_problem  # the steps against the loaded model's kind (PeRFlow: ≥ 4)
+
+        problem = None if t2i is None else t2i_kind_problem(settings, getattr(t2i, "kind", "perflow"))
+        if problem:
+            raise BadInputError(problem)
+        return settings
 
     def check_request(self, prompt: str | None, image: Any) -> None:
         """Raise BadInputError when there is neither a prompt nor an image, or text for a chain without that stage."""
@@ -357,6 +376,10 @@ class TextTo3D:
             plan += [Choose()] if settings.candidates > 1 else []
         else:
             plan = [InputImage()]
+        if settings.upscale and plan[0].name != "input":  # the PeRFlow-Refiner refines a prompt's image
+            from .upscale import Upscale
+
+            plan.append(Upscale(str(prompt)))
         if run_multiview or run_mesh:
             plan.append(Preprocess(multiview=run_multiview, mesh=run_mesh))
         plan += [Multiview()] if run_multiview else []
@@ -451,6 +474,8 @@ class TextTo3D:
             settings, plan, prompt if text_input else None, negative_prompt, use_rembg, describe_chain(self)
         )
         ctx = StageContext(result, settings, self.device, session, self._multiview_size() if run_multiview else None)
+        if any(stage.name == "upscale" for stage in plan):
+            ctx.scratch["refiner_parts"] = self._load_refiner()  # before any stage: a missing ControlNet is exit 3
         runner = Runner(
             self._slots,
             self.device,
@@ -461,6 +486,31 @@ class TextTo3D:
             mesh_formats=formats,
         )
         return runner.run(plan, ctx)
+
+    def _load_refiner(self) -> Any:
+        """The PeRFlow-Refiner's parts (`t2mv.chain.upscale.RefinerParts`), loaded on first use and kept.
+
+        Raises:
+            BadInputError: low-memory mode (the refiner shares the text-to-image stage, which is not kept loaded).
+            WeightsUnavailableError: the ControlNet-Tile (or the PeRFlow base of a rectified-flow chain) is missing.
+        """
+        from .upscale import load_refiner_parts
+
+        if self._refiner_parts is None:
+            t2i = self._slots["text_to_image"].stage
+            if t2i is None:
+                raise BadInputError("--upscale needs the text-to-image stage kept loaded: leave out --low-memory.")
+            with naming_stage("upscale (PeRFlow-Refiner)", self.refiner_controlnet):
+                self._refiner_parts = load_refiner_parts(
+                    t2i,
+                    smoke=self.smoke,
+                    controlnet=self.refiner_controlnet,
+                    base_model=self.refiner_base,
+                    device=self.device,
+                    dtype=self.dtype,
+                    local_files_only=self.local_files_only,
+                )
+        return self._refiner_parts
 
     def _multiview_size(self) -> int:
         if self.multiview is None:  # low-memory mode: measured when the stage was checked at construction

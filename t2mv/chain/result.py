@@ -19,7 +19,7 @@ from .files import FAILED_MARKER, check_mesh_formats, to_json
 from .stages import stage_files
 
 # The stages `ChainResult.save` writes, in order (``record``: the settings, timings and info files).
-SAVED_STAGES = ("candidates", "input", "preprocess", "multiview", "mesh", "turntable", "record")
+SAVED_STAGES = ("candidates", "input", "upscale", "preprocess", "multiview", "mesh", "turntable", "record")
 
 
 class StageRow(NamedTuple):
@@ -73,6 +73,7 @@ class ChainResult:
     field_mesh: Any = None
     info: dict[str, Any] = field(default_factory=dict)
     plan: list[str] = field(default_factory=list)
+    image_upscaled: Image.Image | None = None  # the PeRFlow-Refiner's --upscale version (image_<side>.png)
     candidates: list[Image.Image] = field(default_factory=list)
     candidate_scores: list[dict[str, Any]] = field(default_factory=list)
     chosen: int | None = None
