@@ -295,34 +295,23 @@ def stage_record(
     use_rembg: bool,
     command: dict[str, Any],
 ) -> dict[str, Any]:
-    """``settings.json`` of a stage command (an image in), with the keys the chain writes for the same run.
+    """``settings.json`` of a stage command (an image in): the chain's own record (`t2mv.chain.result.run_record`)
+    of the same stages, plus ``command``, the command's own options (scheduler, chunk size, ...).
 
-    `stages`: the timed stages that ran (``["multiview"]``, ``["mesh"]``); `use_rembg`: rembg ran (False when the
-    input's alpha was used or removal was off); `command`: the command's own options (scheduler, chunk size, ...).
+    `stages`: the model stages that ran (``["multiview"]``, ``["mesh"]``); `use_rembg`: rembg ran (False when the
+    input's alpha was used or removal was off).
     """
-    import platform
-
-    import diffusers
     import torch
 
-    from . import __version__
+    from .chain.loading import versions
+    from .chain.result import run_record
+    from .chain.stages import InputImage, Mesh, Multiview, Preprocess, Texture
 
-    if settings.remove_background and not use_rembg:
-        object_mask = "input alpha"  # the cut-out the user gave; rembg did not run
-    else:
-        object_mask = "rembg u2net" if use_rembg else "none (whole image)"
-    return {
-        "prompt": None,
-        "negative_prompt": None,
-        "input": "image",
-        **settings.to_dict(),
-        "remove_background": use_rembg,
-        "object_mask": object_mask,
-        "simplify_faces": settings.simplify_faces or None,
-        "bake_texture": bool(settings.bake_texture and "mesh" in stages),
-        "texture_source": "field" if "mesh" in stages else None,
-        "refine": False,
-        "stages": list(stages),
+    plan = [InputImage(), Preprocess(multiview="multiview" in stages, mesh="mesh" in stages)]
+    plan += [Multiview()] if "multiview" in stages else []
+    plan += [Mesh()] if "mesh" in stages else []
+    plan += [Texture(source="field")] if "mesh" in stages and settings.bake_texture else []
+    chain = {
         "models": models,
         "device": torch.device(device).type,
         "dtype": str(dtype).removeprefix("torch."),
@@ -330,53 +319,14 @@ def stage_record(
         "low_memory": False,
         "compiled": {},
         "smoke": smoke,
-        "versions": {
-            "t2mv": __version__,
-            "torch": torch.__version__.split("+")[0],
-            "diffusers": diffusers.__version__,
-            "python": platform.python_version(),
-        },
-        "command": command,
+        "versions": versions(),
     }
+    return {**run_record(settings, plan, None, None, use_rembg, chain), "command": command}
 
 
 def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
-    """The command's validated `GenerationSettings` (smoke-mode defaults under ``--tiny``), before any loading.
-
-    A rectified-flow ``--t2i-model`` (InstaFlow) brings its own step and guidance defaults for the flags left
-    unset, and the steps are checked against the model kind's bounds (PeRFlow: one per time window), from its
-    ``model_index.json`` alone.
-    """
-    from .errors import BadInputError
-    from .settings import t2i_kind_problem, t2i_model_defaults
-
-    smoke = smoke_requested(args.tiny)
-    kind, model = _t2i_kind(args, smoke)
-    own = {} if kind is None else t2i_model_defaults(kind, model)
-    settings = from_namespace(args, smoke=smoke, **{k: v for k, v in own.items() if getattr(args, k, None) is None})
-    problem = None if kind is None else t2i_kind_problem(settings, kind, name="--t2i-steps")
-    if problem:
-        raise BadInputError(problem)
-    return settings
-
-
-def _t2i_kind(args: argparse.Namespace, smoke: bool) -> tuple[str | None, str]:
-    """The text-to-image model's kind and name (None: the command has no such stage, or the model is not here yet:
-    loading then reports it, naming the stage). ValueError for a model_index.json that names neither kind."""
-    from .perflow.hub import MissingWeightsError
-    from .rectified_flow import kind_of_model
-
-    if not hasattr(args, "t2i_steps"):
-        return None, ""
-    if smoke:
-        return "perflow", "tiny"  # smoke mode's tiny text-to-image is PeRFlow
-    model = getattr(args, "t2i_model", None)
-    if model is None:
-        return None, ""
-    try:
-        return kind_of_model(model, local_files_only=True if getattr(args, "local_files_only", False) else None), model
-    except MissingWeightsError:
-        return None, str(model)
+    """The command's validated `GenerationSettings` (smoke-mode defaults under ``--tiny``), before any loading."""
+    return from_namespace(args, smoke=smoke_requested(args.tiny))
 
 
 def run_main(
