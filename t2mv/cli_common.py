@@ -325,8 +325,42 @@ def stage_record(
 
 
 def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
-    """The command's validated `GenerationSettings` (smoke-mode defaults under ``--tiny``), before any loading."""
-    return from_namespace(args, smoke=smoke_requested(args.tiny))
+    """The command's validated `GenerationSettings` (smoke-mode defaults under ``--tiny``), before any loading.
+
+    A rectified-flow ``--t2i-model`` (InstaFlow) brings its own step and guidance defaults for the flags left
+    unset, and the steps are checked against the model kind's bounds (PeRFlow: one per time window), from its
+    ``model_index.json`` alone.
+    """
+    from .errors import BadInputError
+    from .settings import t2i_kind_problem, t2i_model_defaults
+
+    smoke = smoke_requested(args.tiny)
+    kind, model = _t2i_kind(args, smoke)
+    own = {} if kind is None else t2i_model_defaults(kind, model)
+    settings = from_namespace(args, smoke=smoke, **{k: v for k, v in own.items() if getattr(args, k, None) is None})
+    problem = None if kind is None else t2i_kind_problem(settings, kind, name="--t2i-steps")
+    if problem:
+        raise BadInputError(problem)
+    return settings
+
+
+def _t2i_kind(args: argparse.Namespace, smoke: bool) -> tuple[str | None, str]:
+    """The text-to-image model's kind and name (None: the command has no such stage, or the model is not here yet:
+    loading then reports it, naming the stage). ValueError for a model_index.json that names neither kind."""
+    from .perflow.hub import MissingWeightsError
+    from .rectified_flow import kind_of_model
+
+    if not hasattr(args, "t2i_steps"):
+        return None, ""
+    if smoke:
+        return "perflow", "tiny"  # smoke mode's tiny text-to-image is PeRFlow
+    model = getattr(args, "t2i_model", None)
+    if model is None:
+        return None, ""
+    try:
+        return kind_of_model(model, local_files_only=True if getattr(args, "local_files_only", False) else None), model
+    except MissingWeightsError:
+        return None, str(model)
 
 
 def run_main(
