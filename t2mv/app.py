@@ -639,7 +639,9 @@ def build_demo(
 
         select_candidate.__annotations__ = {"evt": gr.SelectData}  # gradio passes the click by this annotation
         candidates.select(select_candidate, None, [chosen], queue=False, api_name=False)
-        make_3d_button.click(make_3d, [*inputs, candidates, chosen], outputs, api_name="make_3d", concurrency_limit=1)
+        make_3d_button.click(status_running, None, [status], queue=False, api_name=False).then(
+            make_3d, [*inputs, candidates, chosen], outputs, api_name="make_3d", concurrency_limit=1
+        ).then(status_after_run, [status], [status], queue=False, api_name=False)
         for trigger, api_name in ((button.click, "generate"), (prompt.submit, False)):
             # The status line first says a request runs, and after it, whether it failed: a failed request returns
             # no values (gradio shows its error), which would leave the previous request's "Done" standing.

@@ -9,6 +9,7 @@ installed (``apt-get install -y chromium``).
 """
 
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -134,7 +135,7 @@ def test_generate_in_the_browser(app_url, tmp_path):
             expect(page.locator("#timings")).to_contain_text("multiview")  # a table of stage timings, not JSON
             expect(page.locator("#timings")).to_contain_text("total")
             rows = page.locator("#downloads tr")
-            for name in ("mesh.glb", "mesh_obj.zip", "mesh.ply", "multiview.zip"):
+            for name in ("mesh.glb", "mesh_obj.zip", "mesh.ply", "mesh.stl", "multiview.zip"):
                 expect(rows.filter(has=page.locator(f'td[aria-label="{name}"]'))).to_have_count(1, timeout=30_000)
             glb_link = rows.filter(has=page.locator('td[aria-label="mesh.glb"]')).locator("a")
             with page.expect_download(timeout=30_000) as download_info:
@@ -156,3 +157,28 @@ def test_generate_in_the_browser(app_url, tmp_path):
     # No fonts, analytics or telemetry from outside; gradio 5.14's page only asks cdnjs for iframeResizer,
     # which is optional (it sizes the app inside an iframe).
     assert {urlparse(url).hostname for url in outside} <= {"cdnjs.cloudflare.com"}, outside
+
+
+def test_pick_a_second_candidate_and_make_3d_from_it(app_url, page):
+    """Best of N in the browser: two candidates in the gallery, a click on the second, "Make 3D" runs from it."""
+    from playwright.sync_api import expect
+
+    page.goto(app_url, wait_until="domcontentloaded")
+    expect(page.get_by_text("SMOKE MODE")).to_be_visible(timeout=30_000)
+    page.get_by_label("Prompt", exact=True).fill("a red teapot")
+    page.get_by_text("Settings", exact=True).click()
+    count = page.get_by_label("number input for Candidate images")
+    count.fill("2")
+    count.press("Enter")
+    page.locator("#generate").click()
+    gallery = page.locator("#candidates")
+    expect(gallery.locator("img")).to_have_count(2, timeout=180_000)
+    expect(page.locator("#status")).to_contain_text("Done", timeout=180_000)
+    expect(gallery).to_contain_text(re.compile(r"0 · score [0-9.]+ · chosen"))  # noise scores tie: the first
+    gallery.locator("img").nth(1).click()
+    page.locator("#make-3d").click()
+    # The second candidate is marked chosen once the 3D stages ran from it.
+    expect(gallery).to_contain_text(re.compile(r"1 · score [0-9.]+ · chosen"), timeout=180_000)
+    expect(gallery).not_to_contain_text(re.compile(r"0 · score [0-9.]+ · chosen"))
+    expect(page.locator("#status")).to_contain_text("Done", timeout=30_000)
+    expect(page.locator("#viewer canvas")).to_be_visible(timeout=30_000)
