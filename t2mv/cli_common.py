@@ -169,7 +169,12 @@ def add_model_args(
             help="keep at most one stage in memory (load, run, free); automatic on a CPU host with too little RAM",
         )
     if "text_to_image" in stages:
-        group.add_argument("--t2i-model", default=DEFAULT_T2I_MODEL, help="SD1.5 model (hub id or folder)")
+        group.add_argument(
+            "--t2i-model",
+            default=DEFAULT_T2I_MODEL,
+            help="text-to-image model (hub id or folder): an SD1.5 PeRFlow model, or a rectified-flow one "
+            "such as XCLiu/instaflow_0_9B_from_sd_1_5 (one step)",
+        )
         group.add_argument("--t2i-delta", default=None, help="PeRFlow ΔW to merge into --t2i-model (if not merged)")
     if "multiview" in stages:
         group.add_argument("--multiview-model", default=DEFAULT_MULTIVIEW_MODEL, help="Wonder3D model")
