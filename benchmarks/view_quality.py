@@ -382,6 +382,30 @@ def summary_table(records: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def merge_records(records: Sequence[dict]) -> dict:
+    """One record from several runs (e.g. objects or variants run in parallel processes): the variants of each
+    object united (a later record's variant replaces an earlier one), targets recomputed, every run's command,
+    notes, environment and load kept under "runs"."""
+    merged: dict[str, Any] = {key: records[-1][key] for key in ("benchmark", "preset", "novel_views_az_el_deg")}
+    merged["alignment"] = records[-1]["alignment"]
+    merged["runs"] = [
+        {k: r.get(k) for k in ("command", "date", "notes", "load_average", "load_average_end", "environment")}
+        for r in records
+    ]
+    merged["objects"] = {}
+    for record in records:
+        for name, obj in record["objects"].items():
+            into = merged["objects"].setdefault(name, {"case": obj["case"], "variants": {}})
+            into["variants"].update(obj["variants"])
+    for obj in merged["objects"].values():
+        obj["targets"] = targets(obj["variants"])
+    merged["targets_summary"] = {
+        key: {o: obj["targets"][key]["pass"] for o, obj in merged["objects"].items() if key in obj["targets"]}
+        for key in sorted({k for obj in merged["objects"].values() for k in obj["targets"]})
+    }
+    return merged
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.view_quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=("small", "full"), default="full")
@@ -395,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default=None, help="picture grid PNG (default: the JSON path with .png)")
     p.add_argument("--note", action="append", default=[], help="free text recorded in the JSON")
     p.add_argument("--table", nargs="+", default=None, metavar="JSON", help="only print a Markdown table of records")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="only merge records into --out")
     return p
 
 
@@ -402,6 +427,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.table:
         print(summary_table([json.loads(Path(path).read_text()) for path in args.table]))
+        return 0
+    if args.merge:
+        if not args.out:
+            print("error: --merge needs --out", file=sys.stderr)
+            return 2
+        merged = merge_records([json.loads(Path(path).read_text()) for path in args.merge])
+        Path(args.out).write_text(json.dumps(merged, indent=1) + "\n")
+        print(summary_table([merged]))
         return 0
     args.objects = [o.strip() for o in args.objects.split(",") if o.strip()]
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]

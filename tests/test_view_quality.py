@@ -150,3 +150,25 @@ def test_small_benchmark_end_to_end(tmp_path, gear):
     scored = vq.score(gear, vq.to_truth_frame(gear, result.mesh), vq.truth_renders(gear), 2000)
     assert scored.metrics["texture_psnr"] < m["clean"]["texture_psnr"] - 2.0
     assert scored.metrics["surface_color_psnr_seen"] < m["clean"]["surface_color_psnr_seen"] - 3.0
+
+
+def test_merge_records_unites_variants_and_recomputes_targets():
+    from benchmarks import view_quality as vq
+
+    def metrics(psnr: float) -> dict:
+        return {"texture_psnr": psnr, "texture_ssim": 0.5, "silhouette_psnr": 20.0, "normal_consistency": 0.9,
+                "chamfer": 0.01}  # fmt: skip
+
+    def record(variant: str, psnr: float) -> dict:
+        base = {"benchmark": "view_quality", "preset": "full", "novel_views_az_el_deg": [], "alignment": "known"}
+        variants = {variant: {"metrics": metrics(psnr), "run": {}}}
+        return {**base, "command": variant, "objects": {"gear": {"case": {}, "variants": variants}}}
+
+    merged = vq.merge_records([record("field", 20.0), record("views", 24.0), record("clean", 24.5)])
+    assert list(merged["objects"]["gear"]["variants"]) == ["field", "views", "clean"]
+    assert [r["command"] for r in merged["runs"]] == ["field", "views", "clean"]
+    targets = merged["objects"]["gear"]["targets"]
+    assert targets["views_vs_field_texture_psnr_ge_3.5dB"] == {"pass": True, "value": 4.0}
+    assert targets["clean_minus_imperfect_le_1.5dB"] == {"pass": True, "value": 0.5}
+    worse = vq.merge_records([record("field", 20.0), record("views", 19.0)])["objects"]["gear"]["targets"]
+    assert worse["no_metric_worse_than_start"] == {"pass": False, "value": ["views.texture_psnr"]}
