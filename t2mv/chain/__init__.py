@@ -51,6 +51,7 @@ from .loading import (
     naming_stage,
     pretrained_loaders,
     resolve_device_dtype,
+    slot_stage,
     tiny_loaders,
 )
 from .result import ChainResult, StageRow, run_record
@@ -194,17 +195,7 @@ class TextTo3D:
         self.compiled = enable_compile(self._slots, self.low_memory, self.offload) if compile else {}
 
     # The resident stages (None for a stage that is absent or loaded per run in low-memory mode: use `stages`).
-    text_to_image = property(
-        lambda self: self._slots["text_to_image"].stage,
-        lambda self, stage: setattr(self._slots["text_to_image"], "stage", stage),
-    )
-    multiview = property(
-        lambda self: self._slots["multiview"].stage,
-        lambda self, stage: setattr(self._slots["multiview"], "stage", stage),
-    )
-    reconstructor = property(
-        lambda self: self._slots["mesh"].stage, lambda self, stage: setattr(self._slots["mesh"], "stage", stage)
-    )
+    text_to_image, multiview, reconstructor = map(slot_stage, ("text_to_image", "multiview", "mesh"))
 
     # ------------------------------------------------------------------------------------------ building
     @classmethod
@@ -475,7 +466,9 @@ class TextTo3D:
         )
         ctx = StageContext(result, settings, self.device, session, self._multiview_size() if run_multiview else None)
         if any(stage.name == "upscale" for stage in plan):
-            ctx.scratch["refiner_parts"] = self._load_refiner()  # before any stage: a missing ControlNet is exit 3
+            from .upscale import chain_refiner
+
+            ctx.scratch["refiner_parts"] = chain_refiner(self)  # before any stage: a missing ControlNet is exit 3
         runner = Runner(
             self._slots,
             self.device,
@@ -486,31 +479,6 @@ class TextTo3D:
             mesh_formats=formats,
         )
         return runner.run(plan, ctx)
-
-    def _load_refiner(self) -> Any:
-        """The PeRFlow-Refiner's parts (`t2mv.chain.upscale.RefinerParts`), loaded on first use and kept.
-
-        Raises:
-            BadInputError: low-memory mode (the refiner shares the text-to-image stage, which is not kept loaded).
-            WeightsUnavailableError: the ControlNet-Tile (or the PeRFlow base of a rectified-flow chain) is missing.
-        """
-        from .upscale import load_refiner_parts
-
-        if self._refiner_parts is None:
-            t2i = self._slots["text_to_image"].stage
-            if t2i is None:
-                raise BadInputError("--upscale needs the text-to-image stage kept loaded: leave out --low-memory.")
-            with naming_stage("upscale (PeRFlow-Refiner)", self.refiner_controlnet):
-                self._refiner_parts = load_refiner_parts(
-                    t2i,
-                    smoke=self.smoke,
-                    controlnet=self.refiner_controlnet,
-                    base_model=self.refiner_base,
-                    device=self.device,
-                    dtype=self.dtype,
-                    local_files_only=self.local_files_only,
-                )
-        return self._refiner_parts
 
     def _multiview_size(self) -> int:
         if self.multiview is None:  # low-memory mode: measured when the stage was checked at construction

@@ -263,3 +263,10 @@ def describe_chain(chain: Any) -> dict[str, Any]:
         "smoke": chain.smoke,
         "versions": versions(),
     }
+
+
+def slot_stage(name: str) -> property:
+    """`TextTo3D`'s property for the resident stage of slot `name` (None when absent or loaded per run); settable."""
+    return property(
+        lambda chain: chain._slots[name].stage, lambda chain, stage: setattr(chain._slots[name], "stage", stage)
+    )

@@ -61,6 +61,33 @@ def load_refiner_parts(
     return RefinerParts(net, base)
 
 
+def chain_refiner(chain: Any) -> RefinerParts:
+    """The PeRFlow-Refiner's parts for `chain` (a `TextTo3D`), loaded on its first request that asks and kept.
+
+    Raises:
+        BadInputError: low-memory mode (the refiner shares the text-to-image stage, which is not kept loaded).
+        WeightsUnavailableError: the ControlNet-Tile (or the PeRFlow base of a rectified-flow chain) is missing.
+    """
+    from ..errors import BadInputError
+    from .loading import naming_stage
+
+    if chain._refiner_parts is None:
+        t2i = chain._slots["text_to_image"].stage
+        if t2i is None:
+            raise BadInputError("--upscale needs the text-to-image stage kept loaded: leave out --low-memory.")
+        with naming_stage("upscale (PeRFlow-Refiner)", chain.refiner_controlnet):
+            chain._refiner_parts = load_refiner_parts(
+                t2i,
+                smoke=chain.smoke,
+                controlnet=chain.refiner_controlnet,
+                base_model=chain.refiner_base,
+                device=chain.device,
+                dtype=chain.dtype,
+                local_files_only=chain.local_files_only,
+            )
+    return chain._refiner_parts
+
+
 def upscaled_name(result: Any) -> str:
     """``image_1024.png`` for a 1024² upscale (``image_<W>x<H>.png`` for a non-square one)."""
     width, height = result.image_upscaled.size
