@@ -297,3 +297,15 @@ def test_masks_survive_a_rim_mismatch_a_white_region_and_thin_parts(name):
     if name == "table":  # the white-background test closes the gaps between the legs: today's masks did
         old = torch.stack(vt.view_masks(case.colors))
         assert ((old ^ clean).flatten(1).sum(-1) > area).any()
+
+
+def test_refinement_runs_under_a_no_grad_caller(views):
+    # Inference code often wraps everything in torch.no_grad(); the refiner optimises, so the entry point turns
+    # gradients back on for it (refine_mesh itself raised "element 0 of tensors does not require grad").
+    colors, normals = views
+    with torch.no_grad():
+        out = views_to_mesh(
+            ellipsoid_mesh(subdivisions=2), colors, normals, refine=True, texture_size=512, iterations=3
+        )
+    assert out.refine is not None and len(out.refine.losses.get("history", [])) >= 3  # optimisation steps ran
+    assert "refine" in out.timings and out.texture is not None
