@@ -821,6 +821,49 @@ def harmonize_views(
     return gains.to(points), biases.to(points)
 
 
+def _vertex_colors(
+    vertices: torch.Tensor,
+    faces: torch.Tensor,
+    normals: torch.Tensor,
+    views: _Views,
+    fallback: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(V, 3) vertex colours; without a fallback also the diffused fill (V, 3) the texels' unseen parts take."""
+    vertex_colors, vertex_alpha, _ = _blend(vertices, normals, views, fallback)
+    if fallback is not None:
+        return vertex_colors, None
+    # Unseen surface: a smooth fill diffused over the mesh from the seen vertices, interpolated inside faces.
+    filled = _harmonic_fill(faces, vertex_colors, vertex_alpha >= 0.5, FILL_ITERATIONS)  # (V, 3)
+    a = vertex_alpha[:, None]
+    return a * vertex_colors + (1 - a) * filled, filled
+
+
+def _color_masks(colors: Sequence[Image.Image], masks: ViewMasks | Sequence[Image.Image] | None) -> torch.Tensor:
+    """Validate the views and masks; the (6, S, S) masks the colour views are fitted and sampled by: their own
+    silhouettes (the normal maps' may sit a pixel or two off)."""
+    if not isinstance(masks, ViewMasks):
+        _check_views(colors, masks)
+        return torch.stack(view_masks(colors, masks))
+    size = _check_views(colors, None)
+    if masks.object.shape != (NUM_VIEWS, size, size) or masks.color.shape != masks.object.shape:
+        raise ValueError(f"masks must be ({NUM_VIEWS}, {size}, {size}), got {tuple(masks.object.shape)}")
+    return masks.color
+
+
+def _coverage(
+    vertices: torch.Tensor, faces: torch.Tensor, normals: torch.Tensor, face_area: torch.Tensor, views: _Views
+) -> tuple[float, list[float]]:
+    """Fraction of the surface area the views colour (mostly), and each view's share of it (where its weight is
+    the largest), on face centroids weighted by face area."""
+    centroids = vertices[faces].mean(dim=1)  # (F, 3)
+    face_normals = F.normalize(normals[faces].sum(dim=1), dim=-1)  # (F, 3)
+    _, face_alpha, face_best = _blend(centroids, face_normals, views, None)
+    seen = face_alpha >= 0.5  # the views' colour dominates the fallback
+    total_area = face_area.sum().clamp(min=1e-20)
+    coverage = float((face_area * seen).sum() / total_area)
+    return coverage, [float((face_area * (seen & (face_best == k))).sum() / total_area) for k in range(NUM_VIEWS)]
+
+
 def _atlas_fits(components: int, size: int, padding: int) -> bool:
     """Whether `components` charts (at least one per connected piece) can fit a size² atlas at this padding: each
     takes a (2 padding + 2)² square at the least. Checked first: a hopeless packing costs seconds to fail."""
@@ -946,21 +989,13 @@ def texture_from_views(
     timings: dict[str, float] = {}
     notes: list[str] = []
     size = check_texture_size(texture_size)
-    if isinstance(masks, ViewMasks):
-        view_size = _check_views(colors, None)
-        if masks.object.shape != (NUM_VIEWS, view_size, view_size) or masks.color.shape != masks.object.shape:
-            raise ValueError(f"masks must be ({NUM_VIEWS}, {view_size}, {view_size}), got {tuple(masks.object.shape)}")
-    else:
-        _check_views(colors, masks)
     if atlas not in ("projection", "xatlas"):
         raise ValueError(f"atlas must be 'projection' or 'xatlas', got {atlas!r}")
     device = torch.device("cpu") if device is None else torch.device(device)
     vertices, faces = _mesh_tensors(mesh, device)
 
     t = time.perf_counter()
-    # The colour views are fitted and sampled by their own silhouettes (the normal maps' may sit a pixel or two off).
-    mask_t = masks.color if isinstance(masks, ViewMasks) else torch.stack(view_masks(colors, masks))
-    mask_t = mask_t.to(device)  # (6, S, S)
+    mask_t = _color_masks(colors, masks).to(device)  # (6, S, S)
     used = mask_t.flatten(1).sum(-1) >= MIN_MASK_PIXELS  # (6,)
     for k in torch.nonzero(~used).flatten().tolist():
         notes.append(f"view {VIEW_NAMES[k]!r} has no foreground (all white?); it is left out")
@@ -972,11 +1007,10 @@ def texture_from_views(
     t = time.perf_counter()
     camera, iou, zbuf, _ = _fit(vertices, faces, mask_t, used, view_corrections)
     timings["fit"] = time.perf_counter() - t
-    mean_iou = float(iou[used].mean())
-    if mean_iou < MIN_MEAN_IOU:
+    if float(iou[used].mean()) < MIN_MEAN_IOU:
         raise ViewTextureError(
-            f"the mesh's silhouettes do not match the views (mean IoU {mean_iou:.2f} < {MIN_MEAN_IOU}); "
-            "keep the field colours"
+            f"the mesh's silhouettes do not match the views (mean IoU {float(iou[used].mean()):.2f} < "
+            f"{MIN_MEAN_IOU}); keep the field colours"
         )
     for k in torch.nonzero(used & (iou < 0.8)).flatten().tolist():
         notes.append(f"view {VIEW_NAMES[k]!r} matches the mesh's silhouette poorly (IoU {float(iou[k]):.2f})")
@@ -994,22 +1028,8 @@ def texture_from_views(
         step = max(1, len(vertices) // HARMONIZE_POINTS)
         gains, biases = harmonize_views(vertices[::step], normals[::step], views)  # (6, 3) each
         views.colors = (views.colors * gains[:, :, None, None] + biases[:, :, None, None]).clamp(0, 1)
-    # Coverage and view shares on face centroids, weighted by face area.
-    centroids = vertices[faces].mean(dim=1)  # (F, 3)
-    face_normals = F.normalize(normals[faces].sum(dim=1), dim=-1)  # (F, 3)
-    _, face_alpha, face_best = _blend(centroids, face_normals, views, None)
-    seen = face_alpha >= 0.5  # the views' colour dominates the fallback
-    total_area = face_area.sum().clamp(min=1e-20)
-    coverage = float((face_area * seen).sum() / total_area)
-    share = [float((face_area * (seen & (face_best == k))).sum() / total_area) for k in range(NUM_VIEWS)]
-
-    vertex_colors, vertex_alpha, _ = _blend(vertices, normals, views, fallback)
-    filled = None
-    if fallback is None:
-        # Unseen surface: a smooth fill diffused over the mesh from the seen vertices, interpolated inside faces.
-        filled = _harmonic_fill(faces, vertex_colors, vertex_alpha >= 0.5, FILL_ITERATIONS)  # (V, 3)
-        a = vertex_alpha[:, None]
-        vertex_colors = a * vertex_colors + (1 - a) * filled
+    coverage, share = _coverage(vertices, faces, normals, face_area, views)
+    vertex_colors, filled = _vertex_colors(vertices, faces, normals, views, fallback)
     vertex_u8 = (vertex_colors.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()  # (V, 3)
     if packed is None:
         textured = trimesh.Trimesh(
