@@ -176,3 +176,28 @@ def test_low_memory_benchmark_names_the_published_formats_and_they_load(tmp_path
     assert pipe.unet.dtype == torch.float32 and pipe.delta_report.skipped_shape == ["conv_in.weight"]
     assert len(pipe.delta_report.applied) > 0 and not pipe.delta_report.missing
     TSR.from_pretrained(tmp_path / "triposr", local_files_only=True)
+
+
+def mapped_resident_bytes(path):
+    """Resident bytes of every memory map of `path` in this process (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if line[0] in "0123456789abcdef" and "-" in line.split()[0]:  # a mapping's header line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_lazy_delta_pass_keeps_at_most_one_tensor_of_the_file_resident(tmp_path):
+    """The ΔW merge reads `LazySafetensors.items()` and computes with each tensor: the pages it touched must not
+    stay resident for the whole pass (one handle for the pass held the whole 1.7 GB file: +1.6 GiB measured)."""
+    from t2mv.perflow.delta import LazySafetensors
+
+    path = tmp_path / "delta.safetensors"
+    save_file({f"w{i}": torch.full((1024, 1024), float(i), dtype=torch.float16) for i in range(16)}, path)
+    worst = 0
+    for key, value in LazySafetensors(path).items():
+        assert float(value.float().mean()) == float(key[1:])  # touches every page of this tensor
+        worst = max(worst, mapped_resident_bytes(path))
+    assert worst <= 2 * 2 * 2**20 + 2**20, worst  # this tensor (2 MiB) and the next's, not the 32 MiB file

@@ -155,10 +155,11 @@ class LazySafetensors(Mapping):
         return len(self._keys)
 
     def items(self):
-        # One open file for the whole pass instead of one per key; still one tensor at a time.
-        with safe_open(self.file, framework="pt", device=self.device) as f:
-            for key in self._keys:
-                yield key, f.get_tensor(key)
+        # One short-lived handle per tensor: a handle's memory map keeps every page read through it resident until
+        # it closes, which made one handle for the whole pass hold the whole file (+1.6 GiB for the SD1.5 ΔW,
+        # measured at the real size during the Wonder3D merge).
+        for key in self._keys:
+            yield key, self[key]
 
 
 def _load_tensors(file: Path, device: str | torch.device, lazy: bool = False) -> Mapping[str, torch.Tensor]:
