@@ -14,6 +14,7 @@ import pytest
 import torch
 import trimesh
 from PIL import Image
+from scipy.spatial import cKDTree
 
 from t2mv.chain import TextTo3D
 from triposr.export import load_mesh
@@ -158,11 +159,46 @@ def test_without_the_multiview_stage_the_field_colours_are_used():
     assert any("multiview stage did not run" in w for w in result.warnings)
 
 
+def bulged(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """The ellipsoid with a bump on its front (+Z): what the views show and the mesh stage's ellipsoid lacks."""
+    v = np.asarray(mesh.vertices)
+    d = v / np.linalg.norm(v, axis=1, keepdims=True)
+    bump = 1.0 + 0.25 * np.exp((d[:, 2] - 1.0) / 0.15)  # (V,) up to 25 % further out along +Z
+    return trimesh.Trimesh(v * bump[:, None], mesh.faces, process=False)
+
+
 def test_refine_runs_before_texturing_and_is_recorded(chain_and_field, tmp_path):
-    chain, _ = chain_and_field
-    result = chain(image=object_image(), remove_background=False, refine=True, refine_iterations=10)
+    """The views show a bump the mesh lacks: the refinement must run (steps taken, loss down, accepted), move the
+    surface towards the bump, and the textured mesh must be that refined surface, not the mesh stage's."""
+    chain, field = chain_and_field
+    good = chain.multiview
+    fine = trimesh.creation.icosphere(subdivisions=4)
+    fine.apply_scale((0.35, 0.45, 0.3))
+    target = bulged(fine)
+    size = chain._multiview_size()
+    chain.multiview = ViewsStage(good.real, render_views(target, size), render_normals(target, size))
+    try:
+        result = chain(image=object_image(), remove_background=False, refine=True, refine_iterations=40)
+    finally:
+        chain.multiview = good
     refine = result.info["refine"]
     assert set(refine) >= {"accepted", "losses", "timings"}
     assert "refine" in result.timings and "texture" in result.timings
-    assert result.settings["refine"] is True and result.settings["refine_iterations"] == 10
+    assert result.settings["refine"] is True and result.settings["refine_iterations"] == 40
     assert list(result.timings).index("refine") < list(result.timings).index("texture")
+    # Optimisation steps ran and lowered the loss, and the result was accepted.
+    assert refine["accepted"] is True, result.warnings
+    assert sum(r["iterations"] for r in refine["losses"]["rounds"]) == 40
+    assert refine["losses"]["rounds"][-1]["best_iteration"] > 0
+    first, last = refine["loss_first_last"]
+    assert refine["losses"]["final"]["data"] < 0.8 * refine["losses"]["initial"]["data"] and last < first
+    # The refined surface grew towards the bump: its front reaches further out than the mesh stage's ellipsoid.
+    start = field.mesh
+    refined = result.field_mesh
+    front = lambda m: np.asarray(m.vertices)[:, 2].max()  # noqa: E731
+    assert front(refined) > front(start) + 0.25 * (front(target) - front(start)), (front(start), front(refined))
+    # The textured mesh is the refined surface: every vertex of it is a vertex of the refined mesh.
+    textured = np.asarray(result.mesh.vertices)
+    gap = cKDTree(np.asarray(refined.vertices)).query(textured)[0]
+    assert gap.max() < 1e-5, gap.max()
+    assert cKDTree(np.asarray(start.vertices)).query(textured)[0].max() > 0.01

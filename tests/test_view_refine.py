@@ -223,10 +223,9 @@ def mug(one_thread):
     return camera, mug_views(camera), mug_truth(120.0), mug_start(80.0)
 
 
-# Measured on this scene (128² views): the defaults' step and smoothing fit the bumpy sphere's smooth detail; a creased
-# object needs a finer remesh, a smaller step and λ and a stronger silhouette (Chamfer 0.88x the start here; with
-# the input's own faces the fit folds ~150 faces and is rejected).
-CREASED = {"edge_pixels": (4.0, 2.0), "lam": 2.0, "lr": 4e-3, "silhouette_weight": 0.3}
+# At 128² views a remesh finer than the default 6 / 3 px (for 256² views) is needed to place the creases (measured:
+# Chamfer 0.88x the start; with the input's own faces the fit folds ~150 faces and is rejected).
+CREASED = {"edge_pixels": (4.0, 2.0)}
 
 
 def test_marching_cubes_start_refines_without_folds(mug, one_thread):
