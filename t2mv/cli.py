@@ -121,11 +121,33 @@ def _check_prompt(prompt: str) -> None:
         raise BadInputError('The prompt is empty. Give a text prompt such as "a red teapot".')
 
 
+def candidate_path(output: Path, index: int) -> Path:
+    """Where `t2mv image` writes candidate `index` beside `output`: ``candidate_<k>`` for the default name
+    ``image.<ext>`` (the same names as text-to-mesh's folder), else ``<stem>_candidate_<k>`` (two named outputs
+    in one folder keep their own candidates)."""
+    stem = "candidate" if output.stem == "image" else f"{output.stem}_candidate"
+    return output.with_name(f"{stem}_{index}{output.suffix}")
+
+
+def chosen_line(result: Any) -> str | None:
+    """``chose candidate 2 of 4 (score 0.81; scores 0.12 0.40 0.81 0.33)`` for a best-of-N run, else None."""
+    if result.chosen is None or len(result.candidates) < 2:
+        return None
+    scores = [float(s["score"]) for s in result.candidate_scores]
+    how = "by --choose" if result.settings.get("chosen_by") == "choose" else "best score"
+    listed = " ".join(f"{s:.2f}" for s in scores)
+    own = f"score {scores[result.chosen]:.2f}, " if result.chosen < len(scores) else ""
+    return f"chose candidate {result.chosen} of {len(result.candidates)} ({own}{how}; scores {listed})"
+
+
 def _report(result: Any, paths: dict[str, Path], output: Path) -> None:
     for message in result.warnings:
         print(f"warning: {message}", file=sys.stderr)
     timings = ", ".join(f"{row.stage} {row.seconds:.2f} s" for row in result.stage_rows())  # the chain's plan
     print(f"wrote {len(paths)} files to {output}  ({timings})")
+    chosen = chosen_line(result)
+    if chosen is not None:
+        print(chosen)
 
 
 def _cmd_image(args: argparse.Namespace) -> int:
@@ -140,6 +162,8 @@ def _cmd_image(args: argparse.Namespace) -> int:
     result = chain(args.prompt, negative_prompt=args.negative_prompt, settings=settings)
     write_image(result.image, output)
     written = {"image": output, "settings": settings_path}
+    for k, candidate in enumerate(result.candidates if len(result.candidates) > 1 else []):
+        written[f"candidate_{k}"] = write_image(candidate, candidate_path(output, k))
     if result.image_upscaled is not None:  # --upscale: image_1024.png beside image.png
         side = result.image_upscaled.width
         written["image_upscaled"] = write_image(result.image_upscaled, output.with_stem(f"{output.stem}_{side}"))

@@ -385,3 +385,25 @@ def test_views_options_reach_the_chain_and_are_checked_first(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "Traceback" not in err[0], err
         assert not (tmp_path / "bad").exists()  # checked before anything was written
+
+
+def test_image_candidates_are_written_and_the_summary_names_the_chosen_one(tmp_path, capsys):
+    # A named output keeps its candidates beside it under its own stem; image.png's are candidate_<k>.png.
+    output = tmp_path / "teapot.png"
+    assert main(["image", "a red teapot", "--tiny", "-o", str(output), "--candidates", "3", "--seed", "5"]) == 0
+    settings = json.loads(output.with_suffix(".json").read_text())
+    chosen = settings["chosen"]
+    paths = [tmp_path / f"teapot_candidate_{k}.png" for k in range(3)]
+    pixels = [np.asarray(Image.open(p)) for p in paths]
+    assert np.array_equal(pixels[chosen], np.asarray(Image.open(output)))  # image.png is the chosen candidate
+    assert not np.array_equal(pixels[0], pixels[1])  # each candidate its own seed
+    out = capsys.readouterr().out
+    assert "wrote 5 files" in out and f"chose candidate {chosen} of 3 (" in out and "best score" in out
+
+    folder = tmp_path / "out"
+    assert main(["image", "a red teapot", "--tiny", "-o", f"{folder}/", "--candidates", "2", "--choose", "1"]) == 0
+    assert sorted(p.name for p in folder.glob("*.png")) == ["candidate_0.png", "candidate_1.png", "image.png"]
+    assert np.array_equal(
+        np.asarray(Image.open(folder / "candidate_1.png")), np.asarray(Image.open(folder / "image.png"))
+    )
+    assert "chose candidate 1 of 2 (" in capsys.readouterr().out  # --choose is named too
