@@ -69,6 +69,7 @@ SETTING_CONTROLS = (
     "simplify_faces",
     "candidates",
     "turntable",
+    "upscale",
 )
 OUTPUTS = (
     "image",
@@ -86,7 +87,11 @@ OUTPUTS = (
     "candidates",
     "turntable",
     "chosen",
+    "image_upscaled",
 )
+# The handler's input after the settings: which configured text-to-image model runs (its label, `t2i_label`).
+MODEL_INPUT = "t2i_model"
+UPSCALE_CHOICES = [("off", 0), ("1024 × 1024", 1024)]  # the PeRFlow-Refiner's side, as upstream's script runs it
 TIMING_HEADERS = ["stage", "seconds", "GPU peak (GiB)", "host RSS (GiB)"]
 VIEW_REPORT_HEADERS = ["view", "silhouette IoU", "surface share"]
 MESH_FORMATS = ("glb", "obj", "ply", "stl")
@@ -152,6 +157,73 @@ def _zip(path: Path, files: Sequence[Path]) -> Path:
         for file in files:
             archive.write(file, arcname=file.name)
     return path
+
+
+# ---------------------------------------------------------------------------------------------- text-to-image models
+def t2i_kind(chain: Any) -> tuple[str, str]:
+    """The kind (``perflow`` / ``rectified_flow``) and name of `chain`'s text-to-image model.
+
+    A resident stage says its own kind; a low-memory chain's (loaded per run) is read from its model's
+    ``model_index.json`` (PeRFlow when that cannot be read: loading reports it at the first request)."""
+    slot = chain._slots["text_to_image"]
+    model = str(chain.model_ids.get("t2i_model", ""))
+    if slot.stage is not None:
+        return getattr(slot.stage, "kind", "perflow"), str(slot.stage.settings.get("model", model))
+    from .rectified_flow import kind_of_model
+
+    try:
+        return kind_of_model(model, local_files_only=True), model
+    except Exception:  # not on disk (yet): the run names the missing weights
+        return "perflow", model
+
+
+def t2i_label(chain: Any) -> str:
+    """How the UI names `chain`'s text-to-image model: "PeRFlow SD1.5 (best)", "InstaFlow (fastest)" (a one-step
+    rectified flow) or "Rectified flow (<model>)"."""
+    from .rectified_flow import defaults_for
+
+    kind, model = t2i_kind(chain)
+    if kind == "perflow":
+        return "PeRFlow SD1.5 (best)"
+    if defaults_for(kind, model).num_inference_steps == 1:
+        return "InstaFlow (fastest)"
+    return f"Rectified flow ({Path(model).name or model})"
+
+
+def with_text_to_image(chain: Any, other: Any) -> Any:
+    """`chain` with `other`'s text-to-image stage (a `TextTo3D` holding only that stage): the 3D stages, the
+    background remover and the settings are shared, not loaded twice; the defaults are the new model kind's
+    (InstaFlow: 1 step, no guidance)."""
+    import copy
+
+    from .settings import GenerationSettings, t2i_model_defaults
+
+    kind, model = t2i_kind(other)
+    plain = GenerationSettings()  # PeRFlow's steps and guidance, which a rectified-flow kind replaces
+    combined = copy.copy(chain)  # shares every slot object; only the text-to-image slot differs
+    combined._slots = {**chain._slots, "text_to_image": other._slots["text_to_image"]}
+    combined.model_ids = {**chain.model_ids, "t2i_model": other.model_ids.get("t2i_model", model)}
+    base = chain.defaults.with_changes(t2i_steps=plain.t2i_steps, t2i_guidance=plain.t2i_guidance)
+    combined.defaults = base.with_changes(**t2i_model_defaults(kind, model))
+    combined._refiner_parts = None  # the refiner is loaded for this model kind on its first upscale
+    return combined
+
+
+def t2i_choices(chain: Any, extra: Sequence[Any] = ()) -> dict[str, Any]:
+    """{label: chain} of the configured text-to-image models, `chain`'s first (the UI's default)."""
+    choices: dict[str, Any] = {}
+    for option in (chain, *extra):
+        label = t2i_label(option)
+        if label in choices:
+            label = f"{label} · {t2i_kind(option)[1]}"
+        choices[label] = option
+    return choices
+
+
+def model_defaults(choices: dict[str, Any], label: str) -> tuple[int, float]:
+    """The steps and guidance a model's choice sets in the settings (its kind's own defaults)."""
+    defaults = choices[label].defaults
+    return defaults.t2i_steps, defaults.t2i_guidance
 
 
 # ---------------------------------------------------------------------------------------------- the handler
@@ -229,7 +301,8 @@ def _outputs(folder: Path, result: Any, seed: int, status: str) -> tuple:
         return str(folder / name) if (folder / name).is_file() else None
 
     views = sorted(folder.glob("normal_*.png")) + sorted(folder.glob("color_*.png"))
-    downloads: list[str] = []
+    upscaled = next(iter(sorted(folder.glob("image_[0-9]*.png"))), None)  # the refiner's image_<side>.png
+    downloads: list[str] = [] if upscaled is None else [str(upscaled)]
     glb = file("mesh.glb")
     if glb is not None:
         obj_files = [p for p in sorted(folder.glob("mesh.*")) if p.suffix in (".obj", ".mtl", ".png")]
@@ -266,6 +339,7 @@ def _outputs(folder: Path, result: Any, seed: int, status: str) -> tuple:
         candidate_gallery(folder, result),
         file("turntable.mp4"),
         -1 if result is None or result.chosen is None else result.chosen,
+        None if upscaled is None else str(upscaled),
     )
 
 
@@ -303,6 +377,7 @@ def make_generate(
     keep_requests: int = DEFAULT_KEEP_REQUESTS,
     keep_hours: float = DEFAULT_KEEP_HOURS,
     from_candidates: bool = False,
+    choices: dict[str, Any] | None = None,
 ):
     """The click handler for `chain`, writing each request's files into its own folder under `output_root`.
 
@@ -314,10 +389,12 @@ def make_generate(
         from_candidates: the "Make 3D" handler instead: two more inputs, ``candidate_images`` (the candidates
             gallery of an earlier request) and ``chosen_candidate`` (the index clicked, -1: the best score), and the
             3D stages run from that image without making the images again.
+        choices: {label: chain} of the configured text-to-image models (`t2i_choices`); the input ``t2i_model``
+            (after the controls) picks one by its label; None or empty: `chain` only.
 
     Returns:
-        ``generate(prompt, negative_prompt, seed, randomize_seed, image, *<controls>, progress)``, callable with
-        keywords too. It returns the values of `OUTPUTS`: the image, the multiview input, the mesh input, the
+        ``generate(prompt, negative_prompt, seed, randomize_seed, image, *<controls>, t2i_model, progress)``,
+        callable with keywords too. It returns the values of `OUTPUTS`: the image, the multiview input, the mesh input, the
         normals and colors galleries, the GLB for the viewer, the download files, the timings table, the seed
         used and a status line. Bad input raises `gradio.Error` with what to do (one line, never a traceback);
         prompt warnings become `gradio.Warning` toasts. When a late stage fails, the finished stages are shown
@@ -334,16 +411,27 @@ def make_generate(
     output_root = Path(output_root)
     specs = GenerationSettings.bounds()
     labels = {name: spec.label for name, spec in specs.items()}
+    choices = dict(choices or {}) or {"": chain}  # no choice configured: `chain`, whatever the input says
     names = tuple(REQUEST_INPUTS) + tuple(controls)
-    names += ("candidate_images", "chosen_candidate") if from_candidates else ()
+    extras = (MODEL_INPUT,) + (("candidate_images", "chosen_candidate") if from_candidates else ())
     parameter = inspect.Parameter.POSITIONAL_OR_KEYWORD
     signature = inspect.Signature(
         [inspect.Parameter(name, parameter) for name in names]
+        + [inspect.Parameter(name, parameter, default=None) for name in extras]
         + [inspect.Parameter("progress", parameter, default=gr.Progress())]
     )
 
+    def pick(label: Any) -> Any:
+        """The chain of the chosen text-to-image model (none chosen, or none configured: the first)."""
+        if label is None or label == "" or "" in choices:
+            return next(iter(choices.values()))
+        if label not in choices:
+            raise gr.Error(f"Unknown text-to-image model {label!r}; choose one of: {', '.join(choices)}.")
+        return choices[label]
+
     def run(request: dict[str, Any], progress: Any) -> tuple:
         # 1. Check the request before anything runs: prompt, seed, settings, image.
+        chain = pick(request.get(MODEL_INPUT))
         prompt = (request["prompt"] or "").strip()
         candidate_files = _candidate_files(request.get("candidate_images")) if from_candidates else []
         if from_candidates and not candidate_files:
@@ -504,17 +592,30 @@ def settings_control(spec: Any, value: Any) -> Any:
     return gr.Number(label=spec.label, value=value, precision=precision, minimum=0 if spec.zero_allowed else spec.low)
 
 
+def upscale_control(spec: Any, value: int, visible: bool) -> Any:
+    """The PeRFlow-Refiner's choice: off or 1024² (upstream's target side), sending the side (0: off)."""
+    import gradio as gr
+
+    choices = list(UPSCALE_CHOICES) + ([] if value in dict(UPSCALE_CHOICES).values() else [(str(value), value)])
+    return gr.Radio(choices, value=value, label=spec.label, info=spec.help, visible=visible, elem_id="upscale")
+
+
 def build_demo(
     chain: Any,
     *,
     output_dir: str | os.PathLike | None = None,
     keep_requests: int = DEFAULT_KEEP_REQUESTS,
     keep_hours: float = DEFAULT_KEEP_HOURS,
+    more_t2i: Sequence[Any] = (),
 ) -> Any:
     """The app's `gradio.Blocks` for `chain` (a `TextTo3D`).
 
     Args:
         chain: the loaded chain (smoke mode shows a permanent banner).
+        more_t2i: `chain` with other text-to-image models (`with_text_to_image`, e.g. InstaFlow from
+            ``--fast-t2i-model``): a "Text-to-image model" choice lists them all, and picking one sets the steps
+            and guidance to that model's own defaults. The choice is shown when there is more than one model, or
+            the only one is not PeRFlow (so the page says that InstaFlow runs).
         output_dir: request folders go here (default: ``<system temp>/t2mv-app``).
         keep_requests, keep_hours: request folders beyond the newest `keep_requests` or older than `keep_hours`
             are deleted when a new request starts.
@@ -532,6 +633,8 @@ def build_demo(
     specs = GenerationSettings.bounds()
     has_t2i = "text_to_image" in chain.stages
     has_mesh = "mesh" in chain.stages
+    choices = t2i_choices(chain, more_t2i) if has_t2i else {}
+    show_choice = len(choices) > 1 or any(t2i_kind(option)[0] != "perflow" for option in choices.values())
     # Fonts the browser already has: gr.themes.Font adds no @font-face (plain strings would become LocalFonts,
     # fetched from /static/fonts, and the default theme loads Google Fonts).
     theme = gr.themes.Default(
@@ -558,8 +661,21 @@ def build_demo(
                         label="Seed", value=defaults.seed, precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed"
                     )
                     randomize = gr.Checkbox(label="Random seed", value=False)
+                model = gr.Radio(
+                    list(choices) or [""],
+                    value=next(iter(choices), ""),
+                    label="Text-to-image model",
+                    info="InstaFlow: one step, no guidance (fastest); PeRFlow: 4 steps with guidance (best)",
+                    visible=show_choice,
+                    elem_id="t2i-model",
+                )
                 with gr.Accordion("Settings", open=False):
-                    controls = [settings_control(specs[name], getattr(defaults, name)) for name in SETTING_CONTROLS]
+                    controls = [
+                        upscale_control(specs[name], defaults.upscale, has_t2i)
+                        if name == "upscale"
+                        else settings_control(specs[name], getattr(defaults, name))
+                        for name in SETTING_CONTROLS
+                    ]
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 if has_t2i:
                     gr.Examples(examples=[[text] for text in EXAMPLES], inputs=[prompt], label="Examples")
@@ -569,6 +685,14 @@ def build_demo(
                     out_image = gr.Image(label="Generated image", type="filepath", interactive=False, height=220)
                     out_mv_input = gr.Image(label="Multiview input", type="filepath", interactive=False, height=220)
                     out_mesh_input = gr.Image(label="Mesh input", type="filepath", interactive=False, height=220)
+                out_upscaled = gr.Image(
+                    label="Upscaled image (PeRFlow-Refiner; choose Upscale under Settings)",
+                    type="filepath",
+                    interactive=False,
+                    height=320,
+                    visible=has_t2i,
+                    elem_id="upscaled",
+                )
                 candidates = gr.Gallery(
                     label="Candidates (click one, then Make 3D from it)",
                     columns=4,
@@ -626,12 +750,19 @@ def build_demo(
                     interactive=False,
                     elem_id="timings",
                 )
-        inputs = [prompt, negative, seed, randomize, image, *controls]
+        inputs = [prompt, negative, seed, randomize, image, *controls, model]
         outputs = [out_image, out_mv_input, out_mesh_input, normals, colors, viewer, downloads, timings, seed, status]
-        outputs += [field_viewer, report, candidates, turntable, chosen]
-        generate = make_generate(chain, output_root, keep_requests=keep_requests, keep_hours=keep_hours)
-        make_3d = make_generate(
-            chain, output_root, keep_requests=keep_requests, keep_hours=keep_hours, from_candidates=True
+        outputs += [field_viewer, report, candidates, turntable, chosen, out_upscaled]
+        common = {"keep_requests": keep_requests, "keep_hours": keep_hours, "choices": choices}
+        generate = make_generate(chain, output_root, **common)
+        make_3d = make_generate(chain, output_root, from_candidates=True, **common)
+        steps_and_guidance = [controls[SETTING_CONTROLS.index(n)] for n in ("t2i_steps", "t2i_guidance")]
+        model.change(
+            lambda label: model_defaults(choices, label) if label in choices else (gr.update(), gr.update()),
+            [model],
+            steps_and_guidance,
+            queue=False,
+            api_name=False,
         )
 
         def select_candidate(evt):
@@ -651,6 +782,7 @@ def build_demo(
     demo.queue(default_concurrency_limit=1, max_size=32)
     demo.t2mv_output_root = output_root
     demo.t2mv_controls = dict(zip(SETTING_CONTROLS, controls))  # option name → its control (tests, extensions)
+    demo.t2mv_model_choice = model
     return demo
 
 
@@ -685,7 +817,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="largest upload accepted, in MB"
     )
     add_model_args(parser)
+    parser.add_argument(
+        "--fast-t2i-model",
+        default=None,
+        metavar="MODEL",
+        help="a second, rectified-flow text-to-image model (e.g. XCLiu/instaflow_0_9B_from_sd_1_5) offered beside "
+        '--t2i-model as "InstaFlow (fastest)"; it shares the 3D stages (smoke mode: a tiny one)',
+    )
     return parser
+
+
+def load_fast_t2i(args: argparse.Namespace, chain: Any) -> Any:
+    """`chain` with ``--fast-t2i-model``'s text-to-image stage (`with_text_to_image`).
+
+    Raises:
+        BadInputError: the model is not a rectified-flow one (a PeRFlow model is what --t2i-model loads).
+        MissingWeightsError: the model is not available (exit 3).
+    """
+    from .chain import TextTo3D
+    from .cli_common import load_chain, smoke_requested
+    from .errors import BadInputError
+    from .rectified_flow import kind_of_model
+    from .text_to_image import TextToImage
+
+    if smoke_requested(args.tiny):  # smoke mode: the tiny InstaFlow-like model
+        t2i = TextToImage.tiny(kind="rectified_flow")
+        fast = TextTo3D(t2i, device=chain.device, dtype=chain.dtype, smoke=True, model_ids={"t2i_model": "tiny"})
+        return with_text_to_image(chain, fast)
+    model = args.fast_t2i_model
+    if kind_of_model(model, local_files_only=True if args.local_files_only else None) != "rectified_flow":
+        raise BadInputError(
+            f"--fast-t2i-model {model} is not a rectified-flow model (its model_index.json names no "
+            "RectifiedFlowPipeline); give InstaFlow (XCLiu/instaflow_0_9B_from_sd_1_5), or load it with --t2i-model."
+        )
+    fast_args = argparse.Namespace(**{**vars(args), "t2i_model": model, "t2i_delta": None})
+    return with_text_to_image(chain, load_chain(fast_args, ("text_to_image",)))
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
@@ -766,6 +932,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         auth = check_flags(args)
         chain = load_chain(args, ("text_to_image", "multiview", "mesh"))
+        more_t2i = [load_fast_t2i(args, chain)] if args.fast_t2i_model else []
     except Exception as e:  # bad flags; missing weights: the message names the repo, the fixes and smoke mode
         if getattr(args, "debug", False):
             raise
@@ -779,6 +946,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "'Remove background' off, can be made.",
             file=sys.stderr,
         )
-    demo = build_demo(chain, output_dir=args.output, keep_requests=args.keep_requests, keep_hours=args.keep_hours)
+    for extra in more_t2i:  # one u2net session for every text-to-image choice (copied before it was loaded)
+        extra._rembg_session = chain._rembg_session
+    demo = build_demo(
+        chain,
+        output_dir=args.output,
+        keep_requests=args.keep_requests,
+        keep_hours=args.keep_hours,
+        more_t2i=more_t2i,
+    )
     demo.launch(**launch_options(args, auth, demo.t2mv_output_root))
     return 0

@@ -52,6 +52,7 @@ DEFAULTS = {
     "simplify_faces": 0,
     "candidates": 1,
     "turntable": False,
+    "upscale": 0,
 }
 OUT = {name: i for i, name in enumerate(app.OUTPUTS)}
 
@@ -647,3 +648,79 @@ def test_the_api_from_python_with_gradio_client(tmp_path):
         assert (settings["chosen"], settings["candidates"], settings["chosen_by"]) == (1, 2, "choose")
     finally:
         demo.close()
+
+
+def _with_instaflow(chain):
+    """`chain` plus the tiny rectified-flow (InstaFlow-like) text-to-image model, as ``--fast-t2i-model`` makes it."""
+    from t2mv.text_to_image import TextToImage
+
+    fast = TextTo3D(TextToImage.tiny(kind="rectified_flow"), smoke=True, model_ids={"t2i_model": "tiny-instaflow"})
+    return app.with_text_to_image(chain, fast)
+
+
+def _change_handler(demo, trigger):
+    """The function and output components of `trigger`'s change event in `demo`."""
+    fns = demo.fns.values() if isinstance(demo.fns, dict) else demo.fns
+    for fn in fns:
+        if (trigger._id, "change") in [tuple(target) for target in fn.targets]:
+            return fn.fn, fn.outputs
+    raise AssertionError("no change handler on the model choice")
+
+
+def test_instaflow_is_offered_only_when_configured_and_runs_with_its_own_defaults(tmp_path, toasts):
+    chain = TextTo3D.tiny(stages=("text_to_image",))
+    assert app.build_demo(chain, output_dir=tmp_path).t2mv_model_choice.visible is False  # PeRFlow alone: no choice
+    fast = _with_instaflow(chain)
+    demo = app.build_demo(chain, output_dir=tmp_path, more_t2i=[fast])
+    choice = demo.t2mv_model_choice
+    labels = [c[0] for c in choice.choices]
+    assert choice.visible and labels == ["PeRFlow SD1.5 (best)", "InstaFlow (fastest)"] and choice.value == labels[0]
+    # Choosing a model sets the steps and guidance controls to that model kind's defaults.
+    change, targets = _change_handler(demo, choice)
+    assert targets == [demo.t2mv_controls["t2i_steps"], demo.t2mv_controls["t2i_guidance"]]
+    assert tuple(change("InstaFlow (fastest)")) == (1, 0.0) and tuple(change("PeRFlow SD1.5 (best)")) == (4, 4.5)
+
+    choices = app.t2i_choices(chain, [fast])
+    generate = app.make_generate(chain, tmp_path, choices=choices)
+    out = call(generate, t2i_model="InstaFlow (fastest)", t2i_steps=1, t2i_guidance=0.0, seed=2)
+    settings = json.loads((Path(out[OUT["image"]]).parent / "settings.json").read_text())
+    assert settings["models"]["t2i_model"] == "tiny-instaflow" and (
+        settings["t2i_steps"],
+        settings["t2i_guidance"],
+    ) == (1, 0.0)
+    direct = fast("a red teapot", settings=fast.defaults.with_changes(seed=2)).image  # the rectified-flow model's own
+    np.testing.assert_array_equal(np.asarray(Image.open(out[OUT["image"]]).convert("RGB")), np.asarray(direct))
+    with pytest.raises(gr.Error, match=r"\[4, 100\]"):  # PeRFlow keeps one step per window: 1 step is refused
+        call(generate, t2i_model="PeRFlow SD1.5 (best)", t2i_steps=1, t2i_guidance=0.0)
+    with pytest.raises(gr.Error, match="Unknown text-to-image model"):
+        call(generate, t2i_model="Stable Cascade")
+
+
+def test_upscale_writes_and_shows_image_1024_and_low_memory_is_a_clear_error(tmp_path, toasts):
+    chain = TextTo3D.tiny(stages=("text_to_image",))
+    control = app.build_demo(chain, output_dir=tmp_path).t2mv_controls["upscale"]
+    assert [c[1] for c in control.choices] == [0, 1024] and control.value == 0  # off / 1024
+    assert call(app.make_generate(chain, tmp_path), upscale=0)[OUT["image_upscaled"]] is None
+    out = call(app.make_generate(chain, tmp_path), upscale=128)  # 1024 in the UI; 128 keeps the test fast
+    upscaled = out[OUT["image_upscaled"]]
+    assert Path(upscaled).name == "image_128.png" and Image.open(upscaled).size == (128, 128)
+    assert upscaled in [str(p) for p in out[OUT["downloads"]]]
+    low_memory = TextTo3D.tiny(stages=("text_to_image",), low_memory=True)
+    with pytest.raises(gr.Error, match="low-memory"):  # the chain's refusal (exit 2 on the command line), one line
+        call(app.make_generate(low_memory, tmp_path), upscale=128)
+
+
+def test_fast_t2i_model_flag_adds_instaflow_in_smoke_mode(tmp_path, monkeypatch):
+    launched = {}
+    monkeypatch.setattr(app, "build_demo", lambda chain, **kw: launched.update(kw, chain=chain) or _NoLaunch())
+    assert app.main(["--tiny", "--fast-t2i-model", "XCLiu/instaflow_0_9B_from_sd_1_5", "-o", str(tmp_path)]) == 0
+    (fast,) = launched["more_t2i"]
+    assert app.t2i_label(fast) == "InstaFlow (fastest)" and fast.defaults.t2i_steps == 1
+    assert fast.rembg_session is launched["chain"].rembg_session  # one background remover for both
+
+
+class _NoLaunch:
+    t2mv_output_root = None
+
+    def launch(self, **kwargs):
+        pass
