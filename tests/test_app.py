@@ -21,6 +21,7 @@ import torch
 import trimesh
 from gradio.data_classes import FileData
 from PIL import Image
+from test_cli import _object_side
 
 import t2mv.app as app
 from t2mv.chain import TextTo3D
@@ -231,7 +232,9 @@ def test_the_upload_component_keeps_alpha_and_the_original_file(tmp_path):
 
 def test_a_cut_out_skips_background_removal(views_and_mesh_chain, tmp_path, monkeypatch, toasts):
     monkeypatch.setattr(views_and_mesh_chain, "_rembg_session", NoRembg())
-    out = call(app.make_generate(views_and_mesh_chain, tmp_path), image=cut_out(tmp_path / "cut.png"), prompt="")
+    generate = app.make_generate(views_and_mesh_chain, tmp_path)
+    ratios = {"mv_foreground_ratio": 0.5, "mesh_foreground_ratio": 0.6}  # not the defaults, 0.75 and 0.85
+    out = call(generate, image=cut_out(tmp_path / "cut.png"), prompt="", **ratios)
     status = out[OUT["status"]]
     assert "transparency was used" in status and "background removal skipped" in status
     settings = (Path(out[OUT["mesh"]]).parent / "settings.json").read_text()
@@ -239,6 +242,9 @@ def test_a_cut_out_skips_background_removal(views_and_mesh_chain, tmp_path, monk
     with Image.open(out[OUT["image"]]) as kept:
         assert kept.mode == "RGBA"  # the input image is shown (and saved) with its alpha
     assert len(out[OUT["normals"]]) == 6 and len(trimesh.load(out[OUT["mesh"]], force="mesh").faces) > 0
+    # The page's ratios reached the preprocessing (issue 20, item 8): the object spans that share of each input.
+    assert abs(_object_side(out[OUT["mv_input"]], 255, 256) - 0.5) < 0.02
+    assert abs(_object_side(out[OUT["mesh_input"]], 127, 512) - 0.6) < 0.02
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK", "P"])
@@ -342,6 +348,9 @@ def test_a_late_failure_keeps_the_finished_stages(views_and_mesh_chain, tmp_path
         raise ValueError("no surface found at threshold 25.0; lower the density threshold")
 
     monkeypatch.setattr(views_and_mesh_chain.reconstructor, "extract_mesh", no_surface)
+    # The app has no control for the multiview preprocessing: the chain's default is the one used.
+    perflow = views_and_mesh_chain.defaults.with_changes(mv_preprocess="perflow")
+    monkeypatch.setattr(views_and_mesh_chain, "defaults", perflow)
     image = tmp_path / "in.png"
     Image.new("RGB", (64, 64), (90, 90, 200)).save(image)
     out = call(app.make_generate(views_and_mesh_chain, tmp_path / "runs"), image=str(image), prompt="")
@@ -350,6 +359,8 @@ def test_a_late_failure_keeps_the_finished_stages(views_and_mesh_chain, tmp_path
     assert [Path(p).name for p in out[OUT["downloads"]]] == ["multiview.zip"]
     assert (Path(out[OUT["image"]]).parent / "FAILED.json").is_file()
     assert toasts and "mesh stage failed" in toasts[-1]
+    # perflow resizes the whole (flat) image to 256²; wonder3d would centre it at 0.75 in a white frame.
+    assert _object_side(out[OUT["mv_input"]], 255, 256) == 1.0
 
 
 def test_missing_background_removal_weights_offline(tmp_path, monkeypatch):
