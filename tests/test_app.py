@@ -641,6 +641,8 @@ def test_the_api_from_python_with_gradio_client(tmp_path):
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
         assert {"/generate", "/make_3d"} <= set(endpoints)
+        parameters = {p["parameter_name"] for p in endpoints["/generate"]["parameters"]}
+        assert {"t2i_model", "upscale"} <= parameters  # docs/usage.md's keywords
         # Keywords by the inputs' names; the settings left out keep the page's defaults.
         out = client.predict(prompt="a red chair", negative_prompt="", image=None, candidates=2, api_name="/generate")
         assert len(out[OUT["candidates"]]) == 2 and out[OUT["mesh"]].endswith(".glb")
@@ -705,6 +707,10 @@ def test_instaflow_is_offered_only_when_configured_and_runs_with_its_own_default
         call(generate, t2i_model="PeRFlow SD1.5 (best)", t2i_steps=1, t2i_guidance=0.0)
     with pytest.raises(gr.Error, match="Unknown text-to-image model"):
         call(generate, t2i_model="Stable Cascade")
+    # A rectified-flow --t2i-model alone: shown as the only choice, the settings start at its defaults.
+    alone = app.build_demo(TextTo3D(fast.text_to_image, smoke=True), output_dir=tmp_path)
+    assert [c[0] for c in alone.t2mv_model_choice.choices] == ["InstaFlow (fastest)"]
+    assert alone.t2mv_model_choice.visible and alone.t2mv_controls["t2i_steps"].value == 1
 
 
 def test_upscale_writes_and_shows_image_1024_and_low_memory_is_a_clear_error(tmp_path, toasts):
