@@ -107,10 +107,20 @@ def test_bake_keep_largest_simplify(tmp_path):
     assert {"mesh.glb", "mesh.obj", "mesh.mtl", "mesh.png"} <= {p.name for p in folder.iterdir()}
     glb = load_mesh(folder / "mesh.glb")
     assert glb.visual.kind == "texture" and glb.visual.material.baseColorTexture.size == (512, 512)
-    assert len(glb.faces) <= 600
-    assert len(glb.split(only_watertight=False)) <= len(load_mesh(folder / "mesh.obj").split(only_watertight=False))
+    assert len(glb.faces) <= 600  # (a baked mesh is cut along its UV seams: its parts are not counted here)
     obj = load_mesh(folder / "mesh.obj")
     assert obj.visual.kind == "texture" and obj.visual.material.image.size == (512, 512)
+
+    # --keep-largest alone against the same run without it: the noise field meshes into several parts, and the
+    # one kept is the part with the most faces, unchanged.
+    for name, flags in (("plain", []), ("largest", ["--keep-largest"])):
+        assert cli.main([*FAST, str(image), "-o", str(tmp_path / name), "-f", "ply", *flags]) == 0
+    parts = load_mesh(tmp_path / "plain" / "a" / "mesh.ply").split(only_watertight=False)
+    largest = max(parts, key=lambda part: len(part.faces))
+    kept = load_mesh(tmp_path / "largest" / "a" / "mesh.ply")
+    assert len(parts) > 1 and len(kept.split(only_watertight=False)) == 1
+    assert len(kept.faces) == len(largest.faces) < sum(len(part.faces) for part in parts)
+    np.testing.assert_allclose(np.sort(kept.vertices, axis=0), np.sort(largest.vertices, axis=0), atol=1e-6)
 
 
 def test_folder_input_and_duplicate_names(tmp_path):
