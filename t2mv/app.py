@@ -827,17 +827,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_fast_t2i(args: argparse.Namespace, chain: Any) -> Any:
-    """`chain` with ``--fast-t2i-model``'s text-to-image stage (`with_text_to_image`).
+def check_fast_t2i(args: argparse.Namespace) -> None:
+    """Check ``--fast-t2i-model`` from its ``model_index.json`` alone, before any model loads (smoke mode: nothing
+    to check, its tiny model is used).
 
     Raises:
         BadInputError: the model is not a rectified-flow one (a PeRFlow model is what --t2i-model loads).
         MissingWeightsError: the model is not available (exit 3).
     """
-    from .chain import TextTo3D
-    from .cli_common import load_chain, smoke_requested
+    from .cli_common import smoke_requested
     from .errors import BadInputError
     from .rectified_flow import kind_of_model
+
+    model = args.fast_t2i_model
+    if model is None or smoke_requested(args.tiny):
+        return
+    if kind_of_model(model, local_files_only=True if args.local_files_only else None) != "rectified_flow":
+        raise BadInputError(
+            f"--fast-t2i-model {model} is not a rectified-flow model (its model_index.json names no "
+            "RectifiedFlowPipeline); give InstaFlow (XCLiu/instaflow_0_9B_from_sd_1_5), or load it with --t2i-model."
+        )
+
+
+def load_fast_t2i(args: argparse.Namespace, chain: Any) -> Any:
+    """`chain` with ``--fast-t2i-model``'s text-to-image stage (`with_text_to_image`; checked by `check_fast_t2i`)."""
+    from .chain import TextTo3D
+    from .cli_common import load_chain, smoke_requested
     from .text_to_image import TextToImage
 
     if smoke_requested(args.tiny):  # smoke mode: the tiny InstaFlow-like model
@@ -845,11 +860,6 @@ def load_fast_t2i(args: argparse.Namespace, chain: Any) -> Any:
         fast = TextTo3D(t2i, device=chain.device, dtype=chain.dtype, smoke=True, model_ids={"t2i_model": "tiny"})
         return with_text_to_image(chain, fast)
     model = args.fast_t2i_model
-    if kind_of_model(model, local_files_only=True if args.local_files_only else None) != "rectified_flow":
-        raise BadInputError(
-            f"--fast-t2i-model {model} is not a rectified-flow model (its model_index.json names no "
-            "RectifiedFlowPipeline); give InstaFlow (XCLiu/instaflow_0_9B_from_sd_1_5), or load it with --t2i-model."
-        )
     fast_args = argparse.Namespace(**{**vars(args), "t2i_model": model, "t2i_delta": None})
     return with_text_to_image(chain, load_chain(fast_args, ("text_to_image",)))
 
@@ -931,6 +941,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         auth = check_flags(args)
+        check_fast_t2i(args)
         chain = load_chain(args, ("text_to_image", "multiview", "mesh"))
         more_t2i = [load_fast_t2i(args, chain)] if args.fast_t2i_model else []
     except Exception as e:  # bad flags; missing weights: the message names the repo, the fixes and smoke mode

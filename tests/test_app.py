@@ -736,6 +736,17 @@ def test_fast_t2i_model_flag_adds_instaflow_in_smoke_mode(tmp_path, monkeypatch)
     assert fast.rembg_session is launched["chain"].rembg_session  # one background remover for both
 
 
+def test_a_fast_t2i_model_that_is_not_rectified_flow_is_refused_before_loading(launched, capsys, tmp_path):
+    folder = tmp_path / "perflow"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(SystemExit) as info:
+        app.main(["--fast-t2i-model", str(folder)])
+    assert info.value.code == 2 and "chain" not in launched
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a rectified-flow model" in err[0]
+
+
 class _NoLaunch:
     t2mv_output_root = None
 
