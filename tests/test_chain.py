@@ -246,6 +246,7 @@ def test_offload_moves_each_stage_only_while_it_runs(monkeypatch):
     assert not TextTo3D.tiny(stages=("mesh",), offload=True).offload  # nothing to offload to on a CPU
 
 
+@pytest.mark.usefixtures("one_thread")  # a second full run: tiny models on 1 thread are faster here
 def test_save_writes_every_file_and_deterministic_settings(tiny_chain, text_result, tmp_path):
     paths = text_result.save(tmp_path / "a", mesh_formats=("glb", "obj", "ply"))
     names = {p.name for p in (tmp_path / "a").iterdir()}
@@ -256,8 +257,14 @@ def test_save_writes_every_file_and_deterministic_settings(tiny_chain, text_resu
         assert strip.size == (6 * 256, 256)
     assert {"image.png", "mv_input.png", "mesh_input.png", "mesh.glb", "mesh.obj", "mesh.ply"} <= names
     assert {"settings.json", "timings.json"} <= names and paths["mesh.glb"].stat().st_size > 0
-    text_result.save(tmp_path / "b", mesh_formats=())
-    assert (tmp_path / "a" / "settings.json").read_text() == (tmp_path / "b" / "settings.json").read_text()
+    # A second run with the same seed writes the same files, byte for byte (timings aside).
+    tiny_chain("a red teapot", seed=7).save(tmp_path / "b", mesh_formats=("glb", "obj", "ply"))
+    assert names == {p.name for p in (tmp_path / "b").iterdir()}
+    for name in sorted(names - {"timings.json"}):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    # ... and another seed another image (the image stage alone: the seed reaches it).
+    other = tiny_chain("a red teapot", seed=8, multiview=False, mesh=False)
+    assert other.settings["seed"] == 8 and not np.array_equal(np.asarray(other.image), np.asarray(text_result.image))
     with pytest.raises(ValueError, match="glb, obj, ply or stl"):
         text_result.save(tmp_path / "c", mesh_formats=("fbx",))
     assert horizontal_strip(text_result.normals).size == (1536, 256)
