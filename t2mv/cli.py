@@ -158,7 +158,8 @@ def _cmd_image(args: argparse.Namespace) -> int:
     _check_prompt(args.prompt)
     output = image_output_path(args.output)
     settings_path = output.with_suffix(".json")
-    chain = load_chain(args, ("text_to_image",))
+    # Several candidates are scored on u2net's mask (as text-to-mesh does): load it first, so a missing model fails now.
+    chain = load_chain(args, ("text_to_image",), needs_rembg=settings.candidates > 1 and settings.remove_background)
     result = chain(args.prompt, negative_prompt=args.negative_prompt, settings=settings)
     write_image(result.image, output)
     written = {"image": output, "settings": settings_path}

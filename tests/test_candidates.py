@@ -200,3 +200,29 @@ def test_bad_candidate_requests_are_refused_before_anything_runs(t2i_chain, tmp_
     with pytest.raises(BadInputError, match="choose 3 is out of range"):
         t2i_chain("a ball", settings=GenerationSettings.smoke(candidates=3, choose=3), output_dir=tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_text_only_run_scores_its_candidates_with_the_chains_background_remover():
+    """`t2mv image --candidates N` (no 3D stage) must cut the same masks as text-to-mesh: the chain's session (u2net
+    for real weights), not the weightless fallback, so both commands choose the same candidate for a seed."""
+    from t2mv.chain import TextTo3D
+    from t2mv.settings import GenerationSettings
+    from t2mv.tiny import FakeRembgSession
+
+    calls = []
+
+    class Recording(FakeRembgSession):
+        def predict(self, img, *args, **kwargs):
+            calls.append(img.size)
+            return super().predict(img, *args, **kwargs)
+
+    chain = TextTo3D.tiny(0, stages=("text_to_image",))
+    chain._rembg_session = Recording()
+    settings = GenerationSettings.smoke(seed=3, candidates=2)
+    assert chain.needs_background_removal(None, settings, multiview=False, mesh=False)
+    assert not chain.needs_background_removal(None, settings.with_changes(candidates=1), multiview=False, mesh=False)
+    assert not chain.needs_background_removal(
+        None, settings.with_changes(remove_background=False), multiview=False, mesh=False
+    )
+    chain("a red chair", settings=settings)
+    assert len(calls) == 2  # each candidate's mask came from the chain's own session

@@ -340,10 +340,12 @@ class TextTo3D:
     def needs_background_removal(
         self, image: Image.Image | None, settings: GenerationSettings, *, multiview: bool = True, mesh: bool = True
     ) -> bool:
-        """Whether a run will call rembg: a preprocessing stage runs, removal is on, and the image has no alpha
-        (a generated image, `image=None`, never has)."""
+        """Whether a run will call rembg: a preprocessing stage runs or generated candidates are scored (the
+        score reads the object mask the 3D stages would cut, so `t2mv image` and `text-to-mesh` choose alike),
+        removal is on, and the image has no alpha (a generated image, `image=None`, never has)."""
         preprocessing = (multiview and "multiview" in self.stages) or (mesh and "mesh" in self.stages)
-        return preprocessing and settings.remove_background and (image is None or not has_alpha(image))
+        scoring = image is None and settings.candidates > 1
+        return (preprocessing or scoring) and settings.remove_background and (image is None or not has_alpha(image))
 
     def plan(
         self,
