@@ -9,10 +9,12 @@ from t2mv.errors import BadInputError
 from t2mv.settings import (
     MAX_SEED,
     MV_TIME_WINDOWS,
+    STAGES,
     T2I_TIME_WINDOWS,
     GenerationSettings,
     add_arguments,
     from_namespace,
+    scopes_of,
 )
 
 
@@ -166,3 +168,115 @@ def test_importing_the_package_keeps_diffusers_away_from_jax():
     code = "import t2mv.text_to_image, diffusers.utils.import_utils as u; print(u.USE_JAX)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "0", done.stderr
+
+
+# ---------------------------------------------------------------------------------------------- mutation survivors
+# Each test below fails on a change mutmut made to t2mv/settings.py that the tests above let through
+# (benchmarks/results/mutation/settings.json).
+def _actions(stages=STAGES, **kwargs):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, stages, **kwargs)
+    return parser, {a.option_strings[0]: a for a in parser._actions if a.option_strings and a.dest != "help"}
+
+
+def test_every_flag_has_its_dest_help_type_and_choices():
+    parser, actions = _actions()
+    specs = GenerationSettings.bounds()
+    assert {spec.flag for spec in specs.values()} == set(actions)
+    for spec in specs.values():
+        action = actions[spec.flag]
+        assert action.dest == spec.name and action.default is None, spec.name
+        default_text = f"default: {spec.default}"
+        if spec.smoke_default != spec.default:
+            default_text += f"; smoke mode: {spec.smoke_default}"
+        if spec.kind == "bool":  # a flag flips the default: its help says what the flag does
+            assert action.const is (not spec.default)
+            assert action.help == (f"do not {spec.help}" if spec.default else spec.help), spec.name
+        elif spec.kind == "str":
+            assert action.choices == spec.choices and action.help == f"{spec.help} ({default_text})", spec.name
+        else:
+            assert action.type is {"int": int, "float": float}[spec.kind], spec.name
+            assert action.metavar == {"int": "N", "float": "X"}[spec.kind], spec.name
+            assert action.help == f"{spec.help} ({default_text}; {spec.describe_range()})", spec.name
+    assert (
+        actions["--no-remove-bg"].help
+        == "do not cut the object out with rembg (u2net) when the image has no transparency"
+    )
+    assert "smoke mode" not in actions["--mv-preprocess"].help  # same default in both modes: said once
+    args = parser.parse_args(["--no-remove-bg", "--refine", "--mv-preprocess", "perflow"])
+    assert (args.remove_background, args.refine, args.mv_preprocess) == (False, True, "perflow")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mv-preprocess", "crop"])
+    titles = {group.title for group in parser._action_groups}
+    assert {"seed", "text to image", "multiview", "mesh", "the six views shape and texture the mesh"} <= titles
+    assert "--seed" not in _actions(exclude=("seed",))[1]
+
+
+def test_from_namespace_defaults_overrides_and_skip():
+    parser, _ = _actions()
+    args = parser.parse_args([])
+    assert (
+        from_namespace(args) == GenerationSettings() and from_namespace(args, smoke=True) == GenerationSettings.smoke()
+    )
+    assert from_namespace(args, seed=5, mv_steps=None).seed == 5
+    bad = parser.parse_args(["--mv-steps", "1"])  # below PeRFlow's windows: a caller with its own rule skips it
+    with pytest.raises(BadInputError, match="--mv-steps"):
+        from_namespace(bad)
+    assert from_namespace(bad, skip=("mv_steps",)).mv_steps == 1
+
+
+def test_problems_choose_against_candidates_and_skip():
+    message = "choose 3 is out of range: with 3 candidate(s) choose 0..2, or -1 for the best-scored one."
+    assert GenerationSettings(candidates=3, choose=3).problems() == [message]
+    assert GenerationSettings(candidates=3, choose=4).problems(names={"choose": "--choose"}) == [
+        "--" + message.replace("3 is", "4 is")
+    ]
+    assert GenerationSettings(candidates=1, choose=1).problems() == [message.replace("3", "1").replace("0..2", "0..0")]
+    assert GenerationSettings(candidates=3, choose=2).problems() == []
+    for skip in (("choose",), ("candidates",)):
+        assert GenerationSettings(candidates=3, choose=3).problems(skip=skip) == []
+    # A skipped option is passed over, the ones after it are still checked; several problems, one line.
+    both = GenerationSettings(seed=-1, mc_resolution=1, mv_steps=1)
+    assert len(both.problems(skip=("seed",))) == 2 and len(both.problems()) == 3
+    with pytest.raises(BadInputError) as info:
+        both.validate()
+    assert str(info.value) == " ".join(both.problems())
+    assert GenerationSettings(mv_steps=1).validate(skip=("mv_steps",)).mv_steps == 1
+
+
+def test_bounds_are_inclusive_and_described_in_words():
+    specs = GenerationSettings.bounds()
+    for spec in specs.values():
+        if spec.kind in ("int", "float") and spec.high is not None and not spec.multiple_of:
+            extra = {"candidates": specs["candidates"].high} if spec.name == "choose" else {}  # choose < candidates
+            assert GenerationSettings(**{spec.name: spec.high}, **extra).problems() == [], spec.name
+    ratio = specs["mv_foreground_ratio"]
+    assert (ratio.label, ratio.help, ratio.step) == (
+        "Foreground ratio (multiview)",
+        "object size in the multiview input (wonder3d preprocessing)",
+        0.05,
+    )
+    assert ratio.describe_range() == "a finite number in [0.3, 1]"
+    assert specs["height"].describe_range() == "an integer in [64, 1024], a multiple of 8"
+    assert specs["upscale"].describe_range() == "0 or an integer in [128, 2048], a multiple of 64"
+    assert scopes_of(STAGES) == {*STAGES, "diffusion", "preprocess", "views"}
+    with pytest.raises(AssertionError, match="subset"):
+        scopes_of(["texture"])
+
+
+def test_defaults_and_from_mapping_base_and_coercion():
+    assert GenerationSettings.defaults() == GenerationSettings() != GenerationSettings.smoke()
+    assert GenerationSettings.from_mapping({}, base=GenerationSettings.smoke()) == GenerationSettings.smoke()
+    with pytest.raises(BadInputError):  # no coercion unless asked: 4.0 is not an integer
+        GenerationSettings.from_mapping({"t2i_steps": 4.0})
+    steps = GenerationSettings.from_mapping({"t2i_steps": 5, "mv_guidance": 2}, coerce=True)
+    assert type(steps.t2i_steps) is int and type(steps.mv_guidance) is float
+    with pytest.raises(BadInputError, match="not_an_option"):
+        GenerationSettings.from_mapping({"not_an_option": 1}, coerce=True)
+    # A bool or a string is not read as a number for a number option, nor a numeric string for a text or switch.
+    with pytest.raises(BadInputError, match="got True"):
+        GenerationSettings.from_mapping({"mv_guidance": True}, coerce=True)
+    with pytest.raises(BadInputError, match="got '1'"):
+        GenerationSettings.from_mapping({"texture_source": "1"}, coerce=True)
+    with pytest.raises(BadInputError, match="got '1'"):
+        GenerationSettings.from_mapping({"refine": "1"}, coerce=True)
