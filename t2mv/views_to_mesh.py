@@ -12,7 +12,7 @@ and six normal images exactly as the multiview stage returns them and derives ev
    re-fitted on the refined mesh, whose silhouettes are truer than the start's (a smooth start against a boxy
    object biases the first fit's scale).
 4. texture (`view_texture.texture_from_views`): colour harmonisation across views, then blending; TripoSR's colour
-   field (`fallback`) where no view sees the surface.
+   field (`fallback`), its colours matched to the views', where no view sees the surface.
 
 Views that cannot be aligned with the mesh do not fail the run: the mesh keeps its own colours, `texture` is None
 and a warning says why. Only malformed inputs (wrong count, sizes, options) raise ValueError.
@@ -52,6 +52,7 @@ class ViewsToMeshOptions:
     atlas: str = "projection"  # "projection" (fast) or "xatlas" (fewer seams, slow)
     harmonize: bool = True  # per-view colour gain/bias solved across the views before blending
     view_corrections: bool = True  # per-view 2-D zoom/shift on top of the shared camera
+    match_fallback: bool = True  # the fallback's colours mapped onto the views' before it colours unseen surface
     refine_options: dict[str, Any] = field(default_factory=dict)  # passed on to `refine_mesh`
 
     @classmethod
@@ -154,7 +155,7 @@ def views_to_mesh(
         texture_size: UV texture size, 512..4096.
         device: where the tensor work runs (default CPU).
         **options: `ViewsToMeshOptions` fields (iterations, seed, atlas, harmonize, view_corrections,
-            refine_options).
+            match_fallback, refine_options).
 
     Returns:
         `ViewsToMesh`. The views failing to align never raises: `texture` is None and the mesh keeps its colours.
@@ -188,6 +189,7 @@ def views_to_mesh(
             atlas=opts.atlas,
             harmonize=opts.harmonize,
             view_corrections=opts.view_corrections,
+            match_fallback=opts.match_fallback,
         )
     except ViewTextureError as e:
         result.mesh = shaped
