@@ -33,7 +33,10 @@ from t2mv import view_refine as vr
 from t2mv.view_texture import ViewCamera
 from wonder3d_perflow.cameras import VIEW_NAMES
 
-FAST = {"iterations": 60, "lr": 5e-2, "lam": 10.0}  # converges on these small meshes in a test's time
+# Converges on these small meshes in a test's time. The camera here is exact and the start deliberately 2 % too
+# large: with the camera's similarity free (the default, for a camera fitted to the start's own silhouettes, as in
+# the chain) the fit would rightly explain that by the camera; these tests measure the mesh.
+FAST = {"iterations": 60, "lr": 5e-2, "lam": 10.0, "fit_camera": False}
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +112,15 @@ def test_refinement_recovers_detail(start, gt, targets, start_errors, one_thread
     check_refined(result, start, gt, start_errors)
     assert result.warnings == []
     rounds = result.losses["rounds"]
-    assert [r["edge_pixels"] for r in rounds] == [6.0, 3.0] and sum(r["iterations"] for r in rounds) == 60
-    assert result.settings["edge_pixels"] == [6.0, 3.0]
+    assert [r["edge_pixels"] for r in rounds] == [2.0] and rounds[0]["iterations"] == 60
+    assert result.settings["edge_pixels"] == [2.0]
     assert len(result.losses["history"]) == FAST["iterations"] + len(rounds)
-    # Remeshed to the pixels: 3 px edges at 128² hold ~4x fewer faces than 6 px ones, each face a few pixels wide.
-    assert 3 < rounds[1]["faces"] / rounds[0]["faces"] < 5 and len(result.mesh.faces) == rounds[1]["faces"]
+    # Remeshed to the pixels: 2 px edges over the sphere's ~0.7 x 128 px wide silhouette.
+    area = 4 * np.pi * (RADIUS * CAMERA.scale * SIZE / 2) ** 2  # px² of the sphere's surface
+    assert (
+        0.5 < rounds[0]["faces"] / (area / (np.sqrt(3) / 4 * 2.0**2)) < 2
+        and len(result.mesh.faces) == rounds[0]["faces"]
+    )
     assert set(result.timings) >= {"remesh", "optimise", "total"}
     # Vertex colours come over from the input (one colour here).
     assert (np.asarray(result.mesh.visual.vertex_colors) == start.visual.vertex_colors[0]).all()
@@ -223,9 +230,10 @@ def mug(one_thread):
     return camera, mug_views(camera), mug_truth(120.0), mug_start(80.0)
 
 
-# At 128² views a remesh finer than the default 6 / 3 px (for 256² views) is needed to place the creases (measured:
-# Chamfer 0.88x the start; with the input's own faces the fit folds ~150 faces and is rejected).
-CREASED = {"edge_pixels": (4.0, 2.0)}
+# The camera here is exact (see FAST); the default one 2 px round (measured: Chamfer 0.89x the start, data loss
+# 0.29x. The previous loss, without the crease weights and the anchor, reached 0.80x here with the same remesh but
+# took the benchmark's gear 16 % away from the truth: the anchor trades a little detail for never drifting.)
+CREASED = {"fit_camera": False}
 
 
 def test_marching_cubes_start_refines_without_folds(mug, one_thread):
@@ -234,7 +242,7 @@ def test_marching_cubes_start_refines_without_folds(mug, one_thread):
     result = vr.refine_mesh(start, normals, masks, camera, iterations=200, **CREASED)
     assert result.accepted, result.warnings
     assert result.losses["views_used"] == list(VIEW_NAMES)
-    assert result.losses["final"]["data"] < 0.25 * result.losses["initial"]["data"]
+    assert result.losses["final"]["data"] < 0.35 * result.losses["initial"]["data"]
     out = result.mesh
     # No fold (checked two ways: against the faces' own corners, and no pair of neighbours turned back on each
     # other), no self-intersection, closed, and nearer the truth.
@@ -295,3 +303,52 @@ def test_mask_without_outline_is_named_not_nan(targets, one_thread):
     assert len(front) == 1 and "no outline" in front[0] and "nan" not in front[0].lower(), result.warnings
     assert result.losses["silhouette_agreement"][0] is None
     json.dumps(result.losses, allow_nan=False)
+
+
+# --------------------------------------------------------------------------------------------- real-looking views
+
+
+def test_silhouette_loss_tolerates_a_pixel_of_mask_offset(gt, targets, one_thread):
+    """A generated mask sits a pixel off the normals' outline: the silhouette term ignores a 1 px band, so the true
+    mesh scores ~0 against masks grown or shrunk by 1 px, while 3 px off still costs."""
+    normals, masks = targets
+    x = torch.tensor(gt.vertices, dtype=torch.float32)
+    topo = vr.mesh_topology(torch.tensor(gt.faces), len(x))
+    rendered = vr.render(x, topo, CAMERA, vr.visibility(x, topo, CAMERA, SIZE))
+    sil = {}
+    for grow in (0, 1, -1, 3):
+        t = vr.make_targets(normals, shifted_masks(masks, (grow,) * 6), device=torch.device("cpu"))
+        sil[grow] = float(vr.view_losses(rendered, t)[1].mean())
+    assert max(sil[0], sil[1], sil[-1]) < 2e-3, sil
+    assert sil[3] > 10 * max(sil[0], sil[1], sil[-1], 1e-4), sil
+
+
+def test_camera_biased_by_the_shape_is_refitted(one_thread):
+    """The chain's camera comes from the TripoSR mesh's silhouettes, which its smoothing biases (1-4 % in scale on
+    the benchmark). Fitted with the vertices, the camera's similarity takes the bias out: the mesh stays in its
+    frame and comes nearer the truth, where a fixed camera bends it into the camera's frame."""
+    gt = bumpy_sphere(5)
+    normals, masks = render_targets(gt, CAMERA)
+    start = bumpy_sphere(3)  # the right shape, coarser: only the camera is wrong
+    biased = ViewCamera(scale=CAMERA.scale * 1.03, center=CAMERA.center, image_size=SIZE)
+    before = surface_errors(start, gt)[0]
+    fixed = vr.refine_mesh(start, normals, masks, biased, **{**FAST, "fit_camera": False})
+    fitted = vr.refine_mesh(start, normals, masks, biased, **{**FAST, "fit_camera": True})
+    assert fitted.accepted, fitted.warnings
+    assert abs(fitted.losses["camera_similarity"]["scale"] * 1.03 - 1) < 0.01, fitted.losses["camera_similarity"]
+    assert surface_errors(fitted.mesh, gt)[0] < before < surface_errors(fixed.mesh, gt)[0]
+
+
+def test_non_manifold_mesh_is_fitted_without_remeshing(targets, one_thread):
+    """Marching cubes can leave non-manifold edges, which the remesher refuses: the fit goes on with the mesh's own
+    faces and says so (it raised before)."""
+    normals, masks = targets
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=RADIUS * 1.02)
+    a, b = sphere.faces[0, 0], sphere.faces[0, 1]
+    tip = len(sphere.vertices)
+    vertices = np.vstack([sphere.vertices, sphere.vertices[[a, b]].mean(0) * 1.01])
+    faces = np.vstack([sphere.faces, [[a, b, tip]]])  # a third face on edge a-b: non-manifold
+    mesh = trimesh.Trimesh(vertices, faces, process=False)
+    result = vr.refine_mesh(mesh, normals, masks, CAMERA, iterations=4, check_intersections=False)
+    assert any("not remeshed" in w for w in result.warnings), result.warnings
+    assert result.losses["rounds"][0]["faces"] == len(faces)
