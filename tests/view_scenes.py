@@ -134,8 +134,21 @@ def mug_sdf(p: np.ndarray) -> np.ndarray:
     return np.minimum(box, np.sqrt(ring**2 + c[..., 2] ** 2) - HANDLE[2])
 
 
-def _grid(per_unit: float) -> tuple[np.ndarray, list[np.ndarray]]:
-    axes = [np.linspace(MUG_LO[i], MUG_HI[i], int(per_unit * (MUG_HI[i] - MUG_LO[i])) + 1) for i in range(3)]
+def disc_sdf(p: np.ndarray) -> np.ndarray:
+    """A disc facing the front camera with a recessed ring on both faces (like a gear's hub): the recess's floor
+    faces the camera as the face around it does, so only its walls place its depth."""
+    r = np.hypot(p[..., 0], p[..., 1])
+    disc = np.maximum(r - 0.5, np.abs(p[..., 2]) - 0.14)
+    recess = np.maximum(np.maximum(r - 0.38, 0.16 - r), 0.07 - np.abs(p[..., 2]))
+    return np.maximum(disc, -recess)
+
+
+DISC_BOX = (np.array([-0.6, -0.6, -0.3]), np.array([0.6, 0.6, 0.3]))
+
+
+def _grid(per_unit: float, box=None) -> tuple[np.ndarray, list[np.ndarray]]:
+    lo, hi = box or (MUG_LO, MUG_HI)
+    axes = [np.linspace(lo[i], hi[i], int(per_unit * (hi[i] - lo[i])) + 1) for i in range(3)]
     return np.stack(np.meshgrid(*axes, indexing="ij"), -1), axes
 
 
@@ -148,23 +161,27 @@ def _marching_cubes(volume: np.ndarray, level: float, axes: list[np.ndarray]) ->
     return mesh
 
 
-def mug_truth(per_unit: float = 160.0) -> trimesh.Trimesh:
-    """The truth as a fine marching-cubes mesh of the distance field (for Chamfer distances)."""
-    g, axes = _grid(per_unit)
-    return _marching_cubes(-mug_sdf(g), 0.0, axes)
+def mug_truth(per_unit: float = 160.0, sdf=None, box=None) -> trimesh.Trimesh:
+    """The truth as a fine marching-cubes mesh of the distance field (for Chamfer distances); `sdf`, `box`: another
+    object (default: the mug) and its bounds."""
+    g, axes = _grid(per_unit, box)
+    return _marching_cubes(-(sdf or mug_sdf)(g), 0.0, axes)
 
 
-def mug_start(per_unit: float = 96.0, blur: float = 1.3) -> trimesh.Trimesh:
+def mug_start(per_unit: float = 96.0, blur: float = 1.3, sdf=None, box=None) -> trimesh.Trimesh:
     """A TripoSR stand-in: occupancy at 1/per_unit, Gaussian-blurred by `blur` voxels, marching cubes at 0.5."""
-    g, axes = _grid(per_unit)
-    occupancy = ndimage.gaussian_filter((mug_sdf(g) < 0).astype(np.float64), blur)
+    g, axes = _grid(per_unit, box)
+    occupancy = ndimage.gaussian_filter(((sdf or mug_sdf)(g) < 0).astype(np.float64), blur)
     return _marching_cubes(occupancy, 0.5, axes)
 
 
-def mug_views(camera: ViewCamera, shift: tuple[int, ...] = (0,) * 6) -> tuple[list[Image.Image], list[Image.Image]]:
+def mug_views(
+    camera: ViewCamera, shift: tuple[int, ...] = (0,) * 6, sdf=None
+) -> tuple[list[Image.Image], list[Image.Image]]:
     """True normal maps (sphere-traced distance field, normals from its gradient) and masks. shift: per view,
     pixels the mask is grown (> 0) or shrunk (< 0) by against the normal map's silhouette (a generator's rim
-    mismatch)."""
+    mismatch). sdf: another object (default: the mug)."""
+    mug_sdf_ = sdf or mug_sdf
     s, scale = camera.image_size, camera.scale
     axes = view_axes(torch.float64).numpy()  # (6, 3, 3)
     u = (np.arange(s) + 0.5) / s * 2.0 - 1.0
@@ -175,12 +192,12 @@ def mug_views(camera: ViewCamera, shift: tuple[int, ...] = (0,) * 6) -> tuple[li
         p = np.asarray(camera.center) + (uu / scale)[..., None] * right + (vv / scale)[..., None] * up + back
         p, t = p.reshape(-1, 3), np.zeros(s * s)
         for _ in range(200):  # sphere tracing from 1 unit in front of the centre, towards the camera's back
-            d = mug_sdf(p - t[:, None] * back)
+            d = mug_sdf_(p - t[:, None] * back)
             t = t + np.where(d > 1e-5, d, 0.0)
-        hit = np.abs(mug_sdf(p - t[:, None] * back)) < 1e-4
+        hit = np.abs(mug_sdf_(p - t[:, None] * back)) < 1e-4
         q = p[hit] - t[hit, None] * back
         eps = 1e-5
-        grad = np.stack([mug_sdf(q + eps * e) - mug_sdf(q - eps * e) for e in np.eye(3)], axis=-1)  # (H, 3)
+        grad = np.stack([mug_sdf_(q + eps * e) - mug_sdf_(q - eps * e) for e in np.eye(3)], axis=-1)  # (H, 3)
         n = np.zeros((s * s, 3))
         n[hit] = grad / np.linalg.norm(grad, axis=-1, keepdims=True)
         normals[k], masks[k] = n.reshape(s, s, 3), hit.reshape(s, s)
