@@ -546,10 +546,10 @@ def _pixel_size(camera: Camera, device: torch.device) -> float:
 class _Similarity:
     """The views' camera after a small similarity of the mesh, fitted with it: p -> exp(s) (p - c) + c + k t.
 
-    The camera fitted to a TripoSR mesh's silhouettes is biased by the mesh's smoothing (measured: 1.5-3 % in scale
-    on the benchmark's objects, 2-3 px at the outline); with it fixed, the fit bends the mesh into the wrong frame.
-    Fitted jointly (the anchor keeps the mesh's own frame, so a shared misfit goes to these 4 numbers rather than
-    to every vertex), the mesh keeps its frame and `camera()` is the corrected camera. params (4,) = (log scale,
+    The camera fitted to a TripoSR mesh's silhouettes is biased by the mesh's smoothing (measured: 1.2-4 % in scale
+    on the benchmark's objects, 1-4 px at the outline); with it fixed, the fit bends the mesh into the camera's
+    frame. Fitted jointly (the anchor keeps the mesh's own frame, so a shared misfit goes to these 4 numbers rather
+    than to every vertex), the mesh keeps its frame and `project` is the corrected camera. params (4,) = (log scale,
     shift / k); c: the mesh's centroid (the scale's fixed point); k: 25 pixels (comparable Adam steps for both)."""
 
     def __init__(self, camera: Camera, params: torch.Tensor, centre: torch.Tensor, unit: float):
@@ -639,7 +639,7 @@ def _choose_views(
 def _fit_round(
     x0: torch.Tensor,
     faces: torch.Tensor,
-    camera: Camera,
+    camera: _Similarity,
     targets: Targets,
     weights: torch.Tensor,
     iterations: int,
