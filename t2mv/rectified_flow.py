@@ -1,15 +1,8 @@
 """The text-to-image model kinds (PeRFlow SD1.5, rectified flow), what tells them apart, and each one's defaults.
 
-Upstream (gnobitab/InstaFlow ``code/pipeline_rf.py``, ``RectifiedFlowPipeline``) is SD1.5's pipeline with its own
-loop: the UNet predicts a velocity ``v``, and N Euler steps go from noise (t = 1000) towards the image::
-
-    timesteps = [(1 - i/N) * 1000 for i in range(N)]     # floats: 1000, 666.67, 333.33 for N = 3
-    dt = 1/N
-    latents = latents + dt * v_pred                        # v_pred with classifier-free guidance when scale > 1
-
-Its initial latents are ``randn * scheduler.init_noise_sigma`` with the repositories' PNDMScheduler, whose
-``init_noise_sigma`` is 1. `t2mv.perflow.rf_scheduler.RectifiedFlowScheduler` is exactly that loop in the
-diffusers scheduler contract, so diffusers' own ``StableDiffusionPipeline`` samples it unchanged.
+Rectified flow is upstream's (gnobitab/InstaFlow) own Euler loop over the UNet's velocity; the sampler is
+`t2mv.perflow.rf_scheduler.RectifiedFlowScheduler` (its docstring gives the loop), which diffusers' own
+``StableDiffusionPipeline`` samples unchanged.
 
 Published models (CC-BY-NC-4.0): ``XCLiu/instaflow_0_9B_from_sd_1_5`` (one step, no guidance, no negative prompt)
 and ``XCLiu/2_rectified_flow_from_sd_1_5`` (few steps; upstream's example: 25 steps, guidance 1.5). Both are

@@ -653,9 +653,8 @@ def _fit_round(
         the lowest-loss iterate (V, 3) and its camera, the loss history, its iteration, rasterisations, seconds
         rasterising.
     """
-    sim = _Similarity(
-        camera.base, camera.params.detach().clone().requires_grad_(opts.fit_camera), camera.centre, camera.unit
-    )
+    sim = camera.frozen()  # this round's own parameters
+    sim.params.requires_grad_(opts.fit_camera)
     sim_opt = torch.optim.Adam([sim.params], lr=opts.camera_lr) if opts.fit_camera else None
     topo = mesh_topology(faces, len(x0))
     steps = LargeSteps(topo, opts.lam, x0.device)
@@ -761,8 +760,8 @@ def refine_mesh(
             authors do after a remesh). lam: Large Steps' λ (larger: smoother steps).
         view_weights: per-view weights (default: Wonder3D's own reconstruction's). silhouette_weight,
             smooth_weight, anchor_weight: weights of the silhouette term, of the displacement's Laplacian
-            energy and of its squared length (both per edge length²: the anchor keeps what no view can place where
-            the input had it).
+            energy (per edge length²) and of its length (per edge length: the anchor keeps what no view can place
+            where the input had it).
         raster_every, max_drift: re-rasterise the visibility after this many steps, or sooner once a vertex has
             moved more than `max_drift` pixels in a view since the last time.
         min_agreement: views whose normal map agrees less than this with its mask's outline
@@ -794,14 +793,14 @@ def refine_mesh(
     if len(mesh.faces) == 0:
         raise ValueError("cannot refine an empty mesh")
     opts = FitOptions(
-        lr,
-        lam,
-        silhouette_weight,
-        smooth_weight,
-        raster_every,
-        max_drift,
-        anchor_weight,
-        fit_camera,
+        lr=lr,
+        lam=lam,
+        silhouette_weight=silhouette_weight,
+        smooth_weight=smooth_weight,
+        raster_every=raster_every,
+        max_drift=max_drift,
+        anchor_weight=anchor_weight,
+        fit_camera=fit_camera,
         max_faces=max_faces,
     )
     settings = {

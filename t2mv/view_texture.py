@@ -777,6 +777,11 @@ def _blend(
     return torch.cat(colors), torch.cat(alphas), torch.cat(best)
 
 
+def _directed_edges(faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every edge of (F, 3) faces in both directions: sources and destinations (6F,) each."""
+    return faces[:, [0, 1, 2, 1, 2, 0]].reshape(-1), faces[:, [1, 2, 0, 0, 1, 2]].reshape(-1)
+
+
 def _harmonic_fill(
     faces: torch.Tensor,
     colors: torch.Tensor,
@@ -801,8 +806,7 @@ def _harmonic_fill(
     filled = torch.where(known[:, None], colors, start)  # (V, 3)
     if known.all():
         return filled
-    src = faces[:, [0, 1, 2, 1, 2, 0]].reshape(-1)  # (6F,) each edge in both directions
-    dst = faces[:, [1, 2, 0, 0, 1, 2]].reshape(-1)
+    src, dst = _directed_edges(faces)  # (6F,) each
     into_unknown = ~known[dst]  # only unknown vertices change: iterate over the edges that reach them
     src, dst = src[into_unknown], dst[into_unknown]
     unknown, local = torch.unique(dst, return_inverse=True)  # (U,), (E,)
@@ -1056,8 +1060,7 @@ def _smooth_known(faces: torch.Tensor, values: torch.Tensor, known: torch.Tensor
     """Jacobi smoothing of (V, C) values over the edges between known vertices (the others are left as they are)."""
     if iterations <= 0:
         return values
-    src = faces[:, [0, 1, 2, 1, 2, 0]].reshape(-1)  # (6F,) each edge in both directions
-    dst = faces[:, [1, 2, 0, 0, 1, 2]].reshape(-1)
+    src, dst = _directed_edges(faces)  # (6F,) each
     inside = known[src] & known[dst]
     src, dst = src[inside], dst[inside]
     degree = torch.bincount(dst, minlength=len(values)).to(values.dtype)[:, None] + 1.0  # (V, 1) self included
