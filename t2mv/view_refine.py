@@ -659,31 +659,33 @@ def _fit_round(
     topo = mesh_topology(faces, len(x0))
     steps = LargeSteps(topo, opts.lam, x0.device)
     e = topo.edges
-    neighbours = torch.sparse_coo_tensor(
-        torch.stack([torch.cat([e[:, 0], e[:, 1]]), torch.cat([e[:, 1], e[:, 0]])]),
-        torch.ones(2 * len(e), device=x0.device),
-        (len(x0), len(x0)),
-        check_invariants=False,
-    ).coalesce()
-    degree = torch.sparse.sum(neighbours, dim=1).to_dense().clamp(min=1)[:, None]  # (V, 1)
+    # Directed edges src -> dst grouped by dst: the neighbour sum as gather + index_add is ~4x faster than a COO
+    # sparse product on the CPU, forward and backward (measured at 19k vertices).
+    dst, order = torch.sort(torch.cat([e[:, 1], e[:, 0]]), stable=True)  # (2E,)
+    src = torch.cat([e[:, 0], e[:, 1]])[order]  # (2E,)
+    degree = torch.bincount(dst, minlength=len(x0)).clamp(min=1).to(x0.dtype)[:, None]  # (V, 1)
     edge_len = float((x0[e[:, 0]] - x0[e[:, 1]]).norm(dim=-1).mean())
     u = steps.to_differential(x0).clone().requires_grad_(True)  # (V, 3)
     opt = AdamUniform(u, step)
     best_loss, best_x, best_cam, best_it = math.inf, x0, sim.frozen(), 0
-    vis, last, rasters, raster_time, history = None, 0, 0, 0.0, []
+    vis, last, rasters, raster_time, history, drift = None, 0, 0, 0.0, [], math.inf
     for it in range(iterations + 1):
         x = steps.from_differential(u)  # (V, 3)
-        drift = math.inf if vis is None else float((sim.project(x.detach()).detach()[..., :2] - vis.xy).abs().amax())
+        # drift: from the previous step's render (one step behind: a step moves a vertex a fraction of a pixel;
+        # projecting every vertex again for it cost 3 ms a step at 19k vertices).
         if vis is None or it - last >= opts.raster_every or drift > opts.max_drift:
             t_r = time.perf_counter()
             with torch.no_grad():
                 moved = sim.apply(x)  # (V, 3)
             vis, last, rasters = visibility(moved, topo, camera.base, targets.size), it, rasters + 1
             raster_time += time.perf_counter() - t_r
-        normal, sil = view_losses(render(sim.apply(x), topo, camera.base, vis), targets)
+        rendered = render(sim.apply(x), topo, camera.base, vis)
+        drift = float((rendered.xy - vis.xy).abs().amax())
+        normal, sil = view_losses(rendered, targets)
         data = (weights * (normal + opts.silhouette_weight * sil)).sum() / weights.sum()
         disp = x - x0
-        lap = disp - torch.sparse.mm(neighbours, disp) / degree  # (V, 3) displacement's uniform Laplacian
+        neighbour_sum = torch.zeros_like(disp).index_add(0, dst, disp.index_select(0, src))  # (V, 3)
+        lap = disp - neighbour_sum / degree  # (V, 3) the displacement's uniform Laplacian
         # The anchor holds what the views cannot place: the renderer's gradients come through normals and the
         # outline, not through occlusions inside the object, so the depth of a recess's floor (whose normal faces
         # the camera like the face around it) is free and drifts (measured on the gear: 2 cm out, Chamfer +20 %).

@@ -93,9 +93,35 @@ def face_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
 
 def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """Unit vertex normals (V, 3): the area-weighted mean of the adjacent face normals (differentiable)."""
-    fn = face_normals(vertices, faces)  # (F, 3)
-    acc = torch.zeros_like(vertices).index_add(0, faces.reshape(-1), fn.repeat_interleave(3, dim=0))  # (V, 3)
-    return F.normalize(acc, dim=-1, eps=1e-12)
+    return _VertexNormals.apply(vertices, faces)
+
+
+class _VertexNormals(torch.autograd.Function):
+    """`vertex_normals` with its backward by hand (~2x faster on the CPU than the composed ops' at 39k faces):
+    n = a / |a|, a_v = Σ_(faces f at v) e1_f x e2_f with e1 = v1 - v0, e2 = v2 - v0. Backward: da = (g - n (n · g))
+    / |a|; per face, dF = Σ_corners da; de1 = e2 x dF, de2 = dF x e1; dv1 += de1, dv2 += de2, dv0 -= de1 + de2."""
+
+    @staticmethod
+    def forward(ctx, vertices, faces):
+        f0, f1, f2 = faces.unbind(1)  # (F,) each
+        v0 = vertices.index_select(0, f0)
+        e1, e2 = vertices.index_select(0, f1) - v0, vertices.index_select(0, f2) - v0  # (F, 3) each
+        fn = torch.linalg.cross(e1, e2, dim=-1)  # (F, 3)
+        acc = torch.zeros_like(vertices).index_add_(0, f0, fn).index_add_(0, f1, fn).index_add_(0, f2, fn)  # (V, 3)
+        length = acc.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # (V, 1)
+        unit = acc / length
+        ctx.save_for_backward(faces, e1, e2, unit, length)
+        return unit
+
+    @staticmethod
+    def backward(ctx, grad):
+        faces, e1, e2, unit, length = ctx.saved_tensors
+        f0, f1, f2 = faces.unbind(1)
+        d_acc = (grad - unit * (unit * grad).sum(-1, keepdim=True)) / length  # (V, 3)
+        d_fn = d_acc.index_select(0, f0) + d_acc.index_select(0, f1) + d_acc.index_select(0, f2)  # (F, 3)
+        d_e1, d_e2 = torch.linalg.cross(e2, d_fn, dim=-1), torch.linalg.cross(d_fn, e1, dim=-1)  # (F, 3) each
+        d_v = torch.zeros_like(grad).index_add_(0, f1, d_e1).index_add_(0, f2, d_e2).index_add_(0, f0, -(d_e1 + d_e2))
+        return d_v, None
 
 
 # --------------------------------------------------------------------------------------------- renderer
@@ -130,27 +156,25 @@ class Render:
     pair: m(p) = gx * p.x + gy * p.y + h (unnormalised); `normal` evaluates it at the pixels.
     """
 
-    gx: torch.Tensor  # (P, 3)
-    gy: torch.Tensor  # (P, 3)
-    h: torch.Tensor  # (P, 3)
+    coef: torch.Tensor  # (P, 9): gx, gy, h side by side, each (P, 3)
     edge_coverage: torch.Tensor  # (B,) soft coverage of each silhouette pixel in [0, 1]
     vis: Visibility
+    xy: torch.Tensor | None = None  # (6, V, 2) the projected vertices rendered (to compare with vis.xy)
 
     @property
     def normal(self) -> torch.Tensor:
         """(N, 3) unit export-frame normal at each covered pixel (differentiable)."""
-        pair = self.vis.pair
+        c = self.coef.index_select(0, self.vis.pair)  # (N, 9)
         p = self._pixel_centres()  # (N, 2)
-        m = self.gx.index_select(0, pair) * p[:, :1] + self.gy.index_select(0, pair) * p[:, 1:]
-        return F.normalize(m + self.h.index_select(0, pair), dim=-1, eps=1e-12)  # (N, 3)
+        return F.normalize(c[:, 0:3] * p[:, :1] + c[:, 3:6] * p[:, 1:] + c[:, 6:9], dim=-1, eps=1e-12)  # (N, 3)
 
     def cosine(self, target: torch.Tensor) -> torch.Tensor:
         """(N,) cosine between each pixel's normal and target (N, 3) unit vectors: `(normal * target).sum(-1)`, in
         one fused autograd node (the optimiser's hot path: ~3x fewer tensor passes than the composed ops)."""
-        return _PixelCosine.apply(self.gx, self.gy, self.h, self.vis.pair, self._pixel_centres(), target)
+        return _PixelCosine.apply(self.coef, self.vis.pair, self._pixel_centres(), target)
 
     def _pixel_centres(self) -> torch.Tensor:
-        return _centres(self.vis.pixel, self.vis.size, self.h.dtype)
+        return _centres(self.vis.pixel, self.vis.size, self.coef.dtype)
 
     def images(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense images: normal (6, S * S, 3) (0 where uncovered) and soft coverage (6, S * S)."""
@@ -271,6 +295,10 @@ def visibility(
     pixel, face = torch.cat(pixels), torch.cat(faces)
     view = pixel // n_pix
     key, pair = torch.unique(view * len(topo.faces) + face, return_inverse=True)  # (P,), (N,)
+    # Pixels grouped by pair: the render's per-pixel gathers from, and its backward's scatters into, the pairs then
+    # walk memory in order (the backward's index_add ~2.5x faster at 157k pixels than in image order).
+    order = torch.argsort(pair, stable=True)
+    pixel, face, pair = pixel[order], face[order], pair[order]
     return Visibility(
         pixel,
         face,
@@ -302,19 +330,9 @@ def render(vertices: torch.Tensor, topo: Topology, camera: Camera, vis: Visibili
     # Barycentrics are affine in the pixel position, so per (view, triangle) pair the interpolated normal is
     # m(p) = gx * p.x + gy * p.y + h; the pixels then only evaluate that (same values, far fewer operations).
     # index_select rather than fancy indexing: its backward is a plain index_add (much cheaper on the CPU).
-    tri = topo.faces.index_select(0, vis.pair_face)  # (P, 3)
-    tri_xy = xy.index_select(0, (tri + (vis.pair_view * num)[:, None]).reshape(-1)).reshape(-1, 3, 2)  # (P, 3, 2)
-    a, b, c = tri_xy.unbind(1)  # (P, 2) each
-    det = (b[:, 1] - c[:, 1]) * (a[:, 0] - c[:, 0]) + (c[:, 0] - b[:, 0]) * (a[:, 1] - c[:, 1])  # (P,)
-    det = torch.where(det.abs() < 1e-9, torch.full_like(det, 1e-9), det)  # edge-on slivers: no blow-up
-    ax = torch.stack([b[:, 1] - c[:, 1], c[:, 1] - a[:, 1]], dim=-1) / det[:, None]  # (P, 2) d l0/dx, d l1/dx
-    ay = torch.stack([c[:, 0] - b[:, 0], a[:, 0] - c[:, 0]], dim=-1) / det[:, None]  # (P, 2) d l0/dy, d l1/dy
-    a0 = -(ax * c[:, :1] + ay * c[:, 1:])  # (P, 2) l0, l1 at p = (0, 0)
-    n = normals.index_select(0, tri.reshape(-1)).reshape(-1, 3, 3)  # (P, 3, 3)
-    dn = n[:, :2] - n[:, 2:]  # (P, 2, 3): l2 = 1 - l0 - l1
-    gx = (ax[..., None] * dn).sum(1)  # (P, 3)
-    gy = (ay[..., None] * dn).sum(1)
-    h = (a0[..., None] * dn).sum(1) + n[:, 2]
+    tri = topo.faces.index_select(0, vis.pair_face).reshape(-1)  # (3P,)
+    tri_xy = xy.index_select(0, tri + (vis.pair_view * num).repeat_interleave(3)).reshape(-1, 3, 2)  # (P, 3, 2)
+    coef = _PairCoefficients.apply(tri_xy, normals.index_select(0, tri).reshape(-1, 3, 3))  # (P, 9)
     # Soft coverage of silhouette pixels: a pixel-wide box cut by the contour edge's line.
     e = vis.edge + (vis.edge_pixel // (size * size) * num)[:, None]  # (B, 2) into xy
     ea, eb = xy[e[:, 0]], xy[e[:, 1]]  # (B, 2)
@@ -322,7 +340,53 @@ def render(vertices: torch.Tensor, topo: Topology, camera: Camera, vis: Visibili
     d = eb - ea
     cross = d[:, 0] * (q[:, 1] - ea[:, 1]) - d[:, 1] * (q[:, 0] - ea[:, 0])  # (B,)
     signed = vis.edge_sign * cross / d.norm(dim=-1).clamp(min=1e-9)  # (B,) pixels, > 0 inside
-    return Render(gx, gy, h, (0.5 + signed).clamp(0.0, 1.0), vis)
+    return Render(coef, (0.5 + signed).clamp(0.0, 1.0), vis, xy.detach().reshape(NUM_VIEWS, num, 2))
+
+
+class _PairCoefficients(torch.autograd.Function):
+    """Per (view, triangle) pair, the coefficients of the interpolated normal m(p) = gx * p.x + gy * p.y + h.
+
+    With A the pair's rows (x_i, y_i, 1) of its three projected corners and N the rows n_i of their normals, the
+    barycentric coefficients are W = A^-1 (l_i(p) = W[0, i] p.x + W[1, i] p.y + W[2, i], so that l_i(corner j) =
+    δ_ij) and C = (gx; gy; h) = W N. Backward by hand, in closed form: dN = W^T G and dA = -W^T G C^T, i.e.
+    dn_i = Σ_r W[r, i] G_r and d(x_i, y_i) = -(dn_i · gx, dn_i · gy). One node instead of ~40 small autograd ones
+    (their backward was half the optimiser's time on the CPU at 88k pairs).
+
+    forward(tri_xy (P, 3, 2), n (P, 3, 3)) -> (P, 9): gx, gy, h side by side.
+    """
+
+    @staticmethod
+    def forward(ctx, tri_xy, n):
+        # Component-major (2, 3, P) rows: elementwise work on contiguous rows is ~4x faster here than on (P, 3)
+        # columns gathered by corner.
+        t = tri_xy.permute(2, 1, 0).contiguous()  # (2 = x / y, 3 corners, P)
+        t1, t2 = t.roll(-1, 1), t.roll(-2, 1)  # corner i + 1, i + 2
+        wx, wy = t1[1] - t2[1], t2[0] - t1[0]  # (3, P) each: d l_i / dx, d l_i / dy, times det
+        # Relative to corner c, in float32: products of absolute pixel coordinates (~128²) lose the sub-pixel
+        # digits (measured: gradients 4 % off, against 0.06 % this way).
+        det = wx[0] * (t[0, 0] - t[0, 2]) + wx[1] * (t[0, 1] - t[0, 2])  # (P,) twice the signed area, pixels²
+        flat = det.abs() < 1e-9  # edge-on slivers: no blow-up (and no gradient, see backward)
+        inv = 1.0 / torch.where(flat, torch.full_like(det, 1e-9), det)
+        # l_i(p) = (wx_i (p.x - x_c) + wy_i (p.y - y_c)) / det + [i = c]: its value at p = (0, 0).
+        w1 = -(wx * t[0, 2] + wy * t[1, 2]) * inv  # (3, P)
+        w1[2] += 1.0
+        w = torch.stack([wx * inv, wy * inv, w1]).permute(2, 0, 1).contiguous()  # (P, 3 rows x / y / 1, 3 corners)
+        # C = W N written as W' (n_a - n_c; n_b - n_c; n_c) (rows of W sum to 0, 0, 1): l_i at p = (0, 0) reaches
+        # ~±64 on a 2-pixel triangle, and multiplying it by the normals themselves rather than by their small
+        # differences left float32 normals 4e-3 off.
+        w_diff = w.clone()
+        w_diff[:, :, 2] = torch.tensor([0.0, 0.0, 1.0], dtype=w.dtype, device=w.device)
+        diff = torch.cat([n[:, :2] - n[:, 2:], n[:, 2:]], dim=1)  # (P, 3, 3)
+        coef = torch.bmm(w_diff, diff).reshape(-1, 9)  # (P, 9)
+        ctx.save_for_backward(w, coef, flat)
+        return coef
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, coef, flat = ctx.saved_tensors
+        dn = torch.bmm(w.transpose(1, 2), grad.reshape(-1, 3, 3))  # (P, corners, 3): Σ_r W[r, i] G_r
+        dxy = -torch.bmm(dn, coef[:, 0:6].reshape(-1, 2, 3).transpose(1, 2))  # (P, corners, 2)
+        return dxy.masked_fill(flat[:, None, None], 0.0), dn
 
 
 class _PixelCosine(torch.autograd.Function):
@@ -330,22 +394,20 @@ class _PixelCosine(torch.autograd.Function):
     d cos / d m = (t - cos * m / |m|) / |m|, gathered back to the pairs with index_add."""
 
     @staticmethod
-    def forward(ctx, gx, gy, h, pair, p, target):
-        px, py = p[:, :1], p[:, 1:]  # (N, 1)
-        m = gx.index_select(0, pair) * px + gy.index_select(0, pair) * py + h.index_select(0, pair)  # (N, 3)
+    def forward(ctx, coef, pair, p, target):
+        c = coef.index_select(0, pair)  # (N, 9): one gather of the 9 coefficients, one scatter back
+        m = c[:, 0:3] * p[:, :1] + c[:, 3:6] * p[:, 1:] + c[:, 6:9]  # (N, 3)
         length = m.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # (N, 1)
         unit = m / length
         cos = (unit * target).sum(-1)  # (N,)
         ctx.save_for_backward(unit, length, cos, pair, p, target)
-        ctx.num_pairs = len(h)
+        ctx.num_pairs = len(coef)
         return cos
 
     @staticmethod
     def backward(ctx, grad):
         unit, length, cos, pair, p, target = ctx.saved_tensors
         g = (target - cos[:, None] * unit) * (grad[:, None] / length)  # (N, 3) d loss / d m
-        zeros = torch.zeros(ctx.num_pairs, 3, dtype=g.dtype, device=g.device)
-        grad_h = zeros.index_add(0, pair, g)
-        grad_gx = zeros.index_add(0, pair, g * p[:, :1])
-        grad_gy = zeros.index_add(0, pair, g * p[:, 1:])
-        return grad_gx, grad_gy, grad_h, None, None, None
+        per_pixel = torch.cat([g * p[:, :1], g * p[:, 1:], g], dim=1)  # (N, 9)
+        grad_coef = torch.zeros(ctx.num_pairs, 9, dtype=g.dtype, device=g.device).index_add(0, pair, per_pixel)
+        return grad_coef, None, None, None

@@ -63,11 +63,11 @@ def test_fused_pixel_cosine(one_thread):
     """The optimiser's fused cosine node: finite differences (gradcheck) and the composed ops agree with it."""
     gen = torch.Generator().manual_seed(1)
     pairs, pixels = 7, 40
-    gx, gy, h = (torch.randn(pairs, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    coef = torch.randn(pairs, 9, generator=gen, dtype=torch.float64, requires_grad=True)
     pair = torch.randint(0, pairs, (pixels,), generator=gen)
     p = torch.rand(pixels, 2, generator=gen, dtype=torch.float64) * 4
     target = torch.nn.functional.normalize(torch.randn(pixels, 3, generator=gen, dtype=torch.float64), dim=-1)
-    assert torch.autograd.gradcheck(lambda *a: vr._PixelCosine.apply(*a, pair, p, target), (gx, gy, h))
+    assert torch.autograd.gradcheck(lambda c: vr._PixelCosine.apply(c, pair, p, target), (coef,))
 
     mesh = bumpy_sphere(1)
     x = torch.tensor(mesh.vertices, dtype=torch.float64, requires_grad=True)
@@ -83,6 +83,29 @@ def test_fused_pixel_cosine(one_thread):
     (g_fused,) = torch.autograd.grad(fused.sum(), x, retain_graph=True)
     (g_composed,) = torch.autograd.grad(composed.sum(), x)
     torch.testing.assert_close(g_fused, g_composed)
+
+
+def test_hand_written_backward_nodes(one_thread):
+    """The hand-written backward nodes: the barycentric one and the vertex normals against finite differences
+    (gradcheck); the interpolated normal reproduces the corner normals at the corners; a degenerate (zero-area)
+    triangle gets no position gradient, not inf/nan."""
+    gen = torch.Generator().manual_seed(2)
+    pairs = 6
+    tri_xy = (torch.rand(pairs, 3, 2, generator=gen, dtype=torch.float64) * 8).requires_grad_(True)
+    n = torch.randn(pairs, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(vr._PairCoefficients.apply, (tri_xy, n))
+    coef = vr._PairCoefficients.apply(tri_xy, n).detach().reshape(pairs, 3, 3)  # rows gx, gy, h
+    at_corners = coef[:, None, 0] * tri_xy.detach()[..., :1] + coef[:, None, 1] * tri_xy.detach()[..., 1:]
+    torch.testing.assert_close(at_corners + coef[:, None, 2], n.detach())  # m(corner i) = n_i
+
+    mesh = bumpy_sphere(1)
+    x = torch.tensor(mesh.vertices, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: vr.vertex_normals(v, torch.tensor(mesh.faces)), (x,))
+
+    flat = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]], dtype=torch.float64, requires_grad=True)
+    normals = torch.randn(1, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    vr._PairCoefficients.apply(flat, normals).sum().backward()
+    assert torch.isfinite(normals.grad).all() and torch.equal(flat.grad, torch.zeros_like(flat))
 
 
 def test_renderer_matches_analytic_raycast(one_thread):
