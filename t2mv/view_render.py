@@ -159,7 +159,6 @@ class Render:
     coef: torch.Tensor  # (P, 9): gx, gy, h side by side, each (P, 3)
     edge_coverage: torch.Tensor  # (B,) soft coverage of each silhouette pixel in [0, 1]
     vis: Visibility
-    xy: torch.Tensor | None = None  # (6, V, 2) the projected vertices rendered (to compare with vis.xy)
 
     @property
     def normal(self) -> torch.Tensor:
@@ -314,18 +313,22 @@ def visibility(
     )
 
 
-def render(vertices: torch.Tensor, topo: Topology, camera: Camera, vis: Visibility) -> Render:
+def render(
+    vertices: torch.Tensor, topo: Topology, camera: Camera, vis: Visibility, *, projected: torch.Tensor | None = None
+) -> Render:
     """Differentiable normals and soft silhouette of the six views at the pixels of `vis`.
 
     Args:
         vertices: (V, 3) export-frame positions (with grad). vis: from `visibility()` (same or nearby vertices).
+        projected: `camera.project(vertices)` (6, V, 3) when the caller has it already (with grad).
 
     Returns:
         `Render` with gradients to `vertices` through the vertex normals, the barycentrics (recomputed at the pixel
         centres from the projected vertices) and the contour edges' positions.
     """
     size, num = vis.size, len(vertices)
-    xy = camera.project(vertices)[..., :2].reshape(-1, 2)  # (6 * V, 2): vertex v of view k at k * V + v
+    projected = camera.project(vertices) if projected is None else projected  # (6, V, 3)
+    xy = projected[..., :2].reshape(-1, 2)  # (6 * V, 2): vertex v of view k at k * V + v
     normals = vertex_normals(vertices, topo.faces)  # (V, 3)
     # Barycentrics are affine in the pixel position, so per (view, triangle) pair the interpolated normal is
     # m(p) = gx * p.x + gy * p.y + h; the pixels then only evaluate that (same values, far fewer operations).
@@ -340,7 +343,7 @@ def render(vertices: torch.Tensor, topo: Topology, camera: Camera, vis: Visibili
     d = eb - ea
     cross = d[:, 0] * (q[:, 1] - ea[:, 1]) - d[:, 1] * (q[:, 0] - ea[:, 0])  # (B,)
     signed = vis.edge_sign * cross / d.norm(dim=-1).clamp(min=1e-9)  # (B,) pixels, > 0 inside
-    return Render(coef, (0.5 + signed).clamp(0.0, 1.0), vis, xy.detach().reshape(NUM_VIEWS, num, 2))
+    return Render(coef, (0.5 + signed).clamp(0.0, 1.0), vis)
 
 
 class _PairCoefficients(torch.autograd.Function):
