@@ -173,3 +173,9 @@ def test_stl_of_an_open_mesh_is_written_with_a_warning(tmp_path, caplog):
         export.export_mesh(holed, tmp_path / "holed.stl")
     assert "holed.stl is not watertight" in caplog.text
     assert len(trimesh.load(tmp_path / "holed.stl").faces) == len(holed.faces)
+    # Written again (the chain rewrites mesh.stl after texturing): warned once per file, not per write.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="triposr.export"):
+        export.export_mesh(holed, tmp_path / "holed.stl")
+        export.export_mesh(holed, tmp_path / "other.stl")
+    assert "holed.stl" not in caplog.text and "other.stl is not watertight" in caplog.text
