@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import trimesh
 from PIL import Image
 
 from benchmarks import view_scenes as vs
@@ -113,6 +114,51 @@ def test_truth_against_itself_scores_perfectly(gear):
     # The stand-in, mapped back by the known similarity: close but clearly not the truth.
     start = vq.surface_metrics(gear.truth, vq.to_truth_frame(gear, gear.start), 4000)
     assert 0.005 < start["chamfer"] < 0.05 and start["normal_consistency"] < 0.95
+
+
+def test_fitted_similarity_recovers_a_known_scale_and_shift(gear):
+    """`chamfer_fitted`'s alignment: the truth scaled by 1.03 and shifted comes back to the truth (to the sampling
+    floor); the stand-in, whose known similarity leaves the unobservable offset, fits closer than it maps."""
+    from benchmarks import view_quality as vq
+
+    moved = gear.truth.copy()
+    moved.vertices = (np.asarray(moved.vertices) - 0.1) * 1.03 + np.array([0.02, -0.01, 0.03])
+    s, t, c = vq.fit_similarity(gear.truth, moved, samples=8000)
+    back = trimesh.Trimesh((np.asarray(moved.vertices) - c) * s + c + t, moved.faces)
+    assert abs(s * 1.03 - 1.0) < 2e-3
+    assert vq.surface_metrics(gear.truth, back, 4000)["chamfer"] < 2e-3
+    assert vq.surface_metrics(gear.truth, moved, 4000)["chamfer"] > 0.02
+
+    start = vq.to_truth_frame(gear, gear.start)
+    s, t, c = vq.fit_similarity(gear.truth, start, samples=8000)
+    fitted = trimesh.Trimesh((np.asarray(start.vertices) - c) * s + c + t, start.faces)
+    known = vq.surface_metrics(gear.truth, start, 4000)["chamfer"]
+    assert vq.surface_metrics(gear.truth, fitted, 4000)["chamfer"] < known and abs(s - 1.0) < 0.05
+
+
+def test_refine_repeats_report_the_median_run(monkeypatch, tmp_path, gear):
+    """--refine-repeats: each +refine variant runs once per perturbation; the median-Chamfer run stands for it and
+    every run is listed under "repeats" (stub variants: the refinement itself is tested elsewhere)."""
+    from benchmarks import view_quality as vq
+
+    seen = []
+
+    def fake_run(case, variant, *, perturb=0.0, **kw):
+        seen.append((variant, perturb))
+        mesh = case.start.copy()
+        mesh.vertices = np.asarray(mesh.vertices) * (1.0 + 2000 * perturb)  # perturb 1e-6 -> 0.2 % larger
+        return mesh, {"seconds": 0.0, "refine_accepted": True}
+
+    monkeypatch.setattr(vq, "run_variant", fake_run)
+    monkeypatch.setattr(vq, "make_case", lambda name, **kw: gear)
+    out = tmp_path / "vq.json"
+    argv = ["--preset", "small", "--objects", "gear", "--variants", "field,clean+refine", "--refine-repeats", "3"]
+    assert vq.main([*argv, "--out", str(out), "--threads", "1"]) == 0
+    assert seen == [("field", 0.0), ("clean+refine", 0.0), ("clean+refine", 1e-6), ("clean+refine", 2e-6)]
+    variant = json.loads(out.read_text())["objects"]["gear"]["variants"]["clean+refine"]
+    chamfers = [r["chamfer"] for r in variant["repeats"]]
+    assert len(chamfers) == 3 and len(set(chamfers)) == 3
+    assert variant["metrics"]["chamfer"] == sorted(chamfers)[1]
 
 
 def test_novel_views_look_from_above_and_below():
