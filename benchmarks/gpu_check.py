@@ -7,8 +7,8 @@ Run by ``bash benchmarks/gpu.sh`` (which sets up an offline environment first); 
 
 Writes ``OUT_DIR/gpu-fp16.json`` (the benchmark, `benchmarks.run`), ``OUT_DIR/cuda-tests.xml`` (JUnit) and
 ``OUT_DIR/gpu-check.json``: the device, each part's exit code and time, the test counts and every goal of issues 16
-and 15 (H100/H200, fp16, real sizes) with the measured median and whether it is met. Each part has its own time limit so
-that the whole check ends within ``--budget-s`` (8 minutes by default).
+and 15 (H100/H200, fp16, real sizes) with the measured median and whether it is met. Each part has its own time
+limit so that the whole check ends within ``--budget-s`` (8 minutes by default).
 """
 
 from __future__ import annotations

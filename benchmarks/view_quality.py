@@ -519,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": list(os.getloadavg()),
         "preset": args.preset,
         "novel_views_az_el_deg": [list(v) for v in NOVEL_VIEWS],
-        "alignment": "known similarity of the stand-in (Case.to_truth), no fit; *_fitted metrics: plus a fitted scale and shift (fit_similarity)",
+        "alignment": "known similarity of the stand-in (Case.to_truth), no fit; *_fitted metrics: plus a fitted"
+        " scale and shift (fit_similarity)",
         "notes": args.note,
         "objects": {},
     }

@@ -31,7 +31,7 @@ import trimesh
 FORMATS = ("glb", "obj", "ply", "stl")
 
 logger = logging.getLogger(__name__)
-_STL_WARNED: dict[tuple[str, str], None] = {}  # (file, warning) already logged, oldest first
+_STL_WARNED: dict[str, None] = {}  # STL files already warned about (resolved paths), oldest first
 
 _MATTE = {
     "pbrMetallicRoughness": {"baseColorFactor": [1.0, 1.0, 1.0, 1.0], "metallicFactor": 0.0, "roughnessFactor": 1.0}
@@ -138,15 +138,15 @@ def export_mesh(mesh: trimesh.Trimesh, path: str | os.PathLike) -> list[Path]:
     if len(mesh.faces) == 0:
         raise ValueError(f"refusing to write an empty mesh to {path}")
     files = _encode(mesh, path)
-    if path.suffix.lower() == ".stl" and (message := stl_warning(mesh, path.name)):
-        # Once per file: the chain writes mesh.stl after the mesh stage (so an error later loses nothing) and again
-        # after the texture stage, mostly with the same geometry; the user needs the warning once.
-        key = (str(path.resolve()), message)
-        if key not in _STL_WARNED:
-            logger.warning(message)
-            _STL_WARNED[key] = None
-            while len(_STL_WARNED) > 256:  # bounded: a long-running app writes many folders
-                del _STL_WARNED[next(iter(_STL_WARNED))]
+    # Once per file: the chain writes mesh.stl after the mesh stage (so an error later loses nothing) and again
+    # after the texture stage, mostly with the same geometry; the user needs the warning once, and a file already
+    # warned about skips the check (a merge of the whole mesh).
+    stl = path.suffix.lower() == ".stl"
+    if stl and (key := str(path.resolve())) not in _STL_WARNED and (message := stl_warning(mesh, path.name)):
+        logger.warning(message)
+        _STL_WARNED[key] = None
+        while len(_STL_WARNED) > 256:  # bounded: a long-running app writes many folders
+            del _STL_WARNED[next(iter(_STL_WARNED))]
     path.parent.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[str, Path]] = []
     try:
