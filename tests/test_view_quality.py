@@ -117,7 +117,7 @@ def test_truth_against_itself_scores_perfectly(gear):
 
 
 def test_fitted_similarity_recovers_a_known_scale_and_shift(gear):
-    """`chamfer_fitted`'s alignment: the truth scaled by 1.03 and shifted comes back to the truth (to the sampling
+    """The metrics' alignment (`fit_similarity`): the truth scaled by 1.03 and shifted comes back to the truth (to the sampling
     floor); the stand-in, whose known similarity leaves the unobservable offset, fits closer than it maps."""
     from benchmarks import view_quality as vq
 
@@ -136,6 +136,37 @@ def test_fitted_similarity_recovers_a_known_scale_and_shift(gear):
     assert vq.surface_metrics(gear.truth, fitted, 4000)["chamfer"] < known and abs(s - 1.0) < 0.05
 
 
+def test_ceilings_bound_the_texture_and_know_what_the_views_see(gear):
+    """`oracle` colours the stand-in with the truth's own colours: the best texture on that geometry, so on the
+    truth itself it reproduces the truth's renders, and on the stand-in it beats the field. `oracle-seen` keeps the
+    truth's colours only on surface elevation-0 cameras see: a shape whose only surface faces up (a flat slab seen
+    from above) gets nothing from them but the field's best colour map, one whose surface faces sideways all."""
+    from benchmarks import view_quality as vq
+
+    views = vq.NOVEL_VIEWS[:4]
+    truth = vq.truth_renders(gear, views)
+    on_truth = [vq.render_novel(gear.truth.vertices, gear.truth.faces, vq.ceiling_shader(gear, gear.truth, "oracle"),
+                                gear.camera, v) for v in views]  # fmt: skip
+    assert vq.image_metrics(truth, on_truth)["texture_psnr"] > 60
+
+    start, _ = vq.fitted_frame(gear, vq.to_truth_frame(gear, gear.start))
+    scored = {
+        kind: vq.image_metrics(truth, [vq.render_novel(start.vertices, start.faces, shade, gear.camera, v) for v in views])
+        for kind, shade in (("field", vq.mesh_shader(start)), *((k, vq.ceiling_shader(gear, start, k)) for k in vq.CEILINGS))
+    }  # fmt: skip
+    assert scored["oracle"]["texture_psnr"] > scored["oracle-seen"]["texture_psnr"] > scored["field"]["texture_psnr"]
+
+    slab = trimesh.Trimesh([[-0.5, 0, -0.5], [0.5, 0, -0.5], [0.5, 0, 0.5], [-0.5, 0, 0.5]], [[0, 2, 1], [0, 3, 2]])
+    slab.visual.vertex_colors = [[40, 90, 200, 255]] * 4  # one flat colour: the best map of it is the truth's mean
+    points = np.array([[0.1, 0.0, 0.2], [-0.3, 0.0, 0.1]])
+    up = vq.ceiling_shader(gear, slab, "oracle-seen")(np.array([0, 1]), np.full((2, 3), 1 / 3), points)
+    assert not np.allclose(up, gear.color_fn(points), atol=0.02)  # not the truth's colour: no view sees it
+    wall = slab.copy()
+    wall.vertices = np.asarray(slab.vertices)[:, [0, 2, 1]]  # the same square standing upright, facing +-Z
+    side = vq.ceiling_shader(gear, wall, "oracle-seen")(np.array([0, 1]), np.full((2, 3), 1 / 3), points[:, [0, 2, 1]])
+    np.testing.assert_allclose(side, gear.color_fn(points[:, [0, 2, 1]]), atol=1e-9)
+
+
 def test_refine_repeats_report_the_median_run(monkeypatch, tmp_path, gear):
     """--refine-repeats: each +refine variant runs once per perturbation; the median-Chamfer run stands for it and
     every run is listed under "repeats" (stub variants: the refinement itself is tested elsewhere)."""
@@ -146,7 +177,8 @@ def test_refine_repeats_report_the_median_run(monkeypatch, tmp_path, gear):
     def fake_run(case, variant, *, perturb=0.0, **kw):
         seen.append((variant, perturb))
         mesh = case.start.copy()
-        mesh.vertices = np.asarray(mesh.vertices) * (1.0 + 2000 * perturb)  # perturb 1e-6 -> 0.2 % larger
+        # perturb 1e-6 -> 5 % wider (a shape change: the metrics' fitted alignment takes out a uniform scale)
+        mesh.vertices = np.asarray(mesh.vertices) * np.array([1.0 + 50_000 * perturb, 1.0, 1.0])
         return mesh, {"seconds": 0.0, "refine_accepted": True}
 
     monkeypatch.setattr(vq, "run_variant", fake_run)
