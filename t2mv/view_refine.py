@@ -17,7 +17,9 @@ the nearest input vertex, and the chain textures the mesh after refinement. `rem
 Loss: per view (weighted as Wonder3D's own reconstruction weighs them) the reliability-weighted mean of
 |rendered normal - map normal| (linear in the angle) over the mask (pixels near the mask's rim, normals seen at
 grazing angles, on the map's creases and pixels the map does not decode as a unit normal count less or not at
-all) + 0.3 x the squared soft-silhouette error outside a 1 px tolerance band around the mask's outline + a small
+all) + 0.3 x the squared soft-silhouette error against the coverage the maps themselves show along the outline
+(`soft_coverage`: sub-pixel where the normal map and the colour view agree, free between their outlines where they
+do not; a binary mask alone left every surface free to sit a pixel off, as a 1 px tolerance band did) + a small
 Laplacian energy of the displacement + a small anchor on its length (the renderer has no gradient through
 occlusions inside the object, so what only they could place, such as the depth of a recess, stays where it was).
 The step size decays (cosine, to a tenth) within each round, and a small similarity of the camera (scale, shift) is
@@ -178,6 +180,8 @@ class Targets:
     inner: torch.Tensor  # (6, S * S) float 0 / 1: the mask eroded by the silhouette tolerance (coverage must be 1)
     outer: torch.Tensor  # (6, S * S) float 0 / 1: the mask dilated by it (coverage must be 0 outside)
     pure: torch.Tensor  # (6, S * S) bool: decodes to a unit vector within 10 % (not mixed with the background)
+    coverage_low: torch.Tensor  # (6, S * S) float in [0, 1]: the silhouette loss asks for coverage in [low, high]
+    coverage_high: torch.Tensor  # (6, S * S) (`soft_coverage`)
 
 
 def _images_to_tensor(images: Sequence[Image.Image] | torch.Tensor, mode: str) -> torch.Tensor:
@@ -212,14 +216,83 @@ def _neighbour_cosine(unit: torch.Tensor) -> torch.Tensor:
     return worst
 
 
+def _mix_alpha(rgb: torch.Tensor, reference: torch.Tensor, reach: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel, how much of it the object covers, from how far it is from the white background: a pixel is
+    alpha * o + (1 - alpha) * white, o the object's own colour there, taken as the mean of the `reference` pixels
+    within `reach` pixels; alpha is the least-squares mix. Returns alpha (6, S, S) in [0, 1] and where it is usable
+    (a reference pixel is near and o is not itself near white)."""
+    w = reference[:, None].float()  # (6, 1, S, S)
+    k = 2 * reach + 1
+    count = F.avg_pool2d(w, k, stride=1, padding=reach, count_include_pad=False)  # (6, 1, S, S)
+    image = rgb.permute(0, 3, 1, 2)  # (6, 3, S, S)
+    away = 1.0 - F.avg_pool2d(image * w, k, stride=1, padding=reach, count_include_pad=False) / count.clamp(min=1e-6)
+    norm = (away**2).sum(1)  # (6, S, S) the object's squared offset from white
+    alpha = ((1.0 - image) * away).sum(1) / norm.clamp(min=1e-6)  # (6, S, S)
+    return alpha.clamp(0.0, 1.0), (count[:, 0] > 0) & (norm > 0.05)
+
+
+def soft_coverage(
+    normal_rgb: torch.Tensor,
+    mask: torch.Tensor,
+    pure: torch.Tensor,
+    color_rgb: torch.Tensor | None = None,
+    *,
+    band: int = 3,
+    reach: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sub-pixel coverage of the object along the mask's outline, as a range: (low, high) (6, S, S).
+
+    Within `band` pixels of the mask's outline each map says how much of a pixel the object covers (`_mix_alpha`:
+    the normal map against its pure, unit-length pixels; the colour view against its mask's interior). Where both
+    say it the range spans the two (a generator draws its normal and colour outlines a pixel or two apart, and which
+    is right nobody knows: the loss is free between them and holds the surface to sub-pixel where they agree);
+    where one does (a white region in the colour view) it is that one; elsewhere, and off the band, the binary mask.
+    A pixel of the mask's outline that reads fully covered (or empty) may hold the contour anywhere past its centre.
+
+    Why: a binary mask cannot say where within its outline pixels the contour runs, so a loss on it is either biased
+    by up to half a pixel or (with a tolerance band) blind to a pixel's error all round the outline: measured on the
+    gear with clean views, the surface sat ~0.8 px off the truth everywhere after refinement (the front faces
+    0.007 inside, the recess floor 0.012 out). An antialiased (or blurred) outline keeps its 1/2 level where the
+    contour runs.
+
+    Args: normal_rgb, color_rgb (6, S, S, 3) in [0, 1]; mask, pure (6, S, S) bool.
+    """
+    m = mask[:, None].float()  # (6, 1, S, S)
+    width = 2 * band + 1
+    near = (F.max_pool2d(m, width, stride=1, padding=band) + F.max_pool2d(-m, width, stride=1, padding=band))[:, 0]
+    near = near > 0  # (6, S, S) within `band` of the outline (dilation minus erosion)
+    binary = mask.float()
+    a_n, ok_n = _mix_alpha(normal_rgb, pure, reach)
+    if color_rgb is None:
+        a_c, ok_c = a_n, ok_n
+    else:
+        # The colour's reference: the mask's pixels off its outline (a colour has no unit length to tell pure
+        # pixels by), one pixel further away, so one pixel more of reach.
+        a_c, ok_c = _mix_alpha(color_rgb, _erosion_depth(mask, 1) >= 1, reach + 1)
+    a_n, a_c = torch.where(ok_n, a_n, a_c), torch.where(ok_c, a_c, a_n)  # one map stands in for the other
+    ok = near & (ok_n | ok_c)
+    low = torch.where(ok, torch.minimum(a_n, a_c), binary)  # (6, S, S)
+    high = torch.where(ok, torch.maximum(a_n, a_c), binary)
+    # An aliased map (no antialiasing: each pixel shows what its centre sees) says only which side of the contour
+    # the centre lies on: a full pixel next to an empty one is covered 1/2 to 1, the empty one 0 to 1/2.
+    full, empty = low > 0.97, high < 0.03  # (6, S, S)
+    by_empty = F.max_pool2d(empty[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0  # an empty pixel in 3x3
+    by_full = F.max_pool2d(full[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0
+    low = torch.where(full & by_empty, low.clamp(max=0.5), low)
+    high = torch.where(empty & by_full, high.clamp(min=0.5), high)
+    return low, high
+
+
 def make_targets(
     normals: Sequence[Image.Image] | torch.Tensor,
     masks: Sequence[Image.Image] | torch.Tensor,
     *,
     device: torch.device,
+    colors: Sequence[Image.Image] | torch.Tensor | None = None,
     rim: int = 3,
     grazing: float = 0.3,
-    tolerance: int = 1,
+    tolerance: int = 0,
+    soft: bool = True,
     crease: float = 0.05,
 ) -> Targets:
     """Decode the normal maps and masks and weigh each normal pixel by how far it can be trusted.
@@ -234,8 +307,9 @@ def make_targets(
             linearly to 0: interpolated vertex normals cannot turn sharply within a pixel, and the fit would bend
             the flat surface on either side to approach them (measured: a gear's recess floor pulled out by 2 cm).
         tolerance: the silhouette loss ignores a band this many pixels wide on either side of the mask's outline
-            (`Targets.inner` / `Targets.outer`): a generated mask sits a pixel or two off the normals' outline, and a
-            binary mask cannot say where within its outline pixels the true contour runs.
+            (`Targets.inner` / `Targets.outer`). soft: the coverage asked for along the outline is the maps' own
+            sub-pixel one (`soft_coverage`: the normal maps' and, given `colors` (the six colour views, white
+            background), the colour views'; free between the two); False: the binary mask.
 
     Returns:
         `Targets` on `device`.
@@ -262,6 +336,14 @@ def make_targets(
     weight = weight * ((1.0 - _neighbour_cosine(unit)) / crease).clamp(max=1.0).neg().add(1.0)
     inner = _erosion_depth(m, tolerance) >= tolerance  # (6, S, S)
     outer = F.max_pool2d(m[:, None].float(), 2 * tolerance + 1, stride=1, padding=tolerance)[:, 0] > 0
+    pure = (length - 1.0).abs() < 0.1  # (6, S, S)
+    if soft:
+        c = None if colors is None else _images_to_tensor(colors, "RGB").to(device)  # (6, S, S, 3)
+        if c is not None and c.shape != n.shape:
+            raise ValueError(f"colour views {tuple(c.shape)} differ from the normal maps {tuple(n.shape)}")
+        low, high = soft_coverage(n, m, pure, c)  # (6, S, S) each
+    else:
+        low = high = m.float()
     return Targets(
         unit.reshape(NUM_VIEWS, -1, 3),
         m.reshape(NUM_VIEWS, -1).float(),
@@ -270,7 +352,9 @@ def make_targets(
         valid.reshape(NUM_VIEWS, -1),
         inner.reshape(NUM_VIEWS, -1).float(),
         outer.reshape(NUM_VIEWS, -1).float(),
-        ((length - 1.0).abs() < 0.1).reshape(NUM_VIEWS, -1),
+        pure.reshape(NUM_VIEWS, -1),
+        low.reshape(NUM_VIEWS, -1),
+        high.reshape(NUM_VIEWS, -1),
     )
 
 
@@ -321,14 +405,20 @@ def silhouette_agreement(targets: Targets, *, band: int = 3, side: float = 0.3) 
     return torch.where(enough, cos.sum(-1) / weight.clamp(min=1e-12), torch.full_like(weight, math.nan))
 
 
+def _outside(value: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """The squared distance of value from the range [low, high] (0 inside it)."""
+    return (low - value).clamp(min=0.0) ** 2 + (value - high).clamp(min=0.0) ** 2
+
+
 def view_losses(rendered: Render, targets: Targets) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-view normal and silhouette errors.
 
     Returns:
         normal (6,): the reliability-weighted mean of |rendered - target| (unit normals: 2 sin(angle / 2)) over the
         target's mask, a masked pixel the mesh does not cover counting as 1 (so shrinking never pays); silhouette
-        (6,): the squared coverage error over the mask's area, where coverage must be 1 on the eroded mask
-        (`Targets.inner`) and 0 off the dilated one (`Targets.outer`), free in the band between.
+        (6,): the squared distance of the coverage (soft on the render's silhouette pixels, the z-buffer's
+        elsewhere) from the range the targets ask for (`Targets.coverage_low` / `coverage_high`), over the mask's
+        area; free in the tolerance band (`Targets.inner` / `Targets.outer`, none by default).
     """
     vis = rendered.vis
     if id(targets) not in vis.cache:  # what does not change until the next rasterisation
@@ -336,8 +426,9 @@ def view_losses(rendered: Render, targets: Targets) -> tuple[torch.Tensor, torch
         band = torch.zeros(NUM_VIEWS * n_pix, dtype=torch.bool, device=vis.hard.device)
         band[vis.edge_pixel] = True
         hard = vis.hard.float()
-        # Coverage must be 1 on the eroded mask and 0 off the dilated one; the band between is free (tolerance).
-        off = (1.0 - hard) * targets.inner + hard * (1.0 - targets.outer)  # (6, S * S)
+        # Coverage must match the target's outside the tolerance band (free: off the eroded mask, on the dilated).
+        counted = 1.0 - (1.0 - targets.inner) * targets.outer  # (6, S * S)
+        off = _outside(hard, targets.coverage_low, targets.coverage_high) * counted  # (6, S * S)
         hard_err = (off * ~band.reshape(NUM_VIEWS, -1)).sum(-1)  # (6,)
         vis.cache[id(targets)] = (
             vis.pixel // n_pix,  # (N,) view of each covered pixel
@@ -345,11 +436,12 @@ def view_losses(rendered: Render, targets: Targets) -> tuple[torch.Tensor, torch
             targets.normal.reshape(-1, 3)[vis.pixel],  # (N, 3)
             (targets.weight * ~vis.hard).sum(-1),  # (6,) masked pixels nobody covers: error 1, no gradient
             vis.edge_pixel // n_pix,  # (B,)
-            targets.inner.reshape(-1)[vis.edge_pixel],  # (B,) coverage must reach 1 there
-            targets.outer.reshape(-1)[vis.edge_pixel],  # (B,) coverage may be non-zero there
+            targets.coverage_low.reshape(-1)[vis.edge_pixel],  # (B,) the coverage asked for: low ...
+            targets.coverage_high.reshape(-1)[vis.edge_pixel],  # (B,) ... to high
+            counted.reshape(-1)[vis.edge_pixel],  # (B,) 0 in the tolerance band
             hard_err,  # (6,) squared coverage error off the silhouette pixels
         )
-    view, weight, target, uncovered, edge_view, edge_inner, edge_outer, hard_err = vis.cache[id(targets)]
+    view, weight, target, uncovered, edge_view, edge_low, edge_high, edge_counted, hard_err = vis.cache[id(targets)]
     cos = rendered.cosine(target)  # (N,)
     # |rendered - target| = 2 sin(angle / 2): linear in the angle. 1 - cos (quadratic) makes a few degrees cost
     # almost nothing, so a large region could tilt or drift freely while a crease's pixels dominate the loss.
@@ -358,7 +450,7 @@ def view_losses(rendered: Render, targets: Targets) -> tuple[torch.Tensor, torch
     normal = (covered + uncovered) / targets.weight.sum(-1).clamp(min=1e-6)  # (6,)
     # Silhouette: soft coverage on the silhouette pixels, the z-buffer's elsewhere.
     cov = rendered.edge_coverage
-    soft = edge_inner * (1.0 - cov) ** 2 + (1.0 - edge_outer) * cov**2  # (B,)
+    soft = edge_counted * _outside(cov, edge_low, edge_high)  # (B,)
     sil = (hard_err + torch.zeros_like(hard_err).index_add(0, edge_view, soft)) / targets.mask.sum(-1).clamp(min=1.0)
     return normal, sil
 
@@ -736,6 +828,9 @@ def refine_mesh(
     lam: float = 2.0,
     view_weights: Sequence[float] = DEFAULT_VIEW_WEIGHTS,
     silhouette_weight: float = 0.3,
+    silhouette_tolerance: int = 0,
+    soft_silhouette: bool = True,
+    colors: Sequence[Image.Image] | torch.Tensor | None = None,
     smooth_weight: float = 0.02,
     anchor_weight: float = 0.1,
     fit_camera: bool = True,
@@ -764,6 +859,10 @@ def refine_mesh(
             smooth_weight, anchor_weight: weights of the silhouette term, of the displacement's Laplacian
             energy (per edge length²) and of its length (per edge length: the anchor keeps what no view can place
             where the input had it).
+        silhouette_tolerance, soft_silhouette, colors: the silhouette term's targets (`make_targets`): a band of
+            this many pixels either side of the mask's outline left free; the coverage the maps show along the
+            outline (`soft_coverage`), from the normal maps and, given `colors` (the six colour views as the
+            multiview stage returns them), the colour views too; soft_silhouette=False: the binary mask.
         raster_every, max_drift: re-rasterise the visibility after this many steps, or sooner once a vertex has
             moved more than `max_drift` pixels in a view since the last time.
         min_agreement: views whose normal map agrees less than this with its mask's outline
@@ -812,9 +911,13 @@ def refine_mesh(
         "view_weights": [float(w) for w in view_weights],
         "remesh": remesh,
         "edge_pixels": rounds if remesh else None,
+        "silhouette_tolerance": silhouette_tolerance,
+        "soft_silhouette": soft_silhouette,
         **opts.__dict__,
     }
-    targets = make_targets(normals, masks, device=device)
+    targets = make_targets(
+        normals, masks, device=device, colors=colors, tolerance=silhouette_tolerance, soft=soft_silhouette
+    )
     if int(camera.image_size) != targets.size:
         raise ValueError(f"camera.image_size {camera.image_size} differs from the maps' size {targets.size}")
     with torch.no_grad():  # nothing before the rounds needs a graph, whatever the caller's mode

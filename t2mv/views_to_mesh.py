@@ -92,6 +92,7 @@ class ViewsToMesh:
 
 def _refine(
     mesh: trimesh.Trimesh,
+    colors: Sequence[Image.Image],
     normals: Sequence[Image.Image],
     masks: ViewMasks,
     opts: ViewsToMeshOptions,
@@ -121,6 +122,7 @@ def _refine(
             normals,
             masks.object.float(),
             camera,
+            colors=colors,
             iterations=opts.iterations,
             device=device,
             seed=opts.seed,
@@ -175,7 +177,7 @@ def views_to_mesh(
     result = ViewsToMesh(mesh=mesh, texture=None, refine=None, masks=masks)
     result.timings["masks"] = time.perf_counter() - t
 
-    shaped = _refine(mesh, normals, masks, opts, device, result) if refine else mesh
+    shaped = _refine(mesh, colors, normals, masks, opts, device, result) if refine else mesh
 
     t = time.perf_counter()
     try:
