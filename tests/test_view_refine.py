@@ -353,7 +353,9 @@ def test_soft_coverage_reads_the_outline_to_a_fraction_of_a_pixel(one_thread):
     _, small, inner = _disc_views(19.3, (31.7, 32.4))
     low, high = vr.soft_coverage(normal, mask, pure, small)
     band = edge | torch.from_numpy((inner > 0.02) & (inner < 0.98))
-    assert (low[0] <= truth + 0.05)[band].float().mean() > 0.95 and (high[0] >= truth - 0.05)[band].float().mean() > 0.95
+    assert (low[0] <= truth + 0.05)[band].float().mean() > 0.95 and (high[0] >= truth - 0.05)[
+        band
+    ].float().mean() > 0.95
     assert (low[0] <= torch.from_numpy(inner).float() + 0.05)[band].float().mean() > 0.95
     assert (high - low)[0][band].mean() > 0.5  # a pixel apart: the range spans most of the band
 
