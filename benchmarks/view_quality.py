@@ -359,6 +359,7 @@ def run_variant(
     if out.texture is not None:
         info["coverage"] = out.texture.coverage
         info["view_iou"] = [round(float(x), 4) for x in out.texture.view_iou]
+        info["view_agreement"] = [round(float(x), 4) for x in out.texture.view_agreement]
     if out.camera is not None:
         info["camera_scale_error"] = float(out.camera.scale / case.start_camera.scale - 1.0)
         info["camera_centre_error"] = float(

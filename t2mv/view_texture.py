@@ -47,8 +47,15 @@ WHITE_TOLERANCE = 12
 MIN_COMPONENT_FRACTION = 0.01
 # A view whose mask has fewer pixels than this is dropped (warning): nothing to fit or project.
 MIN_MASK_PIXELS = 16
-# Alignment that leaves the mean silhouette IoU of the used views below this is a failure (ViewTextureError).
-MIN_MEAN_IOU = 0.6
+# Alignment that leaves the mean silhouette agreement (`mask_agreement`: the share of each silhouette's pixels
+# within AGREEMENT_PX of the other's) of the used views below this is a failure (ViewTextureError); below
+# POOR_AGREEMENT a view is named in a warning. Not IoU: a generated view's outline sits a pixel or two off the mesh's,
+# which on thin parts is most of their width (the benchmark's table, legs ~9 px wide: IoU 0.60-0.67 with every view
+# well registered, and a draw of the imperfections at 0.60 skipped its refinement).
+AGREEMENT_PX = 2
+MIN_MEAN_AGREEMENT = 0.75
+POOR_AGREEMENT = 0.9
+MIN_MEAN_IOU = 0.6  # the IoU bar it replaced (kept for reference in records)
 COS_POWER = 4  # weight = cos^k(normal, view direction): 1 head-on, 0.25 at 45 degrees
 EDGE_FALLOFF_PX = 4.0  # weights ramp up over this many pixels from a mask edge or depth discontinuity
 # A neighbour this much nearer/farther (in pixel widths) marks a depth discontinuity: large enough that steep but
@@ -156,7 +163,8 @@ class ViewTexture:
 
     mesh: UV-textured trimesh (same surface; vertices split along UV seams). vertex_colors: (V, 3) uint8 for the
     input mesh's vertices. coverage: fraction of the surface area whose colour comes mostly from the views.
-    view_iou: silhouette IoU per view (0.0 for a dropped view). view_share: fraction of the surface area where each
+    view_iou: silhouette IoU per view (0.0 for a dropped view); view_agreement: the same pixels' agreement within
+    AGREEMENT_PX (`_agreement`, what the stage's checks use). view_share: fraction of the surface area where each
     view has the largest weight (sums to coverage). used_views: which views took part. color_gain, color_bias: the
     per-view, per-channel colour correction applied before blending (`harmonize_views`). fallback_transfer: the
     (3, 4) colour map [M | b] applied to the fallback (`fallback_transfer`; the identity without a fallback or with
@@ -173,6 +181,7 @@ class ViewTexture:
     color_gain: tuple[tuple[float, float, float], ...] = ()
     color_bias: tuple[tuple[float, float, float], ...] = ()
     fallback_transfer: tuple[tuple[float, float, float, float], ...] = ()
+    view_agreement: tuple[float, ...] = ()
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -380,6 +389,31 @@ def _render_views(
         zbuf[k, pixel] = (proj[k, :, 2][view_faces[face]] * bary).sum(dim=-1).to(zbuf.dtype)  # (N,) depth
     zbuf = zbuf.reshape(NUM_VIEWS, size, size)
     return zbuf, torch.isfinite(zbuf)
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor, px: int = AGREEMENT_PX) -> torch.Tensor:
+    """(6,) how well two (6, S, S) bool silhouette stacks agree up to `px` pixels: the mean of the share of a's pixels
+    within px of b and of b's within px of a (1.0 where both are empty, 0.0 where one is)."""
+    width = 2 * px + 1
+
+    def near(m: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(m[:, None].float(), width, stride=1, padding=px)[:, 0] > 0
+
+    na, nb = a.flatten(1).sum(-1).double(), b.flatten(1).sum(-1).double()
+    a_in = (a & near(b)).flatten(1).sum(-1).double() / na.clamp(min=1)
+    b_in = (b & near(a)).flatten(1).sum(-1).double() / nb.clamp(min=1)
+    both = (na > 0) & (nb > 0)
+    return torch.where(both, (a_in + b_in) / 2, torch.where((na == 0) & (nb == 0), 1.0, 0.0).double())
+
+
+def mask_agreement(
+    mesh: trimesh.Trimesh, camera: ViewCamera, masks: torch.Tensor, device: torch.device | None = None
+) -> list[float]:
+    """Per view, how well the mesh's silhouette through `camera` agrees with the (6, S, S) masks (`_agreement`)."""
+    device = torch.device("cpu") if device is None else device
+    vertices, faces = _mesh_tensors(mesh, device)
+    _, covered = _render_views(vertices, faces, camera)
+    return [float(x) for x in _agreement(covered, masks.to(device) > 0.5)]
 
 
 def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -1291,15 +1325,20 @@ def texture_from_views(
     timings["masks"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    camera, iou, zbuf, _ = _fit(vertices, faces, mask_t, used, view_corrections)
+    camera, iou, zbuf, covered = _fit(vertices, faces, mask_t, used, view_corrections)
+    agree = torch.where(used, _agreement(covered, mask_t), torch.zeros_like(iou))  # (6,)
     timings["fit"] = time.perf_counter() - t
-    if float(iou[used].mean()) < MIN_MEAN_IOU:
+    if float(agree[used].mean()) < MIN_MEAN_AGREEMENT:
         raise ViewTextureError(
-            f"the mesh's silhouettes do not match the views (mean IoU {float(iou[used].mean()):.2f} < "
-            f"{MIN_MEAN_IOU}); keep the field colours"
+            f"the mesh's silhouettes do not match the views (mean agreement within {AGREEMENT_PX} px "
+            f"{float(agree[used].mean()):.2f} < {MIN_MEAN_AGREEMENT}, IoU {float(iou[used].mean()):.2f}); keep the "
+            "field colours"
         )
-    for k in torch.nonzero(used & (iou < 0.8)).flatten().tolist():
-        notes.append(f"view {VIEW_NAMES[k]!r} matches the mesh's silhouette poorly (IoU {float(iou[k]):.2f})")
+    for k in torch.nonzero(used & (agree < POOR_AGREEMENT)).flatten().tolist():
+        notes.append(
+            f"view {VIEW_NAMES[k]!r} matches the mesh's silhouette poorly (agreement within {AGREEMENT_PX} px "
+            f"{float(agree[k]):.2f}, IoU {float(iou[k]):.2f})"
+        )
 
     t = time.perf_counter()
     packed = _atlas(mesh, size, atlas, notes)
@@ -1330,6 +1369,7 @@ def texture_from_views(
         vertex_colors=vertex_u8,
         coverage=coverage,
         view_iou=tuple(float(x) for x in iou),
+        view_agreement=tuple(float(x) for x in agree),
         camera=camera,
         view_share=tuple(share),
         used_views=tuple(bool(x) for x in used),

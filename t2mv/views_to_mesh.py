@@ -31,13 +31,15 @@ from PIL import Image
 
 from .view_refine import RefineResult, refine_mesh
 from .view_texture import (
-    MIN_MEAN_IOU,
+    AGREEMENT_PX,
+    MIN_MEAN_AGREEMENT,
     ViewCamera,
     ViewMasks,
     ViewTexture,
     ViewTextureError,
     check_views,
     fit_camera,
+    mask_agreement,
     object_masks,
     texture_from_views,
 )
@@ -102,17 +104,18 @@ def _refine(
     """Fit the camera to the normal maps' silhouettes, refine the vertices; return the mesh to texture."""
     t = time.perf_counter()
     try:
-        camera, iou = fit_camera(mesh, masks.object, device=device, view_corrections=opts.view_corrections)
+        camera, _ = fit_camera(mesh, masks.object, device=device, view_corrections=opts.view_corrections)
     except ViewTextureError as e:
         result.warnings.append(f"Refinement skipped: {e}")
         result.timings["fit"] = time.perf_counter() - t
         return mesh
+    agree = [x for x, m in zip(mask_agreement(mesh, camera, masks.object, device), masks.object) if m.any()]
     result.timings["fit"] = time.perf_counter() - t
-    seen = [x for x in iou if x > 0]
-    if not seen or sum(seen) / len(seen) < MIN_MEAN_IOU:
-        mean = sum(seen) / max(len(seen), 1)
+    if not agree or sum(agree) / len(agree) < MIN_MEAN_AGREEMENT:
+        mean = sum(agree) / max(len(agree), 1)
         result.warnings.append(
-            f"Refinement skipped: the mesh's silhouettes do not match the normal maps (mean IoU {mean:.2f})"
+            "Refinement skipped: the mesh's silhouettes do not match the normal maps (mean agreement within "
+            f"{AGREEMENT_PX} px {mean:.2f})"
         )
         return mesh
     t = time.perf_counter()

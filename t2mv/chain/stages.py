@@ -365,6 +365,7 @@ class Texture(Stage):
             "texture_source": "views",
             "coverage": textured.coverage,
             "view_iou": dict(zip(result.view_names, textured.view_iou)),
+            "view_agreement": dict(zip(result.view_names, textured.view_agreement)),
             "view_share": dict(zip(result.view_names, textured.view_share)),
             "camera": {"scale": textured.camera.scale, "center": list(textured.camera.center)},
         }
