@@ -47,7 +47,7 @@ WHITE_TOLERANCE = 12
 MIN_COMPONENT_FRACTION = 0.01
 # A view whose mask has fewer pixels than this is dropped (warning): nothing to fit or project.
 MIN_MASK_PIXELS = 16
-# Alignment that leaves the mean silhouette agreement (`mask_agreement`: the share of each silhouette's pixels
+# Alignment that leaves the mean silhouette agreement (`_agreement`: the share of each silhouette's pixels
 # within AGREEMENT_PX of the other's) of the used views below this is a failure (ViewTextureError); below
 # POOR_AGREEMENT a view is named in a warning. Not IoU: a generated view's outline sits a pixel or two off the mesh's,
 # which on thin parts is most of their width (the benchmark's table, legs ~9 px wide: IoU 0.60-0.67 with every view
@@ -55,7 +55,6 @@ MIN_MASK_PIXELS = 16
 AGREEMENT_PX = 2
 MIN_MEAN_AGREEMENT = 0.75
 POOR_AGREEMENT = 0.9
-MIN_MEAN_IOU = 0.6  # the IoU bar it replaced (kept for reference in records)
 COS_POWER = 4  # weight = cos^k(normal, view direction): 1 head-on, 0.25 at 45 degrees
 EDGE_FALLOFF_PX = 4.0  # weights ramp up over this many pixels from a mask edge or depth discontinuity
 # A neighbour this much nearer/farther (in pixel widths) marks a depth discontinuity: large enough that steep but
@@ -406,16 +405,6 @@ def _agreement(a: torch.Tensor, b: torch.Tensor, px: int = AGREEMENT_PX) -> torc
     return torch.where(both, (a_in + b_in) / 2, torch.where((na == 0) & (nb == 0), 1.0, 0.0).double())
 
 
-def mask_agreement(
-    mesh: trimesh.Trimesh, camera: ViewCamera, masks: torch.Tensor, device: torch.device | None = None
-) -> list[float]:
-    """Per view, how well the mesh's silhouette through `camera` agrees with the (6, S, S) masks (`_agreement`)."""
-    device = torch.device("cpu") if device is None else device
-    vertices, faces = _mesh_tensors(mesh, device)
-    _, covered = _render_views(vertices, faces, camera)
-    return [float(x) for x in _agreement(covered, masks.to(device) > 0.5)]
-
-
 def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(6,) IoU of two (6, S, S) bool stacks (1.0 where both are empty)."""
     inter = (a & b).flatten(1).sum(-1).double()
@@ -565,9 +554,9 @@ def _centre(
 
 def _fit(
     vertices: torch.Tensor, faces: torch.Tensor, masks: torch.Tensor, used: torch.Tensor, view_corrections: bool
-) -> tuple[ViewCamera, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fit scale + centre (+ per-view corrections); returns the camera, per-view IoU (6,), and the final depth
-    buffers and coverage."""
+) -> tuple[ViewCamera, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fit scale + centre (+ per-view corrections); returns the camera, per-view IoU and agreement within
+    AGREEMENT_PX (`_agreement`) (6,) each (0 for an unused view), and the final depth buffers and coverage."""
     size = masks.shape[-1]
     device = vertices.device
     axes = view_axes(torch.float64, device)  # (6, 3, 3)
@@ -640,8 +629,10 @@ def _fit(
         camera = _fit_view_corrections(camera, soft, ok)
 
     zbuf, covered = _render_views(vertices, faces, camera)
-    iou = torch.where(used, _iou(covered, masks), torch.zeros(NUM_VIEWS, dtype=torch.float64, device=device))
-    return camera, iou, zbuf, covered
+    none = torch.zeros(NUM_VIEWS, dtype=torch.float64, device=device)
+    iou = torch.where(used, _iou(covered, masks), none)
+    agree = torch.where(used, _agreement(covered, masks), none)
+    return camera, iou, agree, zbuf, covered
 
 
 def _fit_view_corrections(camera: ViewCamera, soft: _SoftSilhouettes, ok: torch.Tensor) -> ViewCamera:
@@ -710,12 +701,12 @@ def fit_camera(
     *,
     device: torch.device | str | None = None,
     view_corrections: bool = True,
-) -> tuple[ViewCamera, list[float]]:
+) -> tuple[ViewCamera, list[float], list[float]]:
     """Fit the orthographic camera (scale + 3-D centre) that makes the mesh's six silhouettes match the masks.
 
     Coarse: silhouette areas and centroids (moments) give the scale and centre in closed form; fine: gradient ascent
     on a soft IoU (blurred reference silhouettes resampled at the candidate camera), coarse-to-fine blur. Empty masks
-    are left out of the fit (their IoU is reported as 0.0). The mesh is not moved.
+    are left out of the fit (their IoU and agreement are reported as 0.0). The mesh is not moved.
 
     Args:
         mesh: trimesh in the export frame. masks: 6 (S, S) bool tensors (`view_masks`) or PIL "L" images.
@@ -724,14 +715,15 @@ def fit_camera(
             on top of the shared camera, against that view's mask alone.
 
     Returns:
-        The camera and the six silhouette IoUs (exact rasterised silhouettes at the fitted camera).
+        The camera, the six silhouette IoUs and agreements within AGREEMENT_PX (`_agreement`, what the stage's
+        checks use), of the exact rasterised silhouettes at the fitted camera.
     """
     device = torch.device("cpu") if device is None else torch.device(device)
     mask_t = _mask_stack(masks, device)
     vertices, faces = _mesh_tensors(mesh, device)
     used = mask_t.flatten(1).sum(-1) >= MIN_MASK_PIXELS
-    camera, iou, _, _ = _fit(vertices, faces, mask_t, used, view_corrections)
-    return camera, [float(x) for x in iou]
+    camera, iou, agree, _, _ = _fit(vertices, faces, mask_t, used, view_corrections)
+    return camera, [float(x) for x in iou], [float(x) for x in agree]
 
 
 # --------------------------------------------------------------------------------------------- blending
@@ -1302,7 +1294,7 @@ def texture_from_views(
     Raises:
         ValueError: a malformed view set (count, type, size) or texture size.
         ViewTextureError (a ValueError): no usable view (all masks empty), or the silhouettes cannot be aligned
-            (mean IoU of the used views below MIN_MEAN_IOU). The caller should keep the field colours.
+            (mean agreement of the used views below MIN_MEAN_AGREEMENT). The caller should keep the field colours.
     Empty masks (an all-white view) drop that view with a warning; the other views still texture the mesh.
     """
     t_start = time.perf_counter()
@@ -1325,8 +1317,7 @@ def texture_from_views(
     timings["masks"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    camera, iou, zbuf, covered = _fit(vertices, faces, mask_t, used, view_corrections)
-    agree = torch.where(used, _agreement(covered, mask_t), torch.zeros_like(iou))  # (6,)
+    camera, iou, agree, zbuf, _ = _fit(vertices, faces, mask_t, used, view_corrections)
     timings["fit"] = time.perf_counter() - t
     if float(agree[used].mean()) < MIN_MEAN_AGREEMENT:
         raise ViewTextureError(

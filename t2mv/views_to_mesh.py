@@ -32,6 +32,7 @@ from PIL import Image
 from .view_refine import RefineResult, refine_mesh
 from .view_texture import (
     AGREEMENT_PX,
+    MIN_MASK_PIXELS,
     MIN_MEAN_AGREEMENT,
     ViewCamera,
     ViewMasks,
@@ -39,7 +40,6 @@ from .view_texture import (
     ViewTextureError,
     check_views,
     fit_camera,
-    mask_agreement,
     object_masks,
     texture_from_views,
 )
@@ -104,12 +104,12 @@ def _refine(
     """Fit the camera to the normal maps' silhouettes, refine the vertices; return the mesh to texture."""
     t = time.perf_counter()
     try:
-        camera, _ = fit_camera(mesh, masks.object, device=device, view_corrections=opts.view_corrections)
+        camera, _, agreement = fit_camera(mesh, masks.object, device=device, view_corrections=opts.view_corrections)
     except ViewTextureError as e:
         result.warnings.append(f"Refinement skipped: {e}")
         result.timings["fit"] = time.perf_counter() - t
         return mesh
-    agree = [x for x, m in zip(mask_agreement(mesh, camera, masks.object, device), masks.object) if m.any()]
+    agree = [x for x, m in zip(agreement, masks.object) if int(m.sum()) >= MIN_MASK_PIXELS]  # the fit's views
     result.timings["fit"] = time.perf_counter() - t
     if not agree or sum(agree) / len(agree) < MIN_MEAN_AGREEMENT:
         mean = sum(agree) / max(len(agree), 1)

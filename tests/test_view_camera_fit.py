@@ -40,7 +40,7 @@ def test_camera_fit_survives_thin_parts_drawn_wider(grow, one_thread):
     masks = covered.numpy()
     if grow:
         masks = np.stack([ndimage.binary_dilation(m, iterations=grow) for m in masks])
-    camera, iou = fit_camera(mesh, torch.from_numpy(masks))
+    camera, iou, _ = fit_camera(mesh, torch.from_numpy(masks))
     # 2 px on an object ~200 px wide is 1-2 % of its size; a fit that follows the legs' area is ~15 % off.
     assert abs(camera.scale / truth.scale - 1) < 0.03, camera
     assert np.abs(np.subtract(camera.center, truth.center)).max() < 0.02, camera

@@ -186,7 +186,7 @@ def test_alignment_tolerates_a_mesh_that_differs_from_the_views(views):
     sphere = trimesh.creation.icosphere(subdivisions=3)
     guess = np.array([0.5, 0.85, 0.36])
     mesh = trimesh.Trimesh(to_mesh_frame(sphere.vertices * guess + ELLIPSOID_CENTRE), sphere.faces)
-    camera, iou = vt.fit_camera(mesh, vt.view_masks(views))
+    camera, iou, _ = vt.fit_camera(mesh, vt.view_masks(views))
     assert min(iou) > 0.85
     np.testing.assert_allclose(camera.center, to_mesh_frame(VIEW_CENTRE), atol=0.01)
     assert camera.scale == pytest.approx(VIEW_SCALE / MESH_SCALE, rel=0.05)

@@ -192,8 +192,8 @@ def test_per_view_corrections_register_views_drawn_a_little_off():
     colors, normals = raycast(zoom=VIEW_ZOOM, shift=VIEW_SHIFT)
     mesh = ellipsoid_mesh()
     masks = vt.object_masks(colors, normals)
-    shared, _ = vt.fit_camera(mesh, masks.object, view_corrections=False)
-    corrected, iou = vt.fit_camera(mesh, masks.object)
+    shared, _, _ = vt.fit_camera(mesh, masks.object, view_corrections=False)
+    corrected, iou, _ = vt.fit_camera(mesh, masks.object)
     before, after = reprojection_error_px(shared, mesh), reprojection_error_px(corrected, mesh)
     assert before.max() > 1.0  # what one shared camera leaves
     assert after.max() < 0.45 and after.mean() < 0.4 * before.mean(), (before, after)
@@ -251,7 +251,7 @@ def test_camera_is_refitted_on_the_refined_mesh(monkeypatch):
     box = trimesh.creation.box(extents=2 * BOX * MESH_SCALE).subdivide().subdivide()
     box.apply_translation(MESH_SHIFT)
     true_scale = VIEW_SCALE / MESH_SCALE
-    biased, _ = vt.fit_camera(start, vt.object_masks(colors, normals).object)
+    biased, _, _ = vt.fit_camera(start, vt.object_masks(colors, normals).object)
     assert biased.scale / true_scale - 1 > 0.06  # the bias this guards against
 
     seen = {}
