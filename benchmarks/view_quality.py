@@ -242,8 +242,6 @@ def fit_similarity(truth: trimesh.Trimesh, mesh: trimesh.Trimesh, *, samples: in
     Why: the views are orthographic and their camera is fitted to the input mesh, so the mesh's absolute scale and
     position are the input's, and nothing downstream can observe them; an offset the stand-in was made with (its
     surface sits up to half a voxel inside the truth's) then counts as shape error in `chamfer`."""
-    from scipy.spatial import cKDTree
-
     q, _ = trimesh.sample.sample_surface(truth, samples, seed=11)  # (M, 3)
     p, _ = trimesh.sample.sample_surface(mesh, samples, seed=12)  # (M, 3)
     c = p.mean(0)
