@@ -29,6 +29,7 @@ import torch
 import trimesh
 from PIL import Image
 
+from .view_parts import add_missing_parts
 from .view_refine import RefineResult, refine_mesh
 from .view_texture import (
     AGREEMENT_PX,
@@ -55,6 +56,7 @@ class ViewsToMeshOptions:
     harmonize: bool = True  # per-view colour gain/bias solved across the views before blending
     view_corrections: bool = True  # per-view 2-D zoom/shift on top of the shared camera
     match_fallback: bool = True  # the fallback's colours mapped onto the views' before it colours unseen surface
+    restore_parts: bool = True  # with refine: parts all views show and the mesh lacks are added before the fit
     refine_options: dict[str, Any] = field(default_factory=dict)  # passed on to `refine_mesh`
 
     @classmethod
@@ -118,10 +120,17 @@ def _refine(
             f"{AGREEMENT_PX} px {mean:.2f})"
         )
         return mesh
+    parts = 0
+    start = mesh
+    if opts.restore_parts:  # what TripoSR's smooth field lost (a thin part) has no surface for the fit to move
+        t = time.perf_counter()
+        start, found = add_missing_parts(mesh, masks.object, camera)
+        result.timings["parts"] = time.perf_counter() - t
+        parts = found.parts
     t = time.perf_counter()
     with torch.enable_grad():  # the refiner optimises; a no_grad caller must not break it
         refined = refine_mesh(
-            mesh,
+            start,
             normals,
             masks.object.float(),
             camera,
@@ -134,7 +143,11 @@ def _refine(
     result.timings["refine"] = time.perf_counter() - t
     result.refine = refined
     result.warnings += [f"Refinement: {w}" for w in refined.warnings]
-    return refined.mesh if refined.accepted else mesh
+    if parts and refined.accepted:
+        result.warnings.append(
+            f"Refinement: {parts} part(s) that every view shows and the mesh lacked (smoothed away) were added"
+        )
+    return refined.mesh if refined.accepted else mesh  # a rejected fit drops the added parts too
 
 
 def views_to_mesh(

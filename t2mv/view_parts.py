@@ -1,0 +1,173 @@
+"""Parts the views show and the mesh lacks: carved from the six silhouettes, added as new surface.
+
+TripoSR's field is smooth at about 1/96 of the object: a part a few pixels thin in the views (an antenna, a
+handle's thin bar, a spike) can blur below its iso-level and vanish, or leave a floater the export drops. No
+refinement of the vertices can bring it back: there is no surface there to move. But all six views show it.
+
+`missing_parts` finds such parts as the voxels that
+- lie inside every view's mask (the visual hull, masks dilated by `slack` pixels: the views are a pixel or two off),
+- and project onto mask pixels the mesh leaves uncovered in at least `min_views` views (so they are outside the
+  mesh: a point inside it would be covered in every view, and a concavity the mesh already has, like a mug's
+  hollow, is covered in every view too),
+- in components thick enough to survive a one-voxel opening (a rim a pixel or two wide along the whole outline is
+  registration, not a part) and of at least `min_volume` voxels,
+and returns them as a separate closed surface (marching cubes of the smoothed voxels). `add_missing_parts` appends
+it to the mesh; the refinement then fits it like any other surface.
+
+The grid is the views' own: the cameras rotate about +Y at elevation 0 (`wonder3d_perflow.cameras.view_axes`), so a
+horizontal slice of the grid projects onto one image row per view, and one voxel is one pixel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import trimesh
+from scipy import ndimage
+
+from wonder3d_perflow.cameras import view_axes
+
+from .view_texture import NUM_VIEWS, ViewCamera, _render_views
+
+
+@dataclass
+class MissingParts:
+    """What `missing_parts` found: `mesh` (export frame; None when nothing is missing), the number of `parts`,
+    their `voxels` (one voxel = one view pixel³) and the number of `views` (per part) it reaches `reach` px past the
+    mesh's silhouette in."""
+
+    mesh: trimesh.Trimesh | None
+    parts: int
+    voxels: list[int]
+    views: list[int]
+
+
+def _dilate(masks: np.ndarray, px: int) -> np.ndarray:
+    """(6, S, S) bool masks grown by px pixels (a disc)."""
+    if px <= 0:
+        return masks
+    r = np.arange(-px, px + 1)
+    disc = (r[:, None] ** 2 + r[None, :] ** 2) <= px * px
+    return np.stack([ndimage.binary_dilation(m, structure=disc) for m in masks])
+
+
+def _erode(masks: np.ndarray, px: int) -> np.ndarray:
+    return ~_dilate(~masks, px)
+
+
+def missing_parts(
+    vertices: torch.Tensor,
+    faces: torch.Tensor,
+    masks: torch.Tensor,
+    camera: ViewCamera,
+    *,
+    slack: int = 1,
+    min_views: int = 2,
+    min_volume: int = 27,
+    reach: float = 8.0,
+    reach_views: int = 3,
+) -> MissingParts:
+    """Find the parts the masks show and the mesh lacks (module docstring).
+
+    Args:
+        vertices, faces: (V, 3) float, (F, 3) long: the mesh in the export frame.
+        masks: (6, S, S) bool or [0, 1]: the object masks (`ViewMasks.object`), `camera.image_size` = S.
+        camera: the fitted cameras (`fit_camera`), per-view corrections included.
+        slack: pixels the masks are grown by for the hull, and shrunk by (and the mesh's silhouettes grown by) for
+            the uncovered pixels: the views' misregistration.
+        min_views: a voxel counts when this many views show its pixel uncovered by the mesh.
+        min_volume: smallest part kept, in voxels.
+        reach, reach_views: a part is kept when it reaches at least `reach` pixels past the mesh's silhouette in at
+            least `reach_views` views: the views' misregistration and a generator's grown outlines leave bands a
+            pixel or two wide along the mesh's outline, which the hull keeps where they line up across views.
+    """
+    size = camera.image_size
+    mask = (masks > 0.5).cpu().numpy() if masks.dtype != torch.bool else masks.cpu().numpy()  # (6, S, S)
+    _, covered = _render_views(vertices.double(), faces, camera)  # (6, S, S)
+    covered = covered.cpu().numpy()
+    hull_mask = _dilate(mask, slack)  # (6, S, S)
+    uncovered = _erode(mask, slack) & ~_dilate(covered, slack)  # (6, S, S)
+    used = mask.reshape(NUM_VIEWS, -1).sum(-1) > 0  # (6,)
+
+    # One voxel per pixel, over the cube every view sees: half-width 1 / scale about the centre (zoom ~1).
+    pix = camera.pixel_size
+    center = np.asarray(camera.center, dtype=np.float64)
+    coords = (np.arange(size) + 0.5) * pix - size * pix / 2  # (S,) voxel centres relative to the centre
+    xs, zs = np.meshgrid(coords + center[0], coords + center[2], indexing="ij")  # (S, S) horizontal slice
+    slice_points = np.stack([xs.ravel(), np.zeros(xs.size), zs.ravel()], axis=-1)  # (S², 3), y filled per slice
+    hull = np.zeros((size, size, size), dtype=bool)  # (x, y, z)
+    evidence = np.zeros((size, size, size), dtype=np.uint8)
+    proj = camera.project(torch.from_numpy(slice_points))  # (6, S², 3): columns do not depend on y
+    cols = proj[..., 0].floor().long().numpy()  # (6, S²)
+    col_ok = (cols >= 0) & (cols < size)
+    cols = cols.clip(0, size - 1)
+    for j, y in enumerate(coords + center[1]):
+        rows = camera.project(torch.tensor([[center[0], y, center[2]]], dtype=torch.float64))[:, 0, 1]  # (6,)
+        inside = np.ones(size * size, dtype=bool)
+        count = np.zeros(size * size, dtype=np.uint8)
+        for k in range(NUM_VIEWS):
+            if not used[k]:
+                continue
+            r = int(np.floor(float(rows[k])))
+            if not 0 <= r < size:
+                inside[:] = False
+                break
+            inside &= col_ok[k] & hull_mask[k, r][cols[k]]
+            count += (col_ok[k] & uncovered[k, r][cols[k]]).astype(np.uint8)
+        hull[:, j, :] = inside.reshape(size, size)
+        evidence[:, j, :] = count.reshape(size, size)
+    candidate = hull & (evidence >= min_views)
+    # A rim a voxel or two thick along the outline is the views' misregistration, not a part.
+    candidate = ndimage.binary_opening(candidate, structure=ndimage.generate_binary_structure(3, 1))
+    labels, n = ndimage.label(candidate, structure=ndimage.generate_binary_structure(3, 3))
+    if n == 0:
+        return MissingParts(None, 0, [], [])
+    volumes = ndimage.sum_labels(candidate, labels, index=np.arange(1, n + 1)).astype(int)  # (n,)
+    # How far past the mesh's silhouette each part reaches, per view (pixels).
+    beyond = np.stack([ndimage.distance_transform_edt(~c) for c in covered])  # (6, S, S)
+    idx = np.argwhere(labels > 0)  # (M, 3) voxel indices (x, y, z)
+    lab = labels[labels > 0]  # (M,) same order as argwhere
+    points = torch.from_numpy((idx + 0.5) * pix - size * pix / 2 + center)  # (M, 3)
+    pp = camera.project(points)  # (6, M, 3)
+    far = np.zeros((n, NUM_VIEWS))
+    for k in range(NUM_VIEWS):
+        c = pp[k, :, 0].floor().long().clamp(0, size - 1).numpy()
+        r = pp[k, :, 1].floor().long().clamp(0, size - 1).numpy()
+        np.maximum.at(far[:, k], lab - 1, beyond[k, r, c])
+    reached = (far >= reach).sum(-1)  # (n,)
+    keep = [i + 1 for i in range(n) if volumes[i] >= min_volume and reached[i] >= reach_views]
+    if not keep:
+        return MissingParts(None, 0, [], [])
+    parts = np.isin(labels, keep)
+    views = [int(reached[i - 1]) for i in keep]
+    # Marching cubes of the smoothed indicator: a smooth closed surface around the voxels' centres.
+    from skimage.measure import marching_cubes
+
+    field = ndimage.gaussian_filter(np.pad(parts, 2).astype(np.float32), sigma=0.7)
+    verts, tris, _, _ = marching_cubes(field, level=0.5)
+    # Voxel (i, j, k) of the padded grid sits at coords[i - 2] (+ centre) along x, y, z.
+    points = (verts - 2) * pix + (0.5 * pix - size * pix / 2) + center  # (N, 3) export frame
+    part_mesh = trimesh.Trimesh(points, tris[:, ::-1], process=True)  # skimage's winding is inward here
+    if part_mesh.volume < 0:
+        part_mesh.invert()
+    return MissingParts(part_mesh, len(keep), [int(volumes[i - 1]) for i in keep], views)
+
+
+def add_missing_parts(mesh: trimesh.Trimesh, masks: torch.Tensor, camera: ViewCamera, **kwargs) -> tuple:
+    """The mesh with `missing_parts` appended (vertex colours: the nearest input vertex's), and the MissingParts."""
+    vertices = torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float64)
+    faces = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.long)
+    found = missing_parts(vertices, faces, masks, camera, **kwargs)
+    if found.mesh is None:
+        return mesh, found
+    extra = found.mesh
+    colors = getattr(mesh.visual, "vertex_colors", None)
+    if colors is not None and len(colors) == len(mesh.vertices):
+        from scipy.spatial import cKDTree
+
+        nearest = cKDTree(np.asarray(mesh.vertices)).query(np.asarray(extra.vertices))[1]
+        extra.visual.vertex_colors = np.asarray(colors)[nearest]
+    out = trimesh.util.concatenate([mesh, extra])
+    return out, found
