@@ -34,7 +34,7 @@ if [ -n "${PYTHON:-}" ]; then py=$PYTHON; elif [ -x .venv/bin/python ]; then py=
 packages=(diffusers==0.19.3 huggingface_hub==0.25.2 transformers==4.48.3 tokenizers==0.21.4 trimesh==5.2.0
   pymcubes==0.1.6 xatlas==0.0.11 fast-simplification==0.2.0 cholespy==2.2.0 gpytoolbox==0.3.8 einops==0.8.2
   omegaconf==2.4.0 rembg==2.0.69 pymatting==1.1.16 pooch==1.9.0 platformdirs jsonschema==4.26.0
-  jsonschema-specifications referencing rpds-py filelock==4.3.1)
+  jsonschema-specifications referencing rpds-py filelock==4.3.1 manifold3d==3.5.4)
 
 if [ "$mode" = fetch ]; then
   mkdir -p "$wheels"

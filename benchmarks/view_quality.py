@@ -354,6 +354,8 @@ def run_variant(
         "textured": out.texture is not None,
         "warnings": list(out.warnings),
     }
+    if out.parts is not None:  # parts the views show and the stand-in lacks, added before the refinement
+        info["parts_added"] = {"parts": out.parts.parts, "voxels": out.parts.voxels}
     if out.texture is not None:
         info["coverage"] = out.texture.coverage
         info["view_iou"] = [round(float(x), 4) for x in out.texture.view_iou]

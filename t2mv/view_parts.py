@@ -11,8 +11,9 @@ refinement of the vertices can bring it back: there is no surface there to move.
   hollow, is covered in every view too),
 - in components thick enough to survive a one-voxel opening (a rim a pixel or two wide along the whole outline is
   registration, not a part) and of at least `min_volume` voxels,
-and returns them as a separate closed surface (marching cubes of the smoothed voxels). `add_missing_parts` appends
-it to the mesh; the refinement then fits it like any other surface.
+and returns them as a closed surface (marching cubes of the smoothed voxels), grown back within the hull to overlap
+the mesh they stem from. `add_missing_parts` unites it with the mesh (manifold3d's boolean: one watertight surface,
+so the fit cannot pull the two into each other); the refinement then fits it like any other surface.
 
 The grid is the views' own: the cameras rotate about +Y at elevation 0 (`wonder3d_perflow.cameras.view_axes`), so a
 horizontal slice of the grid projects onto one image row per view, and one voxel is one pixel.
@@ -68,6 +69,7 @@ def missing_parts(
     min_volume: int = 27,
     reach: float = 8.0,
     reach_views: int = 3,
+    bridge: int = 4,
 ) -> MissingParts:
     """Find the parts the masks show and the mesh lacks (module docstring).
 
@@ -82,6 +84,7 @@ def missing_parts(
         reach, reach_views: a part is kept when it reaches at least `reach` pixels past the mesh's silhouette in at
             least `reach_views` views: the views' misregistration and a generator's grown outlines leave bands a
             pixel or two wide along the mesh's outline, which the hull keeps where they line up across views.
+        bridge: voxels a part is grown by within the hull (towards the mesh it stems from).
     """
     size = camera.image_size
     mask = (masks > 0.5).cpu().numpy() if masks.dtype != torch.bool else masks.cpu().numpy()  # (6, S, S)
@@ -90,6 +93,9 @@ def missing_parts(
     hull_mask = _dilate(mask, slack)  # (6, S, S)
     uncovered = _erode(mask, slack) & ~_dilate(covered, slack)  # (6, S, S)
     used = mask.reshape(NUM_VIEWS, -1).sum(-1) > 0  # (6,)
+    beyond = np.stack([ndimage.distance_transform_edt(~c) for c in covered])  # (6, S, S) px past the silhouette
+    if int((hull_mask & (beyond >= reach)).any(axis=(1, 2)).sum()) < reach_views:
+        return MissingParts(None, 0, [], [])  # nothing reaches far enough in enough views: no grid needed
 
     # One voxel per pixel, over the cube every view sees: half-width 1 / scale about the centre (zoom ~1).
     pix = camera.pixel_size
@@ -126,7 +132,6 @@ def missing_parts(
         return MissingParts(None, 0, [], [])
     volumes = ndimage.sum_labels(candidate, labels, index=np.arange(1, n + 1)).astype(int)  # (n,)
     # How far past the mesh's silhouette each part reaches, per view (pixels).
-    beyond = np.stack([ndimage.distance_transform_edt(~c) for c in covered])  # (6, S, S)
     idx = np.argwhere(labels > 0)  # (M, 3) voxel indices (x, y, z)
     lab = labels[labels > 0]  # (M,) same order as argwhere
     points = torch.from_numpy((idx + 0.5) * pix - size * pix / 2 + center)  # (M, 3)
@@ -142,6 +147,10 @@ def missing_parts(
         return MissingParts(None, 0, [], [])
     parts = np.isin(labels, keep)
     views = [int(reached[i - 1]) for i in keep]
+    # The evidence stops a few voxels short of the mesh (the slack, the opening): grown back within the hull, a part
+    # that touches the mesh overlaps it, so the union is one surface and the fit cannot pull the two into each
+    # other; sideways the hull holds it to what the views show.
+    parts = parts | (ndimage.binary_dilation(parts, iterations=bridge) & hull)
     # Marching cubes of the smoothed indicator: a smooth closed surface around the voxels' centres.
     from skimage.measure import marching_cubes
 
@@ -155,19 +164,38 @@ def missing_parts(
     return MissingParts(part_mesh, len(keep), [int(volumes[i - 1]) for i in keep], views)
 
 
-def add_missing_parts(mesh: trimesh.Trimesh, masks: torch.Tensor, camera: ViewCamera, **kwargs) -> tuple:
-    """The mesh with `missing_parts` appended (vertex colours: the nearest input vertex's), and the MissingParts."""
+def _union(mesh: trimesh.Trimesh, extra: trimesh.Trimesh) -> trimesh.Trimesh | None:
+    """The boolean union (manifold3d), or None where it cannot be had (not installed, a non-manifold input)."""
+    try:
+        import manifold3d  # noqa: F401  (trimesh's "manifold" engine)
+    except ImportError:
+        return None
+    if not (mesh.is_watertight and extra.is_watertight):
+        return None
+    try:
+        out = trimesh.boolean.union([mesh, extra], engine="manifold")
+    except Exception:  # noqa: BLE001  (any failure of the boolean: keep the parts apart)
+        return None
+    return out if len(out.faces) and out.is_watertight else None
+
+
+def add_missing_parts(
+    mesh: trimesh.Trimesh, masks: torch.Tensor, camera: ViewCamera, **kwargs
+) -> tuple[trimesh.Trimesh, MissingParts]:
+    """The mesh united with `missing_parts` (one watertight surface; appended as separate components where the union
+    cannot be had), vertex colours from the nearest input vertex; and the MissingParts. Unchanged when none."""
     vertices = torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float64)
     faces = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.long)
     found = missing_parts(vertices, faces, masks, camera, **kwargs)
     if found.mesh is None:
         return mesh, found
-    extra = found.mesh
+    out = _union(mesh, found.mesh)
+    if out is None:
+        out = trimesh.util.concatenate([mesh, found.mesh])
     colors = getattr(mesh.visual, "vertex_colors", None)
     if colors is not None and len(colors) == len(mesh.vertices):
         from scipy.spatial import cKDTree
 
-        nearest = cKDTree(np.asarray(mesh.vertices)).query(np.asarray(extra.vertices))[1]
-        extra.visual.vertex_colors = np.asarray(colors)[nearest]
-    out = trimesh.util.concatenate([mesh, extra])
+        nearest = cKDTree(np.asarray(mesh.vertices)).query(np.asarray(out.vertices))[1]
+        out.visual.vertex_colors = np.asarray(colors)[nearest]
     return out, found

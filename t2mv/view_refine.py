@@ -17,11 +17,16 @@ the nearest input vertex, and the chain textures the mesh after refinement. `rem
 Loss: per view (weighted as Wonder3D's own reconstruction weighs them) the reliability-weighted mean of
 |rendered normal - map normal| (linear in the angle) over the mask (pixels near the mask's rim, normals seen at
 grazing angles, on the map's creases and pixels the map does not decode as a unit normal count less or not at
-all) + 0.3 x the squared soft-silhouette error against the coverage the maps themselves show along the outline
+all) + 1.0 x the squared soft-silhouette error against the coverage the maps themselves show along the outline
 (`soft_coverage`: sub-pixel where the normal map and the colour view agree, free between their outlines where they
 do not; a binary mask alone left every surface free to sit a pixel off, as a 1 px tolerance band did) + a small
 Laplacian energy of the displacement + a small anchor on its length (the renderer has no gradient through
 occlusions inside the object, so what only they could place, such as the depth of a recess, stays where it was).
+The silhouette weight is set on the quality benchmark (issue 15, session 25): at 0.3 the squared silhouette error
+over a slab's few outline pixels lost to the anchor charged on every vertex of its face, and flat faces seen only
+edge-on (a table's top and shelf) stayed a pixel off; at 1.0 the table's Chamfer went from -20.6 % to -23.8 % of
+the start's, the robot's further, the gear's within its spread. Halving the anchor as well (0.05) gave the table
+-25 % but let a recess's floor drift as if there were no anchor (`test_anchor_holds_what_no_view_places`).
 The step size decays (cosine, to a tenth) within each round, and a small similarity of the camera (scale, shift) is
 fitted with the vertices: the camera fitted to the smoothed input's silhouettes is biased by a percent or two.
 Views with an empty or outline-less mask, or whose normal map departs from the input mesh (or contradicts its own
@@ -609,7 +614,7 @@ class FitOptions:
     # these bring it to 0.78x. A remeshed triangle spans 3-6 px, so λ (a smoothing radius in edges) is small.
     lr: float = 4e-3
     lam: float = 2.0
-    silhouette_weight: float = 0.3
+    silhouette_weight: float = 1.0
     smooth_weight: float = 0.02
     raster_every: int = 10
     max_drift: float = 1.0
@@ -827,7 +832,7 @@ def refine_mesh(
     lr: float = 4e-3,
     lam: float = 2.0,
     view_weights: Sequence[float] = DEFAULT_VIEW_WEIGHTS,
-    silhouette_weight: float = 0.3,
+    silhouette_weight: float = 1.0,
     silhouette_tolerance: int = 0,
     soft_silhouette: bool = True,
     colors: Sequence[Image.Image] | torch.Tensor | None = None,

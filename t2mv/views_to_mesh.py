@@ -29,7 +29,7 @@ import torch
 import trimesh
 from PIL import Image
 
-from .view_parts import add_missing_parts
+from .view_parts import MissingParts, add_missing_parts
 from .view_refine import RefineResult, refine_mesh
 from .view_texture import (
     AGREEMENT_PX,
@@ -79,7 +79,9 @@ class ViewsToMesh:
 
     mesh: the textured mesh (refined when asked and accepted); the input geometry with its own colours when the
     views could not texture it. texture: the `ViewTexture` (camera, coverage, per-view fit) or None. refine: the
-    `RefineResult` or None when refinement was not asked for or could not run. masks: the masks used. camera: the
+    `RefineResult` or None when refinement was not asked for or could not run. parts: what `view_parts` found and the
+    refinement started from (None without refinement; its parts are in `mesh` only when the fit was accepted).
+    masks: the masks used. camera: the
     registration the texture used (the re-fitted one after refinement), None when the views could not be aligned.
     warnings: what degraded and why. timings: seconds per step ("masks", "fit", "refine", "refit", "texture",
     "total").
@@ -90,6 +92,7 @@ class ViewsToMesh:
     refine: RefineResult | None
     masks: ViewMasks
     camera: ViewCamera | None = None
+    parts: MissingParts | None = None
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -124,9 +127,9 @@ def _refine(
     start = mesh
     if opts.restore_parts:  # what TripoSR's smooth field lost (a thin part) has no surface for the fit to move
         t = time.perf_counter()
-        start, found = add_missing_parts(mesh, masks.object, camera)
+        start, result.parts = add_missing_parts(mesh, masks.object, camera)
         result.timings["parts"] = time.perf_counter() - t
-        parts = found.parts
+        parts = result.parts.parts
     t = time.perf_counter()
     with torch.enable_grad():  # the refiner optimises; a no_grad caller must not break it
         refined = refine_mesh(

@@ -16,12 +16,14 @@ from scipy import ndimage
 from view_scenes import MUG_HI, MUG_LO, mug_sdf, mug_start, mug_truth, mug_views
 
 from t2mv.view_parts import add_missing_parts, missing_parts
+from t2mv.view_refine import self_intersections
 from t2mv.view_texture import ViewCamera, fit_camera, object_masks
 from t2mv.views_to_mesh import views_to_mesh
 
 SIZE = 128
 CAMERA = ViewCamera(scale=1.45, center=(0.11, 0.08, 0.0), image_size=SIZE)  # pixel 0.0108
-ROD = (np.array([0.05, 0.35, 0.0]), 0.03, 0.2)  # base centre, radius (~5.5 px thick), height
+BOX_TOP = 0.35  # the box's top face (view_scenes.BOX)
+ROD = (np.array([0.05, BOX_TOP, 0.0]), 0.03, 0.2)  # base centre, radius (~5.5 px thick), height
 BALL = (np.array([0.05, 0.6, 0.0]), 0.055)
 BOX = (MUG_LO, np.array([MUG_HI[0], 0.7, MUG_HI[2]]))
 
@@ -102,10 +104,17 @@ def test_the_lost_antenna_is_found_where_it_is(scene):
     part = found.mesh
     assert part.is_watertight and part.volume > 0
     pix = CAMERA.pixel_size
-    d = antenna_sdf(np.asarray(part.vertices))
+    points = np.asarray(part.vertices)
+    above = points[:, 1] > BOX_TOP + 2 * pix  # the antenna itself; below, the part reaches into the box (bridge)
+    d = antenna_sdf(points[above])
     assert np.abs(d).mean() < 1.5 * pix and d.max() < 4 * pix, (np.abs(d).mean() / pix, d.max() / pix)
+    assert (robot_sdf(points[~above]) < 2 * pix).all()  # no further out than the antenna's foot
     lo, hi = part.bounds
-    assert abs(lo[1] - 0.35) < 4 * pix and abs(hi[1] - (BALL[0][1] + BALL[1])) < 3 * pix, part.bounds
+    assert BOX_TOP - 6 * pix < lo[1] < BOX_TOP and abs(hi[1] - (BALL[0][1] + BALL[1])) < 3 * pix, part.bounds
+    # United with the mesh: one closed surface, nothing crossing.
+    out, _ = add_missing_parts(start, masks, CAMERA)
+    assert out.is_watertight and out.body_count == 1 and len(out.faces) > len(start.faces)
+    assert self_intersections(np.asarray(out.vertices), np.asarray(out.faces)) == 0
 
 
 def test_imperfect_views_find_the_antenna_and_nothing_else(scene, one_thread):

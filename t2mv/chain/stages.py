@@ -372,7 +372,7 @@ class Texture(Stage):
         result.timings.update({f"texture.{k}": v for k, v in out.timings.items() if k not in _REFINE_STEPS})
 
 
-_REFINE_STEPS = ("fit", "refine", "refit")  # views_to_mesh's timings that belong to the refinement
+_REFINE_STEPS = ("fit", "parts", "refine", "refit")  # views_to_mesh's timings that belong to the refinement
 
 
 def _record_refine(result: Any, out: Any) -> None:
@@ -391,5 +391,7 @@ def _record_refine(result: Any, out: Any) -> None:
         # info.json keeps the first and last loss, not every iteration
         "loss_first_last": None if not history else [float(history[0]), float(history[-1])],
         "timings": refined.timings,
+        # parts every view shows and TripoSR's mesh lacked, added before the fit (kept only with an accepted fit)
+        "parts_added": 0 if out.parts is None or not refined.accepted else out.parts.parts,
     }
     result.timings.update({f"refine.{k}": v for k, v in refined.timings.items()})
