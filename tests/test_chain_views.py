@@ -183,6 +183,7 @@ def test_refine_runs_before_texturing_and_is_recorded(chain_and_field, tmp_path)
         chain.multiview = good
     refine = result.info["refine"]
     assert set(refine) >= {"accepted", "losses", "timings"}
+    assert refine["parts_added"] == 0  # a bump the mesh lacks is the fit's to shape, not a part to add
     assert "refine" in result.timings and "texture" in result.timings
     assert result.settings["refine"] is True and result.settings["refine_iterations"] == 40
     assert list(result.timings).index("refine") < list(result.timings).index("texture")
