@@ -28,8 +28,6 @@ import torch
 import trimesh
 from scipy import ndimage
 
-from wonder3d_perflow.cameras import view_axes
-
 from .view_texture import NUM_VIEWS, ViewCamera, _render_views
 
 
