@@ -21,10 +21,11 @@ horizontal slice of the grid projects onto one image row per view, and one voxel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import trimesh
 from scipy import ndimage
 
@@ -68,6 +69,7 @@ def missing_parts(
     reach: float = 8.0,
     reach_views: int = 3,
     bridge: int = 4,
+    max_grid: int = 256,
 ) -> MissingParts:
     """Find the parts the masks show and the mesh lacks (module docstring).
 
@@ -83,9 +85,16 @@ def missing_parts(
             least `reach_views` views: the views' misregistration and a generator's grown outlines leave bands a
             pixel or two wide along the mesh's outline, which the hull keeps where they line up across views.
         bridge: voxels a part is grown by within the hull (towards the mesh it stems from).
+        max_grid: larger views are area-pooled to at most this size (the voxel grid is its cube; pixel counts above
+            are then in pooled pixels).
     """
+    masks = masks.float()
+    if camera.image_size > max_grid:  # the grid is S³ voxels: views larger than 256² are pooled to it first
+        factor = -(-camera.image_size // max_grid)
+        camera = replace(camera, image_size=camera.image_size // factor)
+        masks = F.adaptive_avg_pool2d(masks[:, None], camera.image_size)[:, 0]
     size = camera.image_size
-    mask = (masks > 0.5).cpu().numpy() if masks.dtype != torch.bool else masks.cpu().numpy()  # (6, S, S)
+    mask = (masks > 0.5).cpu().numpy()  # (6, S, S)
     _, covered = _render_views(vertices.double(), faces, camera)  # (6, S, S)
     covered = covered.cpu().numpy()
     hull_mask = _dilate(mask, slack)  # (6, S, S)

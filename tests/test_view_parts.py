@@ -117,6 +117,18 @@ def test_the_lost_antenna_is_found_where_it_is(scene):
     assert self_intersections(np.asarray(out.vertices), np.asarray(out.faces)) == 0
 
 
+def test_views_larger_than_the_grid_are_pooled_to_it(scene):
+    """256² masks with a 128 voxel grid: the same antenna, found at the grid's resolution."""
+    truth_normals, _, start, _ = scene
+    masks = object_masks(_colors(truth_normals), truth_normals).object
+    large = masks.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # (6, 256, 256)
+    camera = ViewCamera(scale=CAMERA.scale, center=CAMERA.center, image_size=2 * SIZE)
+    found = missing_parts(*_tensors(start), large, camera, max_grid=SIZE)
+    assert found.parts == 1 and found.views == [6], found
+    d = antenna_sdf(np.asarray(found.mesh.vertices)[np.asarray(found.mesh.vertices)[:, 1] > BOX_TOP + 0.02])
+    assert np.abs(d).mean() < 1.5 * CAMERA.pixel_size
+
+
 def test_imperfect_views_find_the_antenna_and_nothing_else(scene, one_thread):
     """Outlines grown or shrunk by 1-2 px and every view a pixel off: the rim along the whole outline is not a part;
     the antenna still is, a little fatter (the hull is taken with a pixel of slack)."""
