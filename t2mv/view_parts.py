@@ -57,6 +57,74 @@ def _erode(masks: np.ndarray, px: int) -> np.ndarray:
     return ~_dilate(~masks, px)
 
 
+def _voxel_centres(index: np.ndarray, camera: ViewCamera) -> np.ndarray:
+    """Export-frame centres (..., 3) of voxels (..., 3) (x, y, z indices): one voxel per pixel, over the cube every
+    view sees (half-width 1 / scale about the camera's centre)."""
+    pix, size = camera.pixel_size, camera.image_size
+    return (index + 0.5) * pix - size * pix / 2 + np.asarray(camera.center, dtype=np.float64)
+
+
+def _carve(
+    hull_mask: np.ndarray, uncovered: np.ndarray, used: np.ndarray, camera: ViewCamera
+) -> tuple[np.ndarray, np.ndarray]:
+    """The visual hull (S, S, S) bool and, per voxel, how many views show its pixel uncovered (S, S, S) uint8.
+
+    Slice by slice: the cameras rotate about +Y at elevation 0, so a voxel's column in a view does not depend on its
+    height and a horizontal slice projects onto one image row per view."""
+    size = camera.image_size
+    axis = np.arange(size)
+    xs, zs = np.meshgrid(axis, axis, indexing="ij")  # (S, S) horizontal slice
+    slice_points = _voxel_centres(np.stack([xs.ravel(), np.zeros(xs.size), zs.ravel()], axis=-1), camera)  # (S², 3)
+    hull = np.zeros((size, size, size), dtype=bool)  # (x, y, z)
+    evidence = np.zeros((size, size, size), dtype=np.uint8)
+    cols = camera.project(torch.from_numpy(slice_points))[..., 0].floor().long().numpy()  # (6, S²)
+    col_ok = (cols >= 0) & (cols < size)
+    cols = cols.clip(0, size - 1)
+    heights = _voxel_centres(np.stack([np.zeros(size), axis, np.zeros(size)], axis=-1), camera)  # (S, 3)
+    rows = camera.project(torch.from_numpy(heights))[..., 1].floor().long().numpy()  # (6, S)
+    for j in range(size):
+        inside = np.ones(size * size, dtype=bool)
+        count = np.zeros(size * size, dtype=np.uint8)
+        for k in np.flatnonzero(used):
+            r = int(rows[k, j])
+            if not 0 <= r < size:
+                inside[:] = False
+                break
+            inside &= col_ok[k] & hull_mask[k, r][cols[k]]
+            count += (col_ok[k] & uncovered[k, r][cols[k]]).astype(np.uint8)
+        hull[:, j, :] = inside.reshape(size, size)
+        evidence[:, j, :] = count.reshape(size, size)
+    return hull, evidence
+
+
+def _reach(labels: np.ndarray, n: int, beyond: np.ndarray, camera: ViewCamera) -> np.ndarray:
+    """How far (n, 6) each of the n labelled parts reaches past the mesh's silhouette in each view, in pixels
+    (`beyond`: (6, S, S) each pixel's distance from the silhouette)."""
+    size = camera.image_size
+    idx = np.argwhere(labels > 0)  # (M, 3) voxel indices (x, y, z)
+    lab = labels[labels > 0]  # (M,) same order as argwhere
+    pp = camera.project(torch.from_numpy(_voxel_centres(idx, camera)))  # (6, M, 3)
+    far = np.zeros((n, NUM_VIEWS))
+    for k in range(NUM_VIEWS):
+        c = pp[k, :, 0].floor().long().clamp(0, size - 1).numpy()
+        r = pp[k, :, 1].floor().long().clamp(0, size - 1).numpy()
+        np.maximum.at(far[:, k], lab - 1, beyond[k, r, c])
+    return far
+
+
+def _surface(parts: np.ndarray, camera: ViewCamera) -> trimesh.Trimesh:
+    """Marching cubes of the smoothed indicator (S, S, S): a smooth closed surface around the voxels' centres."""
+    from skimage.measure import marching_cubes
+
+    field = ndimage.gaussian_filter(np.pad(parts, 2).astype(np.float32), sigma=0.7)
+    verts, tris, _, _ = marching_cubes(field, level=0.5)
+    # Voxel (i, j, k) of the padded grid is voxel (i - 2, j - 2, k - 2) of ours.
+    part_mesh = trimesh.Trimesh(_voxel_centres(verts - 2, camera), tris[:, ::-1], process=True)  # inward winding
+    if part_mesh.volume < 0:
+        part_mesh.invert()
+    return part_mesh
+
+
 def missing_parts(
     vertices: torch.Tensor,
     faces: torch.Tensor,
@@ -93,7 +161,6 @@ def missing_parts(
         factor = -(-camera.image_size // max_grid)
         camera = replace(camera, image_size=camera.image_size // factor)
         masks = F.adaptive_avg_pool2d(masks[:, None], camera.image_size)[:, 0]
-    size = camera.image_size
     mask = (masks > 0.5).cpu().numpy()  # (6, S, S)
     _, covered = _render_views(vertices.double(), faces, camera)  # (6, S, S)
     covered = covered.cpu().numpy()
@@ -104,33 +171,7 @@ def missing_parts(
     if int((hull_mask & (beyond >= reach)).any(axis=(1, 2)).sum()) < reach_views:
         return MissingParts(None, 0, [], [])  # nothing reaches far enough in enough views: no grid needed
 
-    # One voxel per pixel, over the cube every view sees: half-width 1 / scale about the centre (zoom ~1).
-    pix = camera.pixel_size
-    center = np.asarray(camera.center, dtype=np.float64)
-    coords = (np.arange(size) + 0.5) * pix - size * pix / 2  # (S,) voxel centres relative to the centre
-    xs, zs = np.meshgrid(coords + center[0], coords + center[2], indexing="ij")  # (S, S) horizontal slice
-    slice_points = np.stack([xs.ravel(), np.zeros(xs.size), zs.ravel()], axis=-1)  # (S², 3), y filled per slice
-    hull = np.zeros((size, size, size), dtype=bool)  # (x, y, z)
-    evidence = np.zeros((size, size, size), dtype=np.uint8)
-    proj = camera.project(torch.from_numpy(slice_points))  # (6, S², 3): columns do not depend on y
-    cols = proj[..., 0].floor().long().numpy()  # (6, S²)
-    col_ok = (cols >= 0) & (cols < size)
-    cols = cols.clip(0, size - 1)
-    for j, y in enumerate(coords + center[1]):
-        rows = camera.project(torch.tensor([[center[0], y, center[2]]], dtype=torch.float64))[:, 0, 1]  # (6,)
-        inside = np.ones(size * size, dtype=bool)
-        count = np.zeros(size * size, dtype=np.uint8)
-        for k in range(NUM_VIEWS):
-            if not used[k]:
-                continue
-            r = int(np.floor(float(rows[k])))
-            if not 0 <= r < size:
-                inside[:] = False
-                break
-            inside &= col_ok[k] & hull_mask[k, r][cols[k]]
-            count += (col_ok[k] & uncovered[k, r][cols[k]]).astype(np.uint8)
-        hull[:, j, :] = inside.reshape(size, size)
-        evidence[:, j, :] = count.reshape(size, size)
+    hull, evidence = _carve(hull_mask, uncovered, used, camera)  # (S, S, S) each, voxel (x, y, z)
     candidate = hull & (evidence >= min_views)
     # A rim a voxel or two thick along the outline is the views' misregistration, not a part.
     candidate = ndimage.binary_opening(candidate, structure=ndimage.generate_binary_structure(3, 1))
@@ -138,16 +179,7 @@ def missing_parts(
     if n == 0:
         return MissingParts(None, 0, [], [])
     volumes = ndimage.sum_labels(candidate, labels, index=np.arange(1, n + 1)).astype(int)  # (n,)
-    # How far past the mesh's silhouette each part reaches, per view (pixels).
-    idx = np.argwhere(labels > 0)  # (M, 3) voxel indices (x, y, z)
-    lab = labels[labels > 0]  # (M,) same order as argwhere
-    points = torch.from_numpy((idx + 0.5) * pix - size * pix / 2 + center)  # (M, 3)
-    pp = camera.project(points)  # (6, M, 3)
-    far = np.zeros((n, NUM_VIEWS))
-    for k in range(NUM_VIEWS):
-        c = pp[k, :, 0].floor().long().clamp(0, size - 1).numpy()
-        r = pp[k, :, 1].floor().long().clamp(0, size - 1).numpy()
-        np.maximum.at(far[:, k], lab - 1, beyond[k, r, c])
+    far = _reach(labels, n, beyond, camera)  # (n, 6) px past the mesh's silhouette
     reached = (far >= reach).sum(-1)  # (n,)
     keep = [i + 1 for i in range(n) if volumes[i] >= min_volume and reached[i] >= reach_views]
     if not keep:
@@ -158,16 +190,7 @@ def missing_parts(
     # that touches the mesh overlaps it, so the union is one surface and the fit cannot pull the two into each
     # other; sideways the hull holds it to what the views show.
     parts = parts | (ndimage.binary_dilation(parts, iterations=bridge) & hull)
-    # Marching cubes of the smoothed indicator: a smooth closed surface around the voxels' centres.
-    from skimage.measure import marching_cubes
-
-    field = ndimage.gaussian_filter(np.pad(parts, 2).astype(np.float32), sigma=0.7)
-    verts, tris, _, _ = marching_cubes(field, level=0.5)
-    # Voxel (i, j, k) of the padded grid sits at coords[i - 2] (+ centre) along x, y, z.
-    points = (verts - 2) * pix + (0.5 * pix - size * pix / 2) + center  # (N, 3) export frame
-    part_mesh = trimesh.Trimesh(points, tris[:, ::-1], process=True)  # skimage's winding is inward here
-    if part_mesh.volume < 0:
-        part_mesh.invert()
+    part_mesh = _surface(parts, camera)
     return MissingParts(part_mesh, len(keep), [int(volumes[i - 1]) for i in keep], views)
 
 
