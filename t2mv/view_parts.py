@@ -29,7 +29,8 @@ import torch.nn.functional as F
 import trimesh
 from scipy import ndimage
 
-from .view_texture import NUM_VIEWS, ViewCamera, _render_views
+from .view_refine import _carry_visuals
+from .view_texture import NUM_VIEWS, ViewCamera, _disk, _mesh_tensors, _render_views
 
 
 @dataclass
@@ -48,9 +49,7 @@ def _dilate(masks: np.ndarray, px: int) -> np.ndarray:
     """(6, S, S) bool masks grown by px pixels (a disc)."""
     if px <= 0:
         return masks
-    r = np.arange(-px, px + 1)
-    disc = (r[:, None] ** 2 + r[None, :] ** 2) <= px * px
-    return np.stack([ndimage.binary_dilation(m, structure=disc) for m in masks])
+    return np.stack([ndimage.binary_dilation(m, structure=_disk(px)) for m in masks])
 
 
 def _erode(masks: np.ndarray, px: int) -> np.ndarray:
@@ -214,18 +213,12 @@ def add_missing_parts(
 ) -> tuple[trimesh.Trimesh, MissingParts]:
     """The mesh united with `missing_parts` (one watertight surface; appended as separate components where the union
     cannot be had), vertex colours from the nearest input vertex; and the MissingParts. Unchanged when none."""
-    vertices = torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float64)
-    faces = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.long)
+    # The texture stage's tensors: an inside-out mesh is drawn with its faces flipped, as the camera fit drew it.
+    vertices, faces = _mesh_tensors(mesh, torch.device("cpu"))
     found = missing_parts(vertices, faces, masks, camera, **kwargs)
     if found.mesh is None:
         return mesh, found
     out = _union(mesh, found.mesh)
     if out is None:
         out = trimesh.util.concatenate([mesh, found.mesh])
-    colors = getattr(mesh.visual, "vertex_colors", None)
-    if colors is not None and len(colors) == len(mesh.vertices):
-        from scipy.spatial import cKDTree
-
-        nearest = cKDTree(np.asarray(mesh.vertices)).query(np.asarray(out.vertices))[1]
-        out.visual.vertex_colors = np.asarray(colors)[nearest]
-    return out, found
+    return _carry_visuals(mesh, np.asarray(out.vertices), np.asarray(out.faces)), found

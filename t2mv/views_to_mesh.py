@@ -123,13 +123,11 @@ def _refine(
             f"{AGREEMENT_PX} px {mean:.2f})"
         )
         return mesh
-    parts = 0
     start = mesh
     if opts.restore_parts:  # what TripoSR's smooth field lost (a thin part) has no surface for the fit to move
         t = time.perf_counter()
         start, result.parts = add_missing_parts(mesh, masks.object, camera)
         result.timings["parts"] = time.perf_counter() - t
-        parts = result.parts.parts
     t = time.perf_counter()
     with torch.enable_grad():  # the refiner optimises; a no_grad caller must not break it
         refined = refine_mesh(
@@ -146,9 +144,10 @@ def _refine(
     result.timings["refine"] = time.perf_counter() - t
     result.refine = refined
     result.warnings += [f"Refinement: {w}" for w in refined.warnings]
-    if parts and refined.accepted:
+    if result.parts is not None and result.parts.parts and refined.accepted:
         result.warnings.append(
-            f"Refinement: {parts} part(s) that every view shows and the mesh lacked (smoothed away) were added"
+            f"Refinement: {result.parts.parts} part(s) that every view shows and the mesh lacked (smoothed away)"
+            " were added"
         )
     return refined.mesh if refined.accepted else mesh  # a rejected fit drops the added parts too
 
