@@ -80,6 +80,35 @@ def test_large_steps_solver(one_thread, monkeypatch):
     torch.testing.assert_close(fallback.from_differential(u), x, atol=1e-4, rtol=0)
 
 
+def test_uniform_adam_step_survives_one_coordinates_spike():
+    """One coordinate's gradient spike must not set every other coordinate's step (with the second moments'
+    maximum as the shared scale it did, for hundreds of steps: beta2 = 0.999), nor move that coordinate by more than
+    the step size; the shared scale stays one for all (the Large Steps rule), so equal gradients move equally."""
+    lr, steps = 0.01, 20
+
+    def run(quantile: float) -> torch.Tensor:
+        x = torch.zeros(2000, 3, requires_grad=True)
+        opt = vr.AdamUniform(x, lr, quantile=quantile)
+        for t in range(steps):
+            g = torch.ones_like(x)  # d/dx of sum(x): every coordinate pulled down alike
+            if t == 0:
+                g[7, 1] = 1e4  # a sliver's silhouette edge, once
+            x.grad = g
+            opt.step()
+        return x.detach()
+
+    robust = run(0.999)
+    others = torch.ones(2000, 3, dtype=torch.bool)
+    others[7, 1] = False
+    # Every other coordinate moved by the full step each time, and all alike (one shared scale).
+    torch.testing.assert_close(robust[others], torch.full((int(others.sum()),), -lr * steps), rtol=0.02, atol=0)
+    assert robust[7, 1] >= -lr * steps - 1e-6  # the spiked one clipped at the step size
+    throttled = run(1.0)  # the maximum: the spike shrinks everyone's step ~50-fold
+    assert throttled[others].abs().max() < 0.1 * lr * steps
+    with pytest.raises(ValueError, match="quantile"):
+        vr.AdamUniform(torch.zeros(3, requires_grad=True), lr, quantile=0.0)
+
+
 def test_self_intersections():
     sphere = trimesh.creation.icosphere(subdivisions=2)
     assert vr.self_intersections(sphere.vertices, sphere.faces) == 0
