@@ -80,6 +80,28 @@ def test_large_steps_solver(one_thread, monkeypatch):
     torch.testing.assert_close(fallback.from_differential(u), x, atol=1e-4, rtol=0)
 
 
+def test_untangle_pulls_back_only_where_the_fit_crossed_itself():
+    """A fit that grew the whole sphere by 10 % and pushed one vertex through the far side: the spot is pulled back
+    until nothing intersects, the rest of the fit (the growth) is kept; where the start itself crosses there,
+    nothing can be undone and the pairs are reported (the refinement is then rejected)."""
+    sphere = trimesh.creation.icosphere(subdivisions=4)
+    start = np.asarray(sphere.vertices, dtype=np.float64)
+    faces = np.asarray(sphere.faces)
+    fitted = start * 1.1
+    tip = int(np.argmax(start[:, 0]))
+    fitted[tip] = [-1.6, 0.0, 0.0]  # through the sphere and out of the far side
+    assert vr.self_intersections(fitted, faces) > 0
+    out, moved, left = vr.untangle(fitted, start, faces)
+    assert left == 0 and vr.self_intersections(out, faces) == 0
+    assert 0 < moved < 0.1 * len(start)
+    far = np.abs(start[:, 0]) < 0.5  # well away from the tip (x = 1) and from where it crossed (x = -1)
+    np.testing.assert_array_equal(out[far], fitted[far])
+    crossed_start = start.copy()
+    crossed_start[tip] = [-1.6, 0.0, 0.0]
+    _, _, left = vr.untangle(fitted, crossed_start, faces)
+    assert left > 0
+
+
 def test_uniform_adam_step_survives_one_coordinates_spike():
     """One coordinate's gradient spike must not set every other coordinate's step (with the second moments'
     maximum as the shared scale it did, for hundreds of steps: beta2 = 0.999), nor move that coordinate by more than
