@@ -723,8 +723,10 @@ class _Similarity:
     than to every vertex), the mesh keeps its frame and `project` is the corrected camera.
 
     The per-view corrections (on top of the camera's own, `fit_camera`'s, which were fitted to the smoothed input's
-    silhouettes and so absorb part of its smoothing: the gear's thinner faces read as a zoomed side view) follow the
-    refined shape, bounded to ±2 % and ±2 px (a generator's misregistration, not a change of shape). Measured on the
+    silhouettes, so part of its smoothing sits in them) follow the refined shape, bounded to ±2 % and ±2 px (a
+    generator's misregistration, not a change of shape). Without any per-view correction the gear from clean views
+    came out −32.9 % (−25.1 % with the input's), but the table from imperfect views −32.9 % (−37.7 %): the generated
+    views need them, fitted to the right shape. Measured on the
     benchmark (issue 15, session 26), one run each, Chamfer from the start, imperfect views: robot −37.0 → −42.3 %,
     table −37.7 → −43.1 %, gear −16.2 → −17.9 % (clean views −25.1 → −30.4 %).
 
