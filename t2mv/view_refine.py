@@ -726,9 +726,9 @@ class _Similarity:
     silhouettes, so part of its smoothing sits in them) follow the refined shape, bounded to ±2 % and ±2 px (a
     generator's misregistration, not a change of shape). Without any per-view correction the gear from clean views
     came out −32.9 % (−25.1 % with the input's), but the table from imperfect views −32.9 % (−37.7 %): the generated
-    views need them, fitted to the right shape. Measured on the
-    benchmark (issue 15, session 26), one run each, Chamfer from the start, imperfect views: robot −37.0 → −42.3 %,
-    table −37.7 → −43.1 %, gear −16.2 → −17.9 % (clean views −25.1 → −30.4 %).
+    views need them, fitted to the right shape. Measured on the benchmark (issue 15, session 26), one run each,
+    Chamfer from the start, imperfect views: robot −37.0 → −42.3 %, table −37.7 → −43.1 %, gear −16.2 → −17.9 %
+    (clean views −25.1 → −30.4 %).
 
     params (4,) = (log scale, shift / k), or (22,) with the per-view log zooms (6) and shifts / k (6 x 2) in pixels;
     c: the mesh's centroid (the scale's fixed point); k: `unit` export units for the shift, 25 pixels for the
