@@ -679,7 +679,7 @@ class FitOptions:
     # the earlier 3e-2 / 19 / 0.1 the fit rounded the creases outwards past the silhouette (Chamfer 1.5x the start);
     # these bring it to 0.78x. A remeshed triangle spans 3-6 px, so λ (a smoothing radius in edges) is small. The
     # step went from 4e-3 to 3e-3 with `AdamUniform`'s quantile scale (its steps are no longer throttled by a spike):
-    # at 4e-3 the benchmark's robot folded and was rejected; at 3e-3 all four objects as good as or better than
+    # at 4e-3 the benchmark's robot was rejected; at 3e-3 all four objects as good as or better than
     # before, at 2e-3 the table 2 points worse (issue 15, session 26).
     lr: float = 3e-3
     lam: float = 2.0
