@@ -452,6 +452,17 @@ def _outside(value: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torc
     return (low - value).clamp(min=0.0) ** 2 + (value - high).clamp(min=0.0) ** 2
 
 
+def normal_error(cos: torch.Tensor) -> torch.Tensor:
+    """The per-pixel normal error ρ(|rendered - target|) from the cosine between unit normals (any shape).
+
+    |rendered - target| = 2 sin(angle / 2) is linear in the angle: 1 - cos (quadratic) makes a few degrees cost
+    almost nothing, so a large region could tilt or drift freely while a crease's pixels dominate the loss. ρ
+    (`NORMAL_ROBUST`) keeps that slope for small errors and flattens for large ones.
+    """
+    error = (2.0 * (1.0 - cos)).clamp(min=0.0).add(ANGLE_EPS).sqrt()
+    return NORMAL_ROBUST * torch.log1p(error / NORMAL_ROBUST)
+
+
 def view_losses(rendered: Render, targets: Targets) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-view normal and silhouette errors.
 
@@ -484,12 +495,8 @@ def view_losses(rendered: Render, targets: Targets) -> tuple[torch.Tensor, torch
             hard_err,  # (6,) squared coverage error off the silhouette pixels
         )
     view, weight, target, uncovered, edge_view, edge_low, edge_high, edge_counted, hard_err = vis.cache[id(targets)]
-    cos = rendered.cosine(target)  # (N,)
-    # |rendered - target| = 2 sin(angle / 2): linear in the angle. 1 - cos (quadratic) makes a few degrees cost
-    # almost nothing, so a large region could tilt or drift freely while a crease's pixels dominate the loss.
-    error = (2.0 * (1.0 - cos)).clamp(min=0.0).add(ANGLE_EPS).sqrt()  # (N,)
-    error = NORMAL_ROBUST * torch.log1p(error / NORMAL_ROBUST)  # (N,) see NORMAL_ROBUST
-    covered = torch.zeros(NUM_VIEWS, dtype=cos.dtype, device=cos.device).index_add(0, view, weight * error)
+    error = normal_error(rendered.cosine(target))  # (N,)
+    covered = torch.zeros(NUM_VIEWS, dtype=error.dtype, device=error.device).index_add(0, view, weight * error)
     normal = (covered + uncovered) / targets.weight.sum(-1).clamp(min=1e-6)  # (6,)
     # Silhouette: soft coverage on the silhouette pixels, the z-buffer's elsewhere.
     cov = rendered.edge_coverage
