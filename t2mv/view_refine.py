@@ -83,7 +83,7 @@ ANGLE_EPS = 1e-4  # keeps the normal error's square root differentiable where th
 # 0.7-1.5 px off, held only by the anchor). With ρ a steep narrow wall costs less than a wide gentle slope, so the
 # step is sharpened rather than flattened. Measured on the quality benchmark (imperfect views, one run each, fitted
 # Chamfer against the start's): σ = 0.5 gear -20.5 % (linear: -17.7 %), robot -45.4 % (-42.3 %), table -44.0 %
-# (-43.4 %), mug -33.1 % (-33.3 %); σ = 0.3 within a point of it, 0.15 within two; clean views unchanged within a point
+# (-43.4 %), mug -33.1 % (-33.3 %); σ = 0.3 within a point of it, 0.15 within two; clean views unchanged within 1.1 points
 # (issue 15, session 27). A masked pixel the mesh does not cover still costs 1, more than any covered one (ρ(2) = 0.8).
 NORMAL_ROBUST = 0.5
 
