@@ -83,8 +83,9 @@ ANGLE_EPS = 1e-4  # keeps the normal error's square root differentiable where th
 # 0.7-1.5 px off, held only by the anchor). With ρ a steep narrow wall costs less than a wide gentle slope, so the
 # step is sharpened rather than flattened. Measured on the quality benchmark (imperfect views, one run each, fitted
 # Chamfer against the start's): σ = 0.5 gear -20.5 % (linear: -17.7 %), robot -45.4 % (-42.3 %), table -44.0 %
-# (-43.4 %), mug -33.1 % (-33.3 %); σ = 0.3 within a point of it, 0.15 within two; clean views unchanged within 1.1 points
-# (issue 15, session 27). A masked pixel the mesh does not cover still costs 1, more than any covered one (ρ(2) = 0.8).
+# (-43.4 %), mug -33.1 % (-33.3 %); σ = 0.3 within a point of it, 0.15 within two; clean views unchanged within
+# 1.1 points (issue 15, session 27). A masked pixel the mesh does not cover still costs 1, more than any covered one
+# (ρ(2) = 0.8).
 NORMAL_ROBUST = 0.5
 
 
@@ -425,10 +426,11 @@ def silhouette_agreement(targets: Targets, *, band: int = 3, side: float = 0.3) 
     Where a surface is seen from the side at the outline, its normal points outwards in the image plane. The score
     is sum(cos) / sum(|cos|), cos between the map's normal and the outward direction (down the blurred mask's
     gradient), over the mask pixels within `band` pixels of the outline where the map shows a side (in-plane
-    component > `side`): 1 when no side turns inwards, -1 when all do. The band, rather than the outline pixels alone, tolerates masks a pixel or two off the normal map's
-    silhouette (the outline pixels of a larger mask show the map's background, which decodes to no normal; those of
-    a smaller one lie a little inside, where the normals still point outwards). Pixels facing the camera (a box's
-    face seen square-on ends in a crease, not a turned side) are no evidence either way. Renders of the tests'
+    component > `side`): 1 when no side turns inwards, -1 when all do. The band, rather than the outline pixels
+    alone, tolerates masks a pixel or two off the normal map's silhouette (the outline pixels of a larger mask show
+    the map's background, which decodes to no normal; those of a smaller one lie a little inside, where the normals
+    still point outwards). Pixels facing the camera (a box's face seen square-on ends in a crease, not a turned side)
+    are no evidence either way. Renders of the tests'
     smooth ground truth score ~1, the opposite side view's map ~0.3 or less. NaN where the mask has no outline
     (empty, or filling the image) or the map shows no side along it (a flat map, a box seen square-on).
     """
@@ -468,10 +470,10 @@ def view_losses(rendered: Render, targets: Targets) -> tuple[torch.Tensor, torch
 
     Returns:
         normal (6,): the reliability-weighted mean of ρ(|rendered - target|) (unit normals: 2 sin(angle / 2); ρ:
-        `NORMAL_ROBUST`) over the target's mask, a masked pixel the mesh does not cover counting as 1 (so shrinking never pays); silhouette
-        (6,): the squared distance of the coverage (soft on the render's silhouette pixels, the z-buffer's
-        elsewhere) from the range the targets ask for (`Targets.coverage_low` / `coverage_high`), over the mask's
-        area; free in the tolerance band (`Targets.inner` / `Targets.outer`, none by default).
+        `NORMAL_ROBUST`) over the target's mask, a masked pixel the mesh does not cover counting as 1 (so shrinking
+        never pays); silhouette (6,): the squared distance of the coverage (soft on the render's silhouette pixels,
+        the z-buffer's elsewhere) from the range the targets ask for (`Targets.coverage_low` / `coverage_high`), over
+        the mask's area; free in the tolerance band (`Targets.inner` / `Targets.outer`, none by default).
     """
     vis = rendered.vis
     if id(targets) not in vis.cache:  # what does not change until the next rasterisation
@@ -1255,9 +1257,8 @@ def _verdict(
     if folds["result"] > folds["input"] + tolerance:
         return f"{folds['result']} faces are folded against their neighbours (input: {folds['input']})"
     if crossed is not None:
-        after = crossed
-        before = self_intersections(x0.cpu().numpy(), faces0.cpu().numpy()) if after else 0  # clean: no need
-        losses["self_intersections"] = {"input": before if after else None, "result": after}
-        if after > before:
-            return f"self-intersections went from {before} to {after}"
+        before = self_intersections(x0.cpu().numpy(), faces0.cpu().numpy()) if crossed else 0  # clean: no need
+        losses["self_intersections"] = {"input": before if crossed else None, "result": crossed}
+        if crossed > before:
+            return f"self-intersections went from {before} to {crossed}"
     return None
