@@ -23,7 +23,8 @@ all) + 1.0 x the squared soft-silhouette error against the coverage the maps the
 do not; a binary mask alone left every surface free to sit a pixel off, as a 1 px tolerance band did) + a small
 Laplacian energy of the displacement + a small anchor on its length (the renderer has no gradient through
 occlusions inside the object, so what only they could place, such as the depth of a recess, stays where it was;
-surfaces every camera sees edge-on, which only the outlines place, are spared it).
+surfaces every camera sees edge-on, which only the outlines place, are spared it; it holds the input up to a fitted
+scale of its depth, which the side views' outlines set: `_AnchorDepth`).
 The silhouette weight is set on the quality benchmark (issue 15, session 25): at 0.3 the squared silhouette error
 over a slab's few outline pixels lost to the anchor charged on every vertex of its face, and flat faces seen only
 edge-on (a table's top and shelf) stayed a pixel off; at 1.0 the table's Chamfer went from -20.6 % to -23.8 % of
