@@ -431,9 +431,9 @@ def silhouette_agreement(targets: Targets, *, band: int = 3, side: float = 0.3) 
     alone, tolerates masks a pixel or two off the normal map's silhouette (the outline pixels of a larger mask show
     the map's background, which decodes to no normal; those of a smaller one lie a little inside, where the normals
     still point outwards). Pixels facing the camera (a box's face seen square-on ends in a crease, not a turned side)
-    are no evidence either way. Renders of the tests'
-    smooth ground truth score ~1, the opposite side view's map ~0.3 or less. NaN where the mask has no outline
-    (empty, or filling the image) or the map shows no side along it (a flat map, a box seen square-on).
+    are no evidence either way. Renders of the tests' smooth ground truth score ~1, the opposite side view's map ~0.3
+    or less. NaN where the mask has no outline (empty, or filling the image) or the map shows no side along it (a
+    flat map, a box seen square-on).
     """
     rim, outward = _rim_band(targets, band)
     normal = targets.normal  # (6, S * S, 3)
@@ -894,7 +894,7 @@ class _AnchorDepth:
     Why: TripoSR guesses depth from one front image, and its smoothed field thins slabs (the benchmark's gear
     starts 0.7 px thin per face). Only the side views' outlines place that depth, and an anchor on the input's own
     depth, charged on every vertex of the faces, held them there: fitted Chamfer -20.5 % of the start's; with the
-    scale (1.039) -30.0 %, the robot (1.010) -46 -> -53 %. Why it only thickens: the shrinks measured were a
+    scale (1.039) -29.9 % (the benchmark's record), the robot (1.010) -46 -> -54 %. Why it only thickens: the shrinks measured were a
     camera's transient kept (a right shape under a 3 % biased camera: 0.997, and the result worse than the start)
     or cost the table a point (0.986). A free scale per axis cost the mug 7 points (its height grew with its rim
     and moved everything else along). Issue 15, session 28.
