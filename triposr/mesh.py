@@ -434,8 +434,9 @@ def keep_largest_component(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
 def simplify(mesh: trimesh.Trimesh, target_faces: int) -> trimesh.Trimesh:
     """Quadric decimation (fast-simplification, through trimesh) down to about `target_faces` faces.
 
-    Vertex colours are carried over from the nearest vertex of the input mesh. A mesh that already has no more
-    than `target_faces` faces is returned unchanged (as a copy).
+    Vertex colours are carried over from the nearest vertex of the input mesh. Faces the decimation leaves with a
+    repeated corner are dropped. A mesh that already has no more than `target_faces` faces is returned unchanged (as
+    a copy).
     """
     if isinstance(target_faces, bool) or not isinstance(target_faces, int | np.integer) or target_faces < 4:
         raise ValueError(f"target_faces must be an integer >= 4, got {target_faces!r}")
@@ -446,6 +447,13 @@ def simplify(mesh: trimesh.Trimesh, target_faces: int) -> trimesh.Trimesh:
     except ImportError as err:
         raise ImportError("mesh simplification needs fast-simplification: pip install fast-simplification") from err
     simple = mesh.simplify_quadric_decimation(face_count=int(target_faces))
+    # The decimation leaves a few faces with a repeated corner (no area, their edge counted twice: a non-manifold
+    # mesh to the remesher and to slicers); drop them.
+    f = np.asarray(simple.faces)
+    proper = (f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])
+    if not proper.all():
+        simple.update_faces(proper)
+        simple.remove_unreferenced_vertices()
     if mesh.visual.kind == "vertex" and len(simple.vertices):
         from scipy.spatial import cKDTree
 
