@@ -544,6 +544,34 @@ def test_decimated_faces_with_a_repeated_corner_are_remeshed(targets, one_thread
     assert not result.warnings, result.warnings
 
 
+def test_a_dense_input_is_decimated_before_remeshing(monkeypatch):
+    """Remeshing's time grows with its input (a marching-cubes mesh at the chain's R=256 has ~160k faces): an input
+    with more than twice the faces the remeshing makes is decimated to twice that first; the result is the same
+    remeshed surface. A coarser input is remeshed as it is."""
+    import fast_simplification
+
+    from benchmarks.view_refine import marching_cubes_sphere
+
+    calls = []
+    simplify = fast_simplification.simplify
+
+    def spy(points, triangles, **kwargs):
+        calls.append((len(triangles), kwargs["target_count"]))
+        return simplify(points, triangles, **kwargs)
+
+    monkeypatch.setattr(fast_simplification, "simplify", spy)
+    dense = marching_cubes_sphere(96)  # ~22k faces
+    h = math.sqrt(dense.area / (2000 * math.sqrt(3) / 4))  # edges for ~2k faces
+    v, f = vr.remesh(dense.vertices, dense.faces, h)
+    assert len(calls) == 1 and calls[0][0] == len(dense.faces) and abs(calls[0][1] - 4000) <= 2
+    assert 1600 < len(f) < 2400
+    assert np.abs(np.linalg.norm(v, axis=1) - 0.51).max() < 0.05 * h  # on the sphere
+    assert trimesh.Trimesh(v, f).is_watertight
+    coarse = trimesh.creation.icosphere(subdivisions=2, radius=0.51)  # 320 faces: no decimation
+    vr.remesh(coarse.vertices, coarse.faces, h)
+    assert len(calls) == 1
+
+
 def test_a_mesh_the_remesher_refuses_is_fitted_on_its_own_faces(targets, one_thread, monkeypatch):
     """Whatever else gpytoolbox refuses, the fit goes on with the mesh's own faces and says so."""
     normals, masks = targets
