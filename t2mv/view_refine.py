@@ -557,9 +557,11 @@ def intersecting_pairs(vertices: np.ndarray, faces: np.ndarray, *, max_pairs: in
         pairs.append(np.stack([group[:, ii].ravel(), group[:, jj].ravel()], axis=1))
     if not pairs:
         return none
-    pairs = np.concatenate(pairs)
-    pairs = np.unique(np.sort(pairs, axis=1), axis=0)  # (P, 2) each pair once
-    a, b = pairs[:, 0], pairs[:, 1]
+    pairs = np.sort(np.concatenate(pairs), axis=1)  # (P', 2) smaller face first
+    key = np.sort(pairs[:, 0] * len(f) + pairs[:, 1])  # (P',) one int per pair: sorting rows was 80 % of the time
+    key = key[np.r_[True, key[1:] != key[:-1]]]  # (P,) each pair once
+    a, b = key // len(f), key % len(f)
+    pairs = np.stack([a, b], axis=1)  # (P, 2)
     shared = (f[a][:, :, None] == f[b][:, None, :]).any(axis=(1, 2))
     overlap = np.all((lo[a] <= hi[b]) & (lo[b] <= hi[a]), axis=1)
     pairs = pairs[~shared & overlap]
