@@ -58,6 +58,16 @@ from PIL import Image
 
 from wonder3d_perflow import cameras as _cameras
 
+from .view_mesh import (  # noqa: F401  (re-exported: the mesh checks stay reachable as view_refine.*)
+    PRE_DECIMATE,
+    flipped_faces,
+    folded_faces,
+    intersecting_pairs,
+    manifold_faces,
+    remesh,
+    self_intersections,
+    untangle,
+)
 from .view_render import (  # noqa: F401  (re-exported: the renderer's names stay reachable as view_refine.*)
     NUM_VIEWS,
     Camera,
@@ -506,219 +516,6 @@ def view_losses(rendered: Render, targets: Targets) -> tuple[torch.Tensor, torch
     soft = edge_counted * _outside(cov, edge_low, edge_high)  # (B,)
     sil = (hard_err + torch.zeros_like(hard_err).index_add(0, edge_view, soft)) / targets.mask.sum(-1).clamp(min=1.0)
     return normal, sil
-
-
-# --------------------------------------------------------------------------------------------- mesh checks
-
-
-def self_intersections(vertices: np.ndarray, faces: np.ndarray, *, max_pairs: int = 2**22) -> int:
-    """Number of pairs of triangles that share no vertex and intersect (an edge of one crosses the other); see
-    `intersecting_pairs`. 0 for a clean mesh."""
-    return len(intersecting_pairs(vertices, faces, max_pairs=max_pairs))
-
-
-def intersecting_pairs(vertices: np.ndarray, faces: np.ndarray, *, max_pairs: int = 2**22) -> np.ndarray:
-    """The pairs of triangles (K, 2) (face ids, each pair once) that share no vertex and intersect (an edge of one
-    crosses the other).
-
-    Broad phase: a uniform grid of cells about two mean edge lengths wide; narrow phase: a vectorised
-    segment-triangle test of the six edges of each candidate pair (float64). Coplanar overlap is not counted.
-
-    Args:
-        vertices: (V, 3) float. faces: (F, 3) int. max_pairs: candidate pairs tested per batch (memory bound).
-    """
-    v = np.asarray(vertices, dtype=np.float64)
-    f = np.asarray(faces, dtype=np.int64)
-    none = np.zeros((0, 2), dtype=np.int64)
-    if len(f) < 2:
-        return none
-    tri = v[f]  # (F, 3, 3)
-    lo, hi = tri.min(axis=1), tri.max(axis=1)  # (F, 3)
-    cell = 2.0 * np.linalg.norm(tri[:, 1] - tri[:, 0], axis=1).mean() + 1e-12
-    origin = lo.min(axis=0)
-    clo = np.floor((lo - origin) / cell).astype(np.int64)  # (F, 3)
-    chi = np.floor((hi - origin) / cell).astype(np.int64)
-    ext = chi - clo + 1  # (F, 3)
-    count = ext.prod(axis=1)  # (F,) cells per triangle
-    face_of = np.repeat(np.arange(len(f)), count)
-    local = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
-    ex, ey = ext[face_of, 0], ext[face_of, 1]
-    ijk = clo[face_of] + np.stack([local % ex, (local // ex) % ey, local // (ex * ey)], axis=1)  # (T, 3)
-    dims = ijk.max(axis=0) + 1
-    key = (ijk[:, 0] * dims[1] + ijk[:, 1]) * dims[2] + ijk[:, 2]
-    order = np.argsort(key, kind="stable")
-    key, face_of = key[order], face_of[order]
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    sizes = np.diff(np.r_[starts, len(key)])
-    pairs = []
-    for s in np.unique(sizes[sizes > 1]):  # cells with s triangles: all s * (s - 1) / 2 pairs at once
-        group = face_of[starts[sizes == s][:, None] + np.arange(s)]  # (cells, s)
-        ii, jj = np.triu_indices(s, k=1)
-        pairs.append(np.stack([group[:, ii].ravel(), group[:, jj].ravel()], axis=1))
-    if not pairs:
-        return none
-    pairs = np.sort(np.concatenate(pairs), axis=1)  # (P', 2) smaller face first
-    key = np.sort(pairs[:, 0] * len(f) + pairs[:, 1])  # (P',) one int per pair: sorting rows was 80 % of the time
-    key = key[np.r_[True, key[1:] != key[:-1]]]  # (P,) each pair once
-    a, b = key // len(f), key % len(f)
-    pairs = np.stack([a, b], axis=1)  # (P, 2)
-    shared = (f[a][:, :, None] == f[b][:, None, :]).any(axis=(1, 2))
-    overlap = np.all((lo[a] <= hi[b]) & (lo[b] <= hi[a]), axis=1)
-    pairs = pairs[~shared & overlap]
-    hits = [none]
-    for start in range(0, len(pairs), max(1, max_pairs // 6)):
-        p = pairs[start : start + max(1, max_pairs // 6)]
-        t1, t2 = tri[p[:, 0]], tri[p[:, 1]]  # (P, 3, 3)
-        hit = np.zeros(len(p), dtype=bool)
-        for s_tri, t_tri in ((t1, t2), (t2, t1)):
-            for i in range(3):
-                hit |= _segment_hits_triangle(s_tri[:, i], s_tri[:, (i + 1) % 3], t_tri)
-        hits.append(p[hit])
-    return np.concatenate(hits)
-
-
-def untangle(
-    vertices: np.ndarray, start: np.ndarray, faces: np.ndarray, *, rings: int = 2, tries: int = 6
-) -> tuple[np.ndarray, int, int]:
-    """Pull the vertices around intersecting triangles back towards `start` (the same faces, before the fit), half
-    of the way each try, until no pair intersects or `tries` run out.
-
-    Why: one intersecting pair among 50k faces rejected a whole refinement (measured on the benchmark's gear with the
-    normal maps' outlines exact: Chamfer -17 % lost for one pair). The fit's displacement is smooth, so where two
-    sheets cross (a recess's walls pressed together, an arm against the body) pulling that spot back a little
-    separates them; the rest of the fit stays.
-
-    Args:
-        vertices, start: (V, 3) float, the fitted and the round-start positions. faces: (F, 3) int.
-        rings: the vertices within this many edges of an intersecting triangle move.
-
-    Returns:
-        the vertices (V, 3), the number of vertices moved, the intersecting pairs left.
-    """
-    x = np.array(vertices, dtype=np.float64)
-    start = np.asarray(start, dtype=np.float64)
-    f = np.asarray(faces, dtype=np.int64)
-    moved = np.zeros(len(x), dtype=bool)
-    pairs = intersecting_pairs(x, f)
-    for _ in range(tries):
-        if len(pairs) == 0:
-            break
-        near = np.zeros(len(x), dtype=bool)
-        near[f[pairs.reshape(-1)].reshape(-1)] = True
-        for _ in range(rings):  # grow by one edge: every vertex of a face touching the set
-            near[f[near[f].any(axis=1)].reshape(-1)] = True
-        x[near] = (x[near] + start[near]) / 2.0
-        moved |= near
-        pairs = intersecting_pairs(x, f)
-    return x, int(moved.sum()), len(pairs)
-
-
-def _segment_hits_triangle(p: np.ndarray, q: np.ndarray, tri: np.ndarray, eps: float = 1e-9) -> np.ndarray:
-    """(P,) bool: segment p -> q (P, 3) meets triangle tri (P, 3, 3), borders included (Moeller-Trumbore)."""
-    a = tri[:, 0]
-    e1, e2 = tri[:, 1] - a, tri[:, 2] - a
-    d = q - p
-    h = np.cross(d, e2)
-    det = (e1 * h).sum(-1)
-    ok = np.abs(det) > eps * np.linalg.norm(d, axis=-1) * np.linalg.norm(e1, axis=-1) * np.linalg.norm(e2, axis=-1)
-    inv = np.where(ok, 1.0 / np.where(ok, det, 1.0), 0.0)
-    s = p - a
-    u = inv * (s * h).sum(-1)
-    qv = np.cross(s, e1)
-    v = inv * (d * qv).sum(-1)
-    t = inv * (e2 * qv).sum(-1)
-    return ok & (u >= 0) & (v >= 0) & (u + v <= 1) & (t >= 0) & (t <= 1)
-
-
-def flipped_faces(before: torch.Tensor, after: torch.Tensor, faces: torch.Tensor) -> int:
-    """Faces whose normal turned by more than 90 degrees between two vertex sets (folds)."""
-    return int(((face_normals(before, faces) * face_normals(after, faces)).sum(-1) < 0).sum())
-
-
-def folded_faces(vertices: torch.Tensor, faces: torch.Tensor) -> int:
-    """Faces whose normal points against the summed normals of their three corners (folds), on any topology.
-
-    A corner's normal is the area-weighted mean of the faces around it, so a face turned over against its
-    neighbourhood (a fold, a pleat the optimiser pushed through itself) disagrees with it; 0 on a clean mesh."""
-    fn = face_normals(vertices, faces)  # (F, 3)
-    corners = vertex_normals(vertices, faces)[faces].sum(1)  # (F, 3)
-    return int(((fn * corners).sum(-1) < 0).sum())
-
-
-def manifold_faces(faces: np.ndarray) -> tuple[np.ndarray, int]:
-    """The faces isotropic remeshing accepts (gpytoolbox refuses an edge that more than two faces share).
-
-    Quadric decimation (the chain's `--simplify`) leaves faces with a repeated corner: measured on a 141k-face
-    marching-cubes robot decimated to 100k, 8 of them, each counting one of its edges twice, so the mesh was
-    refused, the fit ran on the decimated faces and 719 of them folded. Such faces have no area: they are dropped,
-    as are repeated faces (one copy kept). What is still crowded (sheets meeting along an edge) loses the faces on
-    that edge, leaving a small hole whose border the remeshing keeps.
-
-    Args:
-        faces: (F, 3) int.
-
-    Returns:
-        the faces kept (F', 3) int64, and how many faces on crowded edges were dropped.
-    """
-    f = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
-    f = f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])]
-    if not len(f):
-        return f, 0
-    n = int(f.max()) + 1
-    corners = np.sort(f, axis=1)  # (F', 3)
-    if n < 2**21:  # one int per face (n³ < 2⁶³) and per edge: at 640k faces 0.25 s, 1.56 s with rows sorted
-        order = np.argsort((corners[:, 0] * n + corners[:, 1]) * n + corners[:, 2], kind="stable")
-        ranked = corners[order]  # (F', 3)
-        first = order[np.r_[True, (ranked[1:] != ranked[:-1]).any(axis=1)]]
-    else:
-        _, first = np.unique(corners, axis=0, return_index=True)
-    f = f[np.sort(first)]  # (F', 3) each set of three corners once, in the input's order
-    edges = np.sort(f[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)  # (3F', 2)
-    _, inverse, counts = np.unique(edges[:, 0] * n + edges[:, 1], return_inverse=True, return_counts=True)
-    crowded = (counts[inverse] > 2).reshape(-1, 3).any(axis=1)  # (F',)
-    return f[~crowded], int(crowded.sum())
-
-
-# Remeshing's time grows with its input: measured (2-core CPU) on a marching-cubes sphere remeshed to ~39k faces,
-# 2.27 s from R=256's 159k faces, 5.34 s from R=384's 360k. Decimated first (quadric error, fast-simplification) to
-# twice the faces it will make: 0.25 + 1.11 s and 0.46 + 1.26 s, the surface moved by at most 0.0002 (1/40 px at 256²),
-# the triangles as good. Host time, whatever the refinement's device.
-PRE_DECIMATE = 2.0
-
-
-def remesh(vertices: np.ndarray, faces: np.ndarray, edge_length: float, *, iterations: int = 5):
-    """Isotropic remeshing (Botsch-Kobbelt: split, collapse, flip, relax; gpytoolbox `remesh_botsch`) to triangles
-    with edges about `edge_length` long, the new vertices projected back onto the input surface. Open borders are
-    kept as they are (gpytoolbox fixes border vertices). `faces` must be edge-manifold (`manifold_faces`); a
-    ValueError otherwise. An input with more than `PRE_DECIMATE` times the faces the remeshing makes is decimated to
-    that many first (unless the decimation leaves crowded edges: then the input as it is).
-
-    Args:
-        vertices: (V, 3) float. faces: (F, 3) int. edge_length: target edge length (export units).
-
-    Returns:
-        (vertices (V', 3) float64, faces (F', 3) int64) with no unreferenced vertex or degenerate face.
-    """
-    import gpytoolbox  # a compiled library: loaded on the first refinement only
-
-    v = np.ascontiguousarray(vertices, dtype=np.float64)  # (V, 3)
-    f = np.ascontiguousarray(faces, dtype=np.int64)  # (F, 3)
-    tri = v[f]  # (F, 3, 3)
-    area = float(np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1).sum()) / 2
-    made = area / (math.sqrt(3) / 4 * float(edge_length) ** 2)  # faces of equilateral triangles with that edge
-    if len(f) > PRE_DECIMATE * made:
-        import fast_simplification
-
-        dv, df = fast_simplification.simplify(v, f, target_count=int(PRE_DECIMATE * made))
-        df, crowded = manifold_faces(df)
-        if not crowded and len(df):
-            v, f = np.ascontiguousarray(dv, dtype=np.float64), df
-    v, f = gpytoolbox.remesh_botsch(v, np.ascontiguousarray(f, dtype=np.int32), i=iterations, h=float(edge_length),
-                                    project=True)  # fmt: skip
-    f = np.asarray(f, dtype=np.int64)
-    f = f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])]
-    used, f = np.unique(f, return_inverse=True)
-    return np.asarray(v, dtype=np.float64)[used], f.reshape(-1, 3)
 
 
 # --------------------------------------------------------------------------------------------- refinement
