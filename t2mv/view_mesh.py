@@ -16,76 +16,79 @@ import torch
 
 from .view_render import face_normals, vertex_normals
 
+Array = np.ndarray | torch.Tensor  # vertex and face arrays: either, converted at the entry
 
-def self_intersections(vertices: np.ndarray, faces: np.ndarray, *, max_pairs: int = 2**22) -> int:
+
+def self_intersections(vertices: Array, faces: Array, *, max_pairs: int = 2**22) -> int:
     """Number of pairs of triangles that share no vertex and intersect (an edge of one crosses the other); see
     `intersecting_pairs`. 0 for a clean mesh."""
     return len(intersecting_pairs(vertices, faces, max_pairs=max_pairs))
 
 
-def intersecting_pairs(vertices: np.ndarray, faces: np.ndarray, *, max_pairs: int = 2**22) -> np.ndarray:
-    """The pairs of triangles (K, 2) (face ids, each pair once) that share no vertex and intersect (an edge of one
-    crosses the other).
+def intersecting_pairs(vertices: Array, faces: Array, *, max_pairs: int = 2**22) -> torch.Tensor:
+    """The pairs of triangles (K, 2) long (face ids, each pair once, smaller first) that share no vertex and intersect
+    (an edge of one crosses the other), on the vertices' device (arrays: the CPU).
 
     Broad phase: a uniform grid of cells about two mean edge lengths wide; narrow phase: a vectorised
     segment-triangle test of the six edges of each candidate pair (float64). Coplanar overlap is not counted.
+    Tensor code, so that on a GPU the refinement's check does not wait on the host (numpy took 0.17 s at 40k faces).
 
     Args:
         vertices: (V, 3) float. faces: (F, 3) int. max_pairs: candidate pairs tested per batch (memory bound).
     """
-    v = np.asarray(vertices, dtype=np.float64)
-    f = np.asarray(faces, dtype=np.int64)
-    none = np.zeros((0, 2), dtype=np.int64)
+    v = torch.as_tensor(vertices).to(torch.float64)  # (V, 3)
+    f = torch.as_tensor(faces, device=v.device).long()  # (F, 3)
+    none = torch.zeros((0, 2), dtype=torch.long, device=v.device)
     if len(f) < 2:
         return none
     tri = v[f]  # (F, 3, 3)
-    lo, hi = tri.min(axis=1), tri.max(axis=1)  # (F, 3)
-    cell = 2.0 * np.linalg.norm(tri[:, 1] - tri[:, 0], axis=1).mean() + 1e-12
-    origin = lo.min(axis=0)
-    clo = np.floor((lo - origin) / cell).astype(np.int64)  # (F, 3)
-    chi = np.floor((hi - origin) / cell).astype(np.int64)
-    ext = chi - clo + 1  # (F, 3)
-    count = ext.prod(axis=1)  # (F,) cells per triangle
-    face_of = np.repeat(np.arange(len(f)), count)
-    local = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+    lo, hi = tri.amin(dim=1), tri.amax(dim=1)  # (F, 3)
+    cell = 2.0 * float((tri[:, 1] - tri[:, 0]).norm(dim=1).mean()) + 1e-12
+    origin = lo.amin(dim=0)  # (3,)
+    clo = torch.floor((lo - origin) / cell).long()  # (F, 3)
+    ext = torch.floor((hi - origin) / cell).long() - clo + 1  # (F, 3)
+    count = ext.prod(dim=1)  # (F,) cells per triangle
+    face_of = torch.repeat_interleave(torch.arange(len(f), device=v.device), count)  # (T,)
+    local = torch.arange(len(face_of), device=v.device) - torch.repeat_interleave(count.cumsum(0) - count, count)
     ex, ey = ext[face_of, 0], ext[face_of, 1]
-    ijk = clo[face_of] + np.stack([local % ex, (local // ex) % ey, local // (ex * ey)], axis=1)  # (T, 3)
-    dims = ijk.max(axis=0) + 1
-    key = (ijk[:, 0] * dims[1] + ijk[:, 1]) * dims[2] + ijk[:, 2]
-    order = np.argsort(key, kind="stable")
-    key, face_of = key[order], face_of[order]
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    sizes = np.diff(np.r_[starts, len(key)])
+    ijk = clo[face_of] + torch.stack([local % ex, (local // ex) % ey, local // (ex * ey)], dim=1)  # (T, 3)
+    dims = ijk.amax(dim=0) + 1
+    key, order = torch.sort((ijk[:, 0] * dims[1] + ijk[:, 1]) * dims[2] + ijk[:, 2], stable=True)  # (T,)
+    face_of = face_of[order]
+    new_cell = torch.ones_like(key, dtype=torch.bool)
+    new_cell[1:] = key[1:] != key[:-1]
+    starts = torch.nonzero(new_cell).squeeze(1)  # (C,)
+    sizes = torch.diff(starts, append=starts.new_tensor([len(key)]))  # (C,)
     pairs = []
-    for s in np.unique(sizes[sizes > 1]):  # cells with s triangles: all s * (s - 1) / 2 pairs at once
-        group = face_of[starts[sizes == s][:, None] + np.arange(s)]  # (cells, s)
-        ii, jj = np.triu_indices(s, k=1)
-        pairs.append(np.stack([group[:, ii].ravel(), group[:, jj].ravel()], axis=1))
+    for size in torch.unique(sizes[sizes > 1]).tolist():  # cells with `size` triangles: all their pairs at once
+        group = face_of[starts[sizes == size][:, None] + torch.arange(size, device=v.device)]  # (cells, size)
+        ii, jj = torch.triu_indices(size, size, offset=1, device=v.device)
+        pairs.append(torch.stack([group[:, ii].reshape(-1), group[:, jj].reshape(-1)], dim=1))
     if not pairs:
         return none
-    pairs = np.sort(np.concatenate(pairs), axis=1)  # (P', 2) smaller face first
-    key = np.sort(pairs[:, 0] * len(f) + pairs[:, 1])  # (P',) one int per pair: sorting rows was 80 % of the time
-    key = key[np.r_[True, key[1:] != key[:-1]]]  # (P,) each pair once
+    pairs = torch.sort(torch.cat(pairs), dim=1).values  # (P', 2) smaller face first
+    # One int per pair, sorted: deduplicating rows (numpy's unique over axis 0) was 80 % of the time.
+    key = torch.unique_consecutive(torch.sort(pairs[:, 0] * len(f) + pairs[:, 1]).values)  # (P,) each pair once
     a, b = key // len(f), key % len(f)
-    pairs = np.stack([a, b], axis=1)  # (P, 2)
-    shared = (f[a][:, :, None] == f[b][:, None, :]).any(axis=(1, 2))
-    overlap = np.all((lo[a] <= hi[b]) & (lo[b] <= hi[a]), axis=1)
-    pairs = pairs[~shared & overlap]
+    shared = (f[a][:, :, None] == f[b][:, None, :]).flatten(1).any(dim=1)  # (P,)
+    overlap = ((lo[a] <= hi[b]) & (lo[b] <= hi[a])).all(dim=1)  # (P,)
+    pairs = torch.stack([a, b], dim=1)[~shared & overlap]  # (P'', 2)
     hits = [none]
-    for start in range(0, len(pairs), max(1, max_pairs // 6)):
-        p = pairs[start : start + max(1, max_pairs // 6)]
-        t1, t2 = tri[p[:, 0]], tri[p[:, 1]]  # (P, 3, 3)
-        hit = np.zeros(len(p), dtype=bool)
+    batch = max(1, max_pairs // 6)
+    for begin in range(0, len(pairs), batch):
+        p = pairs[begin : begin + batch]
+        t1, t2 = tri[p[:, 0]], tri[p[:, 1]]  # (B, 3, 3)
+        hit = torch.zeros(len(p), dtype=torch.bool, device=v.device)
         for s_tri, t_tri in ((t1, t2), (t2, t1)):
             for i in range(3):
                 hit |= _segment_hits_triangle(s_tri[:, i], s_tri[:, (i + 1) % 3], t_tri)
         hits.append(p[hit])
-    return np.concatenate(hits)
+    return torch.cat(hits)
 
 
 def untangle(
-    vertices: np.ndarray, start: np.ndarray, faces: np.ndarray, *, rings: int = 2, tries: int = 6
-) -> tuple[np.ndarray, int, int]:
+    vertices: Array, start: Array, faces: Array, *, rings: int = 2, tries: int = 6
+) -> tuple[torch.Tensor, int, int]:
     """Pull the vertices around intersecting triangles back towards `start` (the same faces, before the fit), half
     of the way each try, until no pair intersects or `tries` run out.
 
@@ -99,41 +102,42 @@ def untangle(
         rings: the vertices within this many edges of an intersecting triangle move.
 
     Returns:
-        the vertices (V, 3), the number of vertices moved, the intersecting pairs left.
+        the vertices (V, 3) float64 on the vertices' device (arrays: the CPU), the number of vertices moved, the
+        intersecting pairs left.
     """
-    x = np.array(vertices, dtype=np.float64)
-    start = np.asarray(start, dtype=np.float64)
-    f = np.asarray(faces, dtype=np.int64)
-    moved = np.zeros(len(x), dtype=bool)
+    x = torch.as_tensor(vertices).to(torch.float64, copy=True)  # (V, 3)
+    start = torch.as_tensor(start).to(device=x.device, dtype=torch.float64)  # (V, 3)
+    f = torch.as_tensor(faces, device=x.device).long()  # (F, 3)
+    moved = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     pairs = intersecting_pairs(x, f)
     for _ in range(tries):
         if len(pairs) == 0:
             break
-        near = np.zeros(len(x), dtype=bool)
+        near = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         near[f[pairs.reshape(-1)].reshape(-1)] = True
         for _ in range(rings):  # grow by one edge: every vertex of a face touching the set
-            near[f[near[f].any(axis=1)].reshape(-1)] = True
+            near[f[near[f].any(dim=1)].reshape(-1)] = True
         x[near] = (x[near] + start[near]) / 2.0
         moved |= near
         pairs = intersecting_pairs(x, f)
     return x, int(moved.sum()), len(pairs)
 
 
-def _segment_hits_triangle(p: np.ndarray, q: np.ndarray, tri: np.ndarray, eps: float = 1e-9) -> np.ndarray:
+def _segment_hits_triangle(p: torch.Tensor, q: torch.Tensor, tri: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
     """(P,) bool: segment p -> q (P, 3) meets triangle tri (P, 3, 3), borders included (Moeller-Trumbore)."""
     a = tri[:, 0]
     e1, e2 = tri[:, 1] - a, tri[:, 2] - a
     d = q - p
-    h = np.cross(d, e2)
+    h = torch.linalg.cross(d, e2)
     det = (e1 * h).sum(-1)
-    ok = np.abs(det) > eps * np.linalg.norm(d, axis=-1) * np.linalg.norm(e1, axis=-1) * np.linalg.norm(e2, axis=-1)
-    inv = np.where(ok, 1.0 / np.where(ok, det, 1.0), 0.0)
+    ok = det.abs() > eps * d.norm(dim=-1) * e1.norm(dim=-1) * e2.norm(dim=-1)
+    inv = torch.where(ok, 1.0 / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(det))
     s = p - a
     u = inv * (s * h).sum(-1)
-    qv = np.cross(s, e1)
-    v = inv * (d * qv).sum(-1)
+    qv = torch.linalg.cross(s, e1)
+    w = inv * (d * qv).sum(-1)
     t = inv * (e2 * qv).sum(-1)
-    return ok & (u >= 0) & (v >= 0) & (u + v <= 1) & (t >= 0) & (t <= 1)
+    return ok & (u >= 0) & (w >= 0) & (u + w <= 1) & (t >= 0) & (t <= 1)
 
 
 def flipped_faces(before: torch.Tensor, after: torch.Tensor, faces: torch.Tensor) -> int:

@@ -1011,9 +1011,9 @@ def refine_mesh(
     t = time.perf_counter()
     crossed = None
     if check_intersections:
-        v, moved, crossed = untangle(x.cpu().numpy(), start.cpu().numpy(), faces.cpu().numpy())
+        v, moved, crossed = untangle(x, start, faces)  # on the fit's device
         if moved:
-            x = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+            x = v.to(x.dtype)
             losses["untangled_vertices"] = moved
     with torch.no_grad():
         reason = _verdict(x0, faces0, x, faces, flips, fitted, targets, weights, opts, crossed, losses)
@@ -1162,7 +1162,7 @@ def _verdict(
     if folds["result"] > folds["input"] + tolerance:
         return f"{folds['result']} faces are folded against their neighbours (input: {folds['input']})"
     if crossed is not None:
-        before = self_intersections(x0.cpu().numpy(), faces0.cpu().numpy()) if crossed else 0  # clean: no need
+        before = self_intersections(x0, faces0) if crossed else 0  # clean: no need
         losses["self_intersections"] = {"input": before if crossed else None, "result": crossed}
         if crossed > before:
             return f"self-intersections went from {before} to {crossed}"

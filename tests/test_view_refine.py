@@ -96,7 +96,8 @@ def test_untangle_pulls_back_only_where_the_fit_crossed_itself():
     assert left == 0 and vr.self_intersections(out, faces) == 0
     assert 0 < moved < 0.1 * len(start)
     far = np.abs(start[:, 0]) < 0.5  # well away from the tip (x = 1) and from where it crossed (x = -1)
-    np.testing.assert_array_equal(out[far], fitted[far])
+    np.testing.assert_array_equal(out.numpy()[far], fitted[far])
+    assert fitted[tip].tolist() == [-1.6, 0.0, 0.0]  # the caller's array is not modified
     crossed_start = start.copy()
     crossed_start[tip] = [-1.6, 0.0, 0.0]
     _, _, left = vr.untangle(fitted, crossed_start, faces)
@@ -178,6 +179,31 @@ def test_normal_error_makes_a_steep_narrow_step_cheaper_than_a_wide_gentle_one(m
     assert float(vr.normal_error(torch.tensor(-1.0))) < 1.0  # opposite normals: less than leaving the pixel bare
     monkeypatch.setattr(vr, "NORMAL_ROBUST", 1e6)  # the plain error: the width barely matters
     assert band_cost(8) / band_cost(2) < 1.1
+
+
+def test_intersecting_pairs_are_every_crossing_pair():
+    """The grid's broad phase misses no pair: against all pairs of faces (that share no vertex) through the same
+    segment-triangle test, on two overlapping spheres of unequal triangles; tensors in, the same pairs out."""
+    from t2mv.view_mesh import _segment_hits_triangle
+
+    a = trimesh.creation.icosphere(subdivisions=2, radius=0.5)
+    b = trimesh.creation.icosphere(subdivisions=1, radius=0.3)
+    b.apply_translation([0.45, 0.1, 0.05])
+    both = trimesh.util.concatenate([a, b])
+    v = torch.tensor(both.vertices, dtype=torch.float64)
+    f = torch.tensor(both.faces, dtype=torch.long)
+    i, j = torch.triu_indices(len(f), len(f), offset=1)
+    apart = ~(f[i][:, :, None] == f[j][:, None, :]).flatten(1).any(dim=1)
+    i, j = i[apart], j[apart]
+    t1, t2 = v[f[i]], v[f[j]]
+    hit = torch.zeros(len(i), dtype=torch.bool)
+    for s_tri, t_tri in ((t1, t2), (t2, t1)):
+        for k in range(3):
+            hit |= _segment_hits_triangle(s_tri[:, k], s_tri[:, (k + 1) % 3], t_tri)
+    expected = {(int(x), int(y)) for x, y in zip(i[hit], j[hit])}
+    found = vr.intersecting_pairs(v, f)
+    assert len(expected) > 20 and {tuple(p) for p in found.tolist()} == expected
+    assert vr.self_intersections(both.vertices, both.faces) == len(expected)  # arrays in: the same
 
 
 def test_self_intersections():
@@ -672,3 +698,23 @@ def test_anchor_lets_the_views_set_the_depth(one_thread):
     assert depth > 1.03 and abs(off_scaled) < 0.4 * abs(off_fixed), (before, off_scaled, off_fixed, depth)
     with pytest.raises(ValueError, match="depth_stretch"):
         vr.refine_mesh(start, normals, masks, camera, depth_stretch=1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_refinement_matches_cpu(start, gt, targets, one_thread):
+    """The refinement on the GPU (the renderer, Large Steps' solve, the mesh checks on the device): accepted, as near
+    the truth as on the CPU; the intersection check gives the same pairs on the device."""
+    normals, masks = targets
+    cpu = vr.refine_mesh(start, normals, masks, CAMERA, **FAST)
+    gpu = vr.refine_mesh(start, normals, masks, CAMERA, **FAST, device="cuda")
+    assert cpu.accepted and gpu.accepted, gpu.warnings
+    assert gpu.losses["final"]["data"] == pytest.approx(cpu.losses["final"]["data"], rel=0.05)
+    assert surface_errors(gpu.mesh, gt)[0] <= 1.1 * surface_errors(cpu.mesh, gt)[0]
+    a = trimesh.creation.icosphere(subdivisions=2, radius=0.5)
+    b = trimesh.creation.icosphere(subdivisions=1, radius=0.3)
+    b.apply_translation([0.45, 0.1, 0.05])
+    both = trimesh.util.concatenate([a, b])
+    on_cpu = vr.intersecting_pairs(both.vertices, both.faces)
+    on_gpu = vr.intersecting_pairs(torch.tensor(both.vertices, device="cuda"), torch.tensor(both.faces, device="cuda"))
+    assert on_gpu.device.type == "cuda" and len(on_cpu) > 20
+    assert {tuple(p) for p in on_gpu.cpu().tolist()} == {tuple(p) for p in on_cpu.tolist()}
