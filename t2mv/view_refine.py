@@ -10,8 +10,10 @@ Large Steps is a poor smoother and the fit folds faces. Before each optimisation
 isotropically (Botsch-Kobbelt, gpytoolbox `remesh_botsch`) to an edge length given in the views' pixels (default
 one round at 2 px at 256², ~30-50k faces for an object filling the views: measured on the ground-truth benchmark,
 a coarse 6 px round first lost detail the fine round never got back, and 3 px came out 10-20 % further from the
-truth than 2 px). The refined mesh therefore has its own faces and vertices; vertex colours are carried over from
-the nearest input vertex, and the chain textures the mesh after refinement. `remesh=False` keeps the input's faces
+truth than 2 px; `t2mv.view_mesh.remesh`: three rounds of split/collapse/flip/relax, an input denser than twice
+the result decimated first, faces the remesher refuses dropped by `manifold_faces`). The refined mesh therefore has
+its own faces and vertices; vertex colours are carried over from the nearest input vertex, and the chain textures
+the mesh after refinement. `remesh=False` keeps the input's faces
 (one round).
 
 Loss: per view (weighted as Wonder3D's own reconstruction weighs them) the reliability-weighted mean of
