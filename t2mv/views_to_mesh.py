@@ -57,6 +57,9 @@ class ViewsToMeshOptions:
     view_corrections: bool = True  # per-view 2-D zoom/shift on top of the shared camera
     match_fallback: bool = True  # the fallback's colours mapped onto the views' before it colours unseen surface
     restore_parts: bool = True  # with refine: parts all views show and the mesh lacks are added before the fit
+    # With refine: an accepted result (remeshed at 2 px: 30-60k faces) decimated to about this many faces before it
+    # is textured, so the chain's --simplify holds with --refine too; 0: as refined.
+    simplify_faces: int = 0
     refine_options: dict[str, Any] = field(default_factory=dict)  # passed on to `refine_mesh`
 
     @classmethod
@@ -70,6 +73,8 @@ class ViewsToMeshOptions:
             raise ValueError(f"iterations must be >= 0, got {out.iterations}")
         if out.atlas not in ("projection", "xatlas"):
             raise ValueError(f"atlas must be 'projection' or 'xatlas', got {out.atlas!r}")
+        if out.simplify_faces < 0 or 0 < out.simplify_faces < 4:
+            raise ValueError(f"simplify_faces must be 0 (keep all) or >= 4, got {out.simplify_faces}")
         return out
 
 
@@ -83,8 +88,9 @@ class ViewsToMesh:
     refinement started from (None without refinement; its parts are in `mesh` only when the fit was accepted).
     masks: the masks used. camera: the
     registration the texture used (the re-fitted one after refinement), None when the views could not be aligned.
-    warnings: what degraded and why. timings: seconds per step ("masks", "fit", "refine", "refit", "texture",
-    "total").
+    shape: the geometry that was textured, with its own vertex colours (the input, or the accepted refinement,
+    decimated to `simplify_faces` when asked). warnings: what degraded and why. timings: seconds per step ("masks",
+    "fit", "refine", "simplify", "texture", "total").
     """
 
     mesh: trimesh.Trimesh
@@ -93,6 +99,7 @@ class ViewsToMesh:
     masks: ViewMasks
     camera: ViewCamera | None = None
     parts: MissingParts | None = None
+    shape: trimesh.Trimesh | None = None
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -149,7 +156,16 @@ def _refine(
             f"Refinement: {result.parts.parts} part(s) that every view shows and the mesh lacked (smoothed away)"
             " were added"
         )
-    return refined.mesh if refined.accepted else mesh  # a rejected fit drops the added parts too
+    if not refined.accepted:
+        return mesh  # a rejected fit drops the added parts too
+    if opts.simplify_faces and len(refined.mesh.faces) > opts.simplify_faces:
+        from triposr.mesh import simplify
+
+        t = time.perf_counter()
+        shaped = simplify(refined.mesh, opts.simplify_faces)  # quadric: the fitted creases kept, colours carried
+        result.timings["simplify"] = time.perf_counter() - t
+        return shaped
+    return refined.mesh
 
 
 def views_to_mesh(
@@ -196,6 +212,7 @@ def views_to_mesh(
     result.timings["masks"] = time.perf_counter() - t
 
     shaped = _refine(mesh, colors, normals, masks, opts, device, result) if refine else mesh
+    result.shape = shaped
 
     t = time.perf_counter()
     try:

@@ -203,3 +203,27 @@ def test_refine_runs_before_texturing_and_is_recorded(chain_and_field, tmp_path)
     gap = cKDTree(np.asarray(refined.vertices)).query(textured)[0]
     assert gap.max() < 1e-5, gap.max()
     assert cKDTree(np.asarray(start.vertices)).query(textured)[0].max() > 0.01
+
+
+def test_simplify_holds_after_the_refinement(chain_and_field):
+    """The refinement remeshes (2 px edges: more faces than --simplify asked for); the accepted result is decimated to
+    the asked count before it is textured, and the field-coloured copy is that same shape."""
+    chain, _ = chain_and_field
+    good = chain.multiview
+    fine = trimesh.creation.icosphere(subdivisions=4)
+    fine.apply_scale((0.35, 0.45, 0.3))
+    target = bulged(fine)
+    size = chain._multiview_size()
+    chain.multiview = ViewsStage(good.real, render_views(target, size), render_normals(target, size))
+    try:
+        full = chain(image=object_image(), remove_background=False, refine=True, refine_iterations=10)
+        simple = chain(image=object_image(), remove_background=False, refine=True, refine_iterations=10,
+                       simplify_faces=300)  # fmt: skip
+    finally:
+        chain.multiview = good
+    assert full.info["refine"]["accepted"] and simple.info["refine"]["accepted"], simple.warnings
+    assert full.info["refine"]["faces"] > 600  # the remeshing's own count, well above the asked 300
+    assert 250 <= simple.info["refine"]["faces"] <= 300 and len(simple.mesh.faces) == simple.info["refine"]["faces"]
+    assert len(simple.field_mesh.faces) == len(simple.mesh.faces)
+    assert simple.info["view_texture"]["texture_source"] == "views"
+    assert "refine" in simple.timings

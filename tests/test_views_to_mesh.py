@@ -99,6 +99,9 @@ def test_bad_inputs_raise_value_errors(views):
         views_to_mesh(mesh, colors, normals, iteratons=3)
     with pytest.raises(ValueError, match="empty"):
         views_to_mesh(trimesh.Trimesh(), colors, normals)
+    for bad in (-1, 2):
+        with pytest.raises(ValueError, match="simplify_faces"):
+            views_to_mesh(mesh, colors, normals, simplify_faces=bad)
 
 
 def test_white_object_keeps_its_mask():

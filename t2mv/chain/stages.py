@@ -345,6 +345,7 @@ class Texture(Stage):
             device=ctx.device,
             iterations=settings.refine_iterations,
             seed=settings.seed,
+            simplify_faces=settings.simplify_faces,  # the refinement remeshes: --simplify holds after it too
         )
         result.warnings += out.warnings
         if self.refine:
@@ -359,7 +360,7 @@ class Texture(Stage):
             return
         textured = out.texture
         # The field-coloured mesh to compare with: the shape the texture was made for, with TripoSR's colours.
-        result.field_mesh = out.refine.mesh if out.refine is not None and out.refine.accepted else result.mesh
+        result.field_mesh = out.shape
         result.mesh = out.mesh
         result.info["view_texture"] = {
             "texture_source": "views",
@@ -372,7 +373,7 @@ class Texture(Stage):
         result.timings.update({f"texture.{k}": v for k, v in out.timings.items() if k not in _REFINE_STEPS})
 
 
-_REFINE_STEPS = ("fit", "parts", "refine", "refit")  # views_to_mesh's timings that belong to the refinement
+_REFINE_STEPS = ("fit", "parts", "refine", "simplify")  # views_to_mesh's timings that belong to the refinement
 
 
 def _record_refine(result: Any, out: Any) -> None:
@@ -393,5 +394,7 @@ def _record_refine(result: Any, out: Any) -> None:
         "timings": refined.timings,
         # parts every view shows and TripoSR's mesh lacked, added before the fit (kept only with an accepted fit)
         "parts_added": 0 if out.parts is None or not refined.accepted else out.parts.parts,
+        # the faces textured: the refinement's own, or --simplify's after it
+        "faces": None if not refined.accepted else len(out.shape.faces),
     }
     result.timings.update({f"refine.{k}": v for k, v in refined.timings.items()})
