@@ -68,9 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_format_arg(parser, DEFAULT_FORMATS)
     add_arguments(parser, STAGES, exclude=("turntable",))  # (a chain option this command does not offer yet)
     group = parser.add_argument_group("this command only")
-    group.add_argument(
-        "--keep-largest", action="store_true", help="keep only the largest connected part (no floaters)"
-    )
     group.add_argument("--chunk-size", type=int, default=2**18, help="field points queried per batch")
     group.add_argument("--mc-backend", choices=MC_BACKENDS, default="auto", help="marching-cubes library")
     add_model_args(parser, STAGES, chain=False, dtype_help=DTYPE_HELP)
@@ -145,7 +142,7 @@ def _process(
             chunk_size=args.chunk_size,
             backend=args.mc_backend,
         )
-    if args.keep_largest:
+    if settings.keep_largest:
         with _timed(steps, "keep_largest", device):
             mesh = tmesh.keep_largest_component(mesh)
     if settings.simplify_faces:
@@ -245,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": model.half_dtype(device) or torch.float32,
         "smoke": smoke,
     }
-    command = {"keep_largest": args.keep_largest, "chunk_size": args.chunk_size, "mc_backend": args.mc_backend}
+    command = {"chunk_size": args.chunk_size, "mc_backend": args.mc_backend}
 
     # 3. Every image into its own folder; one failure does not stop the others.
     output_dir.mkdir(parents=True, exist_ok=True)

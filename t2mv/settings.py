@@ -351,6 +351,12 @@ class GenerationSettings:
         smoke=512,
         step=512,
     )
+    keep_largest: bool = option(
+        False,
+        group="mesh",
+        label="Drop floaters",
+        help="keep only the largest connected part of the mesh (TripoSR can leave small floating blobs)",
+    )
     simplify_faces: int = option(
         0,
         group="mesh",

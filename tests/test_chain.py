@@ -421,6 +421,17 @@ def test_late_failure_keeps_finished_stages_and_writes_a_marker(tmp_path):
     assert (out / "mesh.glb").is_file() and not (out / FAILED_MARKER).exists()
 
 
+def test_keep_largest_drops_the_floaters_in_the_chain_too(tiny_chain, text_result):
+    """`keep_largest` (one setting for every command: the app, t2mv, t2mv-mesh) drops what TripoSR's field leaves
+    floating: the tiny model's noise field meshes into several parts, and only the largest reaches the views stage."""
+    parts = lambda m: len(m.split(only_watertight=False))  # noqa: E731
+    assert parts(text_result.field_mesh) > 1  # the case: floaters without the setting
+    kept = tiny_chain("a red teapot", seed=7, keep_largest=True)
+    assert parts(kept.field_mesh) == 1 and kept.settings["keep_largest"] is True
+    largest = max(text_result.field_mesh.split(only_watertight=False), key=lambda m: len(m.faces))
+    assert len(kept.field_mesh.faces) == len(largest.faces)
+
+
 def test_out_of_memory_in_the_mesh_stage_keeps_the_inputs(tmp_path):
     chain = TextTo3D.tiny(seed=0, stages=("mesh",))  # (the views' case is the no-surface test above)
     chain.reconstructor.extract_mesh = Exploding(torch.cuda.OutOfMemoryError("CUDA out of memory"))

@@ -264,7 +264,8 @@ class Multiview(Stage):
 
 @dataclass
 class Mesh(Stage):
-    """The mesh condition → TripoSR scene code → marching-cubes mesh (+ simplification), field-coloured."""
+    """The mesh condition → TripoSR scene code → marching-cubes mesh (+ floaters dropped, simplification),
+    field-coloured."""
 
     name: ClassVar[str] = "mesh"
     model: ClassVar[str | None] = "mesh"
@@ -276,6 +277,10 @@ class Mesh(Stage):
         settings = ctx.settings
         scene_codes = model([ctx.result.mesh_input], device=ctx.device)  # (1, 3, C, H, W)
         mesh = model.extract_mesh(scene_codes, resolution=settings.mc_resolution, threshold=settings.mc_threshold)[0]
+        if settings.keep_largest:
+            from triposr.mesh import keep_largest_component
+
+            mesh = keep_largest_component(mesh)
         if settings.simplify_faces:
             from triposr.mesh import simplify
 
