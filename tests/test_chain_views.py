@@ -167,20 +167,29 @@ def bulged(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
     return trimesh.Trimesh(v * bump[:, None], mesh.faces, process=False)
 
 
+def bulged_target() -> trimesh.Trimesh:
+    fine = trimesh.creation.icosphere(subdivisions=4)
+    fine.apply_scale((0.35, 0.45, 0.3))
+    return bulged(fine)
+
+
+def run_with_views_of(chain, target: trimesh.Trimesh, **settings):
+    """The chain with its multiview stage replaced by `target`'s rendered views, one run per `settings` dict."""
+    good = chain.multiview
+    size = chain._multiview_size()
+    chain.multiview = ViewsStage(good.real, render_views(target, size), render_normals(target, size))
+    try:
+        return [chain(image=object_image(), remove_background=False, **run) for run in settings.values()]
+    finally:
+        chain.multiview = good
+
+
 def test_refine_runs_before_texturing_and_is_recorded(chain_and_field, tmp_path):
     """The views show a bump the mesh lacks: the refinement must run (steps taken, loss down, accepted), move the
     surface towards the bump, and the textured mesh must be that refined surface, not the mesh stage's."""
     chain, field = chain_and_field
-    good = chain.multiview
-    fine = trimesh.creation.icosphere(subdivisions=4)
-    fine.apply_scale((0.35, 0.45, 0.3))
-    target = bulged(fine)
-    size = chain._multiview_size()
-    chain.multiview = ViewsStage(good.real, render_views(target, size), render_normals(target, size))
-    try:
-        result = chain(image=object_image(), remove_background=False, refine=True, refine_iterations=40)
-    finally:
-        chain.multiview = good
+    target = bulged_target()
+    (result,) = run_with_views_of(chain, target, fit={"refine": True, "refine_iterations": 40})
     refine = result.info["refine"]
     assert set(refine) >= {"accepted", "losses", "timings"}
     assert refine["parts_added"] == 0  # a bump the mesh lacks is the fit's to shape, not a part to add
@@ -209,18 +218,8 @@ def test_simplify_holds_after_the_refinement(chain_and_field):
     """The refinement remeshes (2 px edges: more faces than --simplify asked for); the accepted result is decimated to
     the asked count before it is textured, and the field-coloured copy is that same shape."""
     chain, _ = chain_and_field
-    good = chain.multiview
-    fine = trimesh.creation.icosphere(subdivisions=4)
-    fine.apply_scale((0.35, 0.45, 0.3))
-    target = bulged(fine)
-    size = chain._multiview_size()
-    chain.multiview = ViewsStage(good.real, render_views(target, size), render_normals(target, size))
-    try:
-        full = chain(image=object_image(), remove_background=False, refine=True, refine_iterations=10)
-        simple = chain(image=object_image(), remove_background=False, refine=True, refine_iterations=10,
-                       simplify_faces=300)  # fmt: skip
-    finally:
-        chain.multiview = good
+    refine = {"refine": True, "refine_iterations": 10}
+    full, simple = run_with_views_of(chain, bulged_target(), full=refine, simple={**refine, "simplify_faces": 300})
     assert full.info["refine"]["accepted"] and simple.info["refine"]["accepted"], simple.warnings
     assert full.info["refine"]["faces"] > 600  # the remeshing's own count, well above the asked 300
     assert 250 <= simple.info["refine"]["faces"] <= 300 and len(simple.mesh.faces) == simple.info["refine"]["faces"]
