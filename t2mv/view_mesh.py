@@ -14,6 +14,8 @@ import math
 import numpy as np
 import torch
 
+from triposr.mesh import distinct_corners
+
 from .view_render import face_normals, vertex_normals
 
 Array = np.ndarray | torch.Tensor  # vertex and face arrays: either, converted at the entry
@@ -171,7 +173,7 @@ def manifold_faces(faces: np.ndarray) -> tuple[np.ndarray, int]:
         the faces kept (F', 3) int64, and how many faces on crowded edges were dropped.
     """
     f = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
-    f = f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])]
+    f = f[distinct_corners(f)]
     if not len(f):
         return f, 0
     n = int(f.max()) + 1
@@ -231,6 +233,6 @@ def remesh(vertices: np.ndarray, faces: np.ndarray, edge_length: float, *, itera
     v, f = gpytoolbox.remesh_botsch(v, np.ascontiguousarray(f, dtype=np.int32), i=iterations, h=float(edge_length),
                                     project=True)  # fmt: skip
     f = np.asarray(f, dtype=np.int64)
-    f = f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])]
+    f = f[distinct_corners(f)]
     used, f = np.unique(f, return_inverse=True)
     return np.asarray(v, dtype=np.float64)[used], f.reshape(-1, 3)

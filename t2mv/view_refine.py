@@ -745,10 +745,10 @@ class _AnchorDepth:
     Why: TripoSR guesses depth from one front image, and its smoothed field thins slabs (the benchmark's gear
     starts 0.7 px thin per face). Only the side views' outlines place that depth, and an anchor on the input's own
     depth, charged on every vertex of the faces, held them there: fitted Chamfer -20.5 % of the start's; with the
-    scale (1.039) -29.9 % (the benchmark's record), the robot (1.010) -46 -> -54 %. Why it only thickens: the shrinks measured were a
-    camera's transient kept (a right shape under a 3 % biased camera: 0.997, and the result worse than the start)
-    or cost the table a point (0.986). A free scale per axis cost the mug 7 points (its height grew with its rim
-    and moved everything else along). Issue 15, session 28.
+    scale (1.039) -29.9 % (the benchmark's record), the robot (1.010) -46 -> -54 %. Why it only thickens: the
+    shrinks measured were a camera's transient kept (a right shape under a 3 % biased camera: 0.997, and the result
+    worse than the start) or cost the table a point (0.986). A free scale per axis cost the mug 7 points (its height
+    grew with its rim and moved everything else along). Issue 15, session 28.
     """
 
     def __init__(self, x0: torch.Tensor, bound: float, lr: float):

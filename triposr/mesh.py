@@ -431,6 +431,13 @@ def keep_largest_component(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
     return max(components, key=lambda part: len(part.faces))
 
 
+def distinct_corners(faces: np.ndarray) -> np.ndarray:
+    """(F,) bool: the faces (F, 3) whose three corners are distinct vertices. A face with a repeated corner has no
+    area and counts one edge twice, so a remesher or a slicer sees a non-manifold edge there."""
+    f = np.asarray(faces)
+    return (f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])
+
+
 def simplify(mesh: trimesh.Trimesh, target_faces: int) -> trimesh.Trimesh:
     """Quadric decimation (fast-simplification, through trimesh) down to about `target_faces` faces.
 
@@ -447,10 +454,7 @@ def simplify(mesh: trimesh.Trimesh, target_faces: int) -> trimesh.Trimesh:
     except ImportError as err:
         raise ImportError("mesh simplification needs fast-simplification: pip install fast-simplification") from err
     simple = mesh.simplify_quadric_decimation(face_count=int(target_faces))
-    # The decimation leaves a few faces with a repeated corner (no area, their edge counted twice: a non-manifold
-    # mesh to the remesher and to slicers); drop them.
-    f = np.asarray(simple.faces)
-    proper = (f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])
+    proper = distinct_corners(simple.faces)  # the decimation leaves a few faces with a repeated corner
     if not proper.all():
         simple.update_faces(proper)
         simple.remove_unreferenced_vertices()
