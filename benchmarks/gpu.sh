@@ -68,6 +68,11 @@ fi
 
 mkdir -p "$out"
 log="$out/gpu.log"
+# The device first (torch comes with the box): without one, say so before installing anything.
+if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >>"$log" 2>&1; then
+  echo "gpu.sh: torch sees no CUDA device here (see $log); this check needs one" >&2
+  exit 1
+fi
 if [ "$have_wheels" = 1 ]; then
   site=$(mktemp -d)
   trap 'rm -rf "$site"' EXIT
@@ -83,10 +88,6 @@ fi
 # USE_FLAX=0: diffusers 0.19.3 crashes on import next to a current JAX. The tests' own settings come from conftest.
 export USE_FLAX=0 USE_TF=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 \
   NUMBA_DISABLE_JIT=1 GRADIO_ANALYTICS_ENABLED=False
-if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >>"$log" 2>&1; then
-  echo "gpu.sh: torch sees no CUDA device here (see $log); this check needs one" >&2
-  exit 1
-fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$log" 2>&1 || true
 timeout "$((budget + 30))" "${check[@]}"
 rc=$?
