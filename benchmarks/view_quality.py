@@ -55,7 +55,7 @@ import trimesh
 from PIL import Image
 from scipy.spatial import cKDTree
 
-from .view_scenes import OBJECTS, Case, make_case
+from .view_scenes import HIDDEN, OBJECTS, Case, make_case
 
 # (azimuth, elevation) in degrees: none of them one of Wonder3D's six; four from above, three from below (> 20 deg).
 NOVEL_VIEWS = ((20, 0), (110, 15), (160, -25), (250, 25), (330, -15), (60, 45), (200, 50), (135, -45), (20, 70),
@@ -187,12 +187,15 @@ def surface_metrics(
     seed: int = 0,
     truth_color: Callable[[np.ndarray], np.ndarray] | None = None,
     shader: Shader | None = None,
+    hidden: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict:
     """Chamfer distance (mean point-to-surface distance, both ways, averaged) and normal consistency (mean cosine
     of a sample's face normal and its closest face's on the other surface, both ways) of two truth-frame meshes.
     With `truth_color`: `surface_color_psnr`, the result's colour at its samples against the truth's colour at
     their closest truth points (the texture's error without the geometry's misplacement of it); `shader`: the
-    result's colours (default: its own texture or vertex colours)."""
+    result's colours (default: its own texture or vertex colours). `hidden` (truth-frame points -> bool, the truth's
+    surface no view places: `view_scenes.HIDDEN`): also `chamfer_placed` and `normal_consistency_placed`, the same
+    over the samples whose truth-side point lies elsewhere."""
     pa, fa = trimesh.sample.sample_surface(truth, samples, seed=seed)
     pb, fb = trimesh.sample.sample_surface(result, samples, seed=seed + 1)
     dab, cab, _ = _surface_distance(pa, result, pb, fb)  # truth -> result
@@ -204,6 +207,12 @@ def surface_metrics(
         "chamfer_result_to_truth": float(dba.mean()),
         "normal_consistency": float(((na[fa] * nb[cab]).sum(-1).mean() + (nb[fb] * na[cba]).sum(-1).mean()) / 2),
     }
+    if hidden is not None:
+        ka, kb = ~hidden(pa), ~hidden(on_truth)  # (N,) samples placed by the views, each way
+        out["chamfer_placed"] = float((dab[ka].mean() + dba[kb].mean()) / 2)
+        cos_a, cos_b = (na[fa] * nb[cab]).sum(-1), (nb[fb] * na[cba]).sum(-1)
+        out["normal_consistency_placed"] = float((cos_a[ka].mean() + cos_b[kb].mean()) / 2)
+        out["hidden_fraction"] = float(1.0 - ka.mean())
     if truth_color is not None:
         bary = trimesh.triangles.points_to_barycentric(result.triangles[fb], pb)  # (M, 3)
         error = (shader or mesh_shader(result))(fb, bary, pb) - truth_color(on_truth)  # (M, 3)
@@ -307,7 +316,16 @@ def score(
         shaders[key] = mesh_shader(mesh) if ceiling is None else ceiling_shader(case, mesh, ceiling)
     renders = [render_novel(fitted.vertices, fitted.faces, shaders["fitted"], case.camera, v) for v in NOVEL_VIEWS]
     metrics: dict[str, Any] = image_metrics(truth, renders)
-    metrics.update(surface_metrics(case.truth, fitted, samples, truth_color=case.color_fn, shader=shaders["fitted"]))
+    metrics.update(
+        surface_metrics(
+            case.truth,
+            fitted,
+            samples,
+            truth_color=case.color_fn,
+            shader=shaders["fitted"],
+            hidden=HIDDEN.get(case.name),
+        )
+    )
     metrics["fitted_scale"] = s
     known_renders = [
         render_novel(mesh_truth_frame.vertices, mesh_truth_frame.faces, shaders["known"], case.camera, v)
@@ -417,6 +435,16 @@ def targets(variants: dict[str, dict]) -> dict[str, dict]:
             worse += [f"{name}.{k}" for k, tol in NOISE.items() if m[name][k] < m["field"][k] - tol]
             worse += [f"{name}.chamfer"] if m[name]["chamfer"] > m["field"]["chamfer"] * 1.01 else []
         put("no_metric_worse_than_start", not worse, worse)
+        if "normal_consistency_placed" in m["field"]:
+            # Informative: the same with the shape metrics taken on the surface the views place (`HIDDEN`).
+            placed = [w for w in worse if not w.endswith((".normal_consistency", ".chamfer"))]
+            f = m["field"]
+            for name in (n for n in ("views", "views+refine") if n in m):
+                if m[name]["normal_consistency_placed"] < f["normal_consistency_placed"] - NOISE["normal_consistency"]:
+                    placed.append(f"{name}.normal_consistency_placed")
+                if m[name]["chamfer_placed"] > f["chamfer_placed"] * 1.01:
+                    placed.append(f"{name}.chamfer_placed")
+            out["no_metric_worse_than_start"]["placed"] = placed
     return out
 
 

@@ -140,12 +140,37 @@ def sdf_mug(p: np.ndarray) -> np.ndarray:
     return np.minimum(np.maximum(body, -inside), handle)
 
 
-def sdf_table(p: np.ndarray) -> np.ndarray:
-    """A small table: a thin top (creases), four thin legs, a shelf between them."""
+TABLE_LEGS = (0.62, 0.38)  # x, z of the legs' axes; the shelf's corners sit on them
+
+
+def sdf_table(p: np.ndarray, shelf_inset: float = 0.0) -> np.ndarray:
+    """A small table: a thin top (creases), four thin legs, a shelf between them (its half extents `shelf_inset`
+    short of the legs' axes)."""
+    lx, lz = TABLE_LEGS
     top = _box(_at(p, 0, 0.55, 0), (0.75, 0.04, 0.5))
-    legs = np.min([_cylinder(_at(p, sx * 0.62, -0.15, sz * 0.38), 0.035, 0.7) for sx in (-1, 1) for sz in (-1, 1)], 0)
-    shelf = _box(_at(p, 0, -0.45, 0), (0.62, 0.025, 0.38))
+    legs = np.min([_cylinder(_at(p, sx * lx, -0.15, sz * lz), 0.035, 0.7) for sx in (-1, 1) for sz in (-1, 1)], 0)
+    shelf = _box(_at(p, 0, -0.45, 0), (lx - shelf_inset, 0.025, lz - shelf_inset))
     return np.minimum(np.minimum(top, legs), shelf)
+
+
+def table_hidden(points: np.ndarray) -> np.ndarray:
+    """(N,) bool: the table's surface that no elevation-0 view places, its shelf's rim (within 0.04 of its edges).
+
+    The shelf's edges run between the legs' axes, so in every one of the six views the shelf's ends are inside a
+    leg's outline (a shelf 0.02 shorter gives the same six masks: `test_no_view_places_the_table_shelf_rim`), and
+    seen face-on its depth shows only where it meets a leg, an occlusion inside the object. The stand-in rounds that
+    rim 3 px short; a fit that sharpens it there (as the normal maps ask: the shelf's sides are flat) is charged by
+    the normal consistency for a crease no view says where to put. Measured (session 30, one run, imperfect views):
+    normal consistency start -> refined 0.9725 -> 0.9664 overall, 0.9795 -> 0.9865 without this rim (7.6 % of the
+    area; at 256² the shorter shelf changes 2 outline pixels in 3 of the six masks)."""
+    lx, lz = TABLE_LEGS
+    shelf = (points[:, 1] > -0.485) & (points[:, 1] < -0.415)
+    return shelf & ((lx - np.abs(points[:, 0]) < 0.04) | (lz - np.abs(points[:, 2]) < 0.04))
+
+
+# Surface of each truth (a predicate over truth-frame points) that the six views do not place: reported apart
+# (`*_placed` metrics of `benchmarks.view_quality`).
+HIDDEN: dict[str, Callable[[np.ndarray], np.ndarray]] = {"table": table_hidden}
 
 
 def sdf_robot(p: np.ndarray) -> np.ndarray:
