@@ -250,3 +250,61 @@ def test_merge_records_unites_variants_and_recomputes_targets():
     assert targets["clean_minus_imperfect_le_1.5dB"] == {"pass": True, "value": 0.5}
     worse = vq.merge_records([record("field", 20.0), record("views", 19.0)])["objects"]["gear"]["targets"]
     assert worse["no_metric_worse_than_start"] == {"pass": False, "value": ["views.texture_psnr"]}
+
+
+# --------------------------------------------------------------------------------------------- what no view places
+
+
+def _table_views(shelf_inset: float):
+    """The table's six clean masks (bool) and normal maps at 128², its truth marched at 96."""
+    import functools
+
+    sdf = functools.partial(vs.sdf_table, shelf_inset=shelf_inset)
+    camera = vs.view_camera(vs.sdf_mesh(vs.sdf_table, 96), 128)
+    _, normal, alpha = vs._render(vs.sdf_mesh(sdf, 96), sdf, lambda p: np.zeros((len(p), 3)), camera, 1)
+    return alpha >= 0.5, normal
+
+
+def test_no_view_places_the_table_shelf_rim():
+    """`table_hidden` is what the six elevation-0 views cannot place: a table whose shelf is 0.02 (1.2 px) shorter
+    gives the same six masks, every surface point that moves lies in `table_hidden`, and the normal maps differ
+    only where the shelf meets a leg. A wrong claim (e.g. a shelf whose end showed past a leg, or a region drawn
+    on the wrong axis) fails here."""
+    masks, normals = _table_views(0.0)
+    masks_short, normals_short = _table_views(0.02)
+    assert masks.sum() > 5000 and (masks == masks_short).all()
+    changed = np.linalg.norm(normals - normals_short, axis=-1) > 0.1  # (6, S, S)
+    assert 0 < changed.sum() < 0.1 * masks.sum()  # the shelf's junctions with the legs, seen face-on
+    # Every surface point of either table that the other lacks is in the hidden region, a small part of the table.
+    for inset, other in ((0.0, 0.02), (0.02, 0.0)):
+        points, _ = trimesh.sample.sample_surface(vs.sdf_mesh(lambda p: vs.sdf_table(p, inset), 96), 40_000, seed=0)
+        # Where the two tables' distance functions differ (marching cubes cuts both tables' corners alike).
+        moved = np.abs(vs.sdf_table(points, shelf_inset=other) - vs.sdf_table(points, shelf_inset=inset)) > 0.005
+        assert moved.sum() > 100 and vs.table_hidden(points[moved]).all()
+        assert 0.03 < vs.table_hidden(points).mean() < 0.12
+
+
+def test_placed_metrics_leave_out_the_hidden_surface():
+    """Two tables that differ only in the shelf's hidden rim: perfect on the placed surface, not overall."""
+    from benchmarks import view_quality as vq
+
+    truth, short = vs.sdf_mesh(vs.sdf_table, 96), vs.sdf_mesh(lambda p: vs.sdf_table(p, shelf_inset=0.03), 96)
+    m = vq.surface_metrics(truth, short, 20_000, hidden=vs.table_hidden)
+    assert m["normal_consistency_placed"] > 0.999 and m["chamfer_placed"] < 2e-4
+    assert m["normal_consistency"] < m["normal_consistency_placed"] - 0.005 and m["chamfer"] > 5 * m["chamfer_placed"]
+    assert 0.03 < m["hidden_fraction"] < 0.12
+    assert "chamfer_placed" not in vq.surface_metrics(truth, short, 2000)
+
+
+def test_targets_report_the_placed_surface_apart():
+    """The target stays on the whole surface; the placed figures are listed beside it, not instead of it."""
+    from benchmarks import view_quality as vq
+
+    def metrics(nc: float, nc_placed: float) -> dict:
+        return {"texture_psnr": 20.0, "texture_ssim": 0.5, "silhouette_psnr": 20.0, "normal_consistency": nc,
+                "chamfer": 0.01, "normal_consistency_placed": nc_placed, "chamfer_placed": 0.01}  # fmt: skip
+
+    out = vq.targets({"field": {"metrics": metrics(0.97, 0.98)}, "views": {"metrics": metrics(0.96, 0.985)}})
+    assert out["no_metric_worse_than_start"] == {"pass": False, "value": ["views.normal_consistency"], "placed": []}
+    out = vq.targets({"field": {"metrics": metrics(0.97, 0.98)}, "views": {"metrics": metrics(0.96, 0.97)}})
+    assert out["no_metric_worse_than_start"]["placed"] == ["views.normal_consistency_placed"]
