@@ -1,6 +1,7 @@
 """benchmarks.view_scenes / benchmarks.view_quality: the ground-truth scenes are what they claim (views at the
 stand-in's camera, normals in the export frame, imperfections that act), and the metrics give known answers."""
 
+import functools
 import json
 
 import numpy as np
@@ -257,8 +258,6 @@ def test_merge_records_unites_variants_and_recomputes_targets():
 
 def _table_views(shelf_inset: float):
     """The table's six clean masks (bool) and normal maps at 128², its truth marched at 96."""
-    import functools
-
     sdf = functools.partial(vs.sdf_table, shelf_inset=shelf_inset)
     camera = vs.view_camera(vs.sdf_mesh(vs.sdf_table, 96), 128)
     _, normal, alpha = vs._render(vs.sdf_mesh(sdf, 96), sdf, lambda p: np.zeros((len(p), 3)), camera, 1)
@@ -277,7 +276,8 @@ def test_no_view_places_the_table_shelf_rim():
     assert 0 < changed.sum() < 0.1 * masks.sum()  # the shelf's junctions with the legs, seen face-on
     # Every surface point of either table that the other lacks is in the hidden region, a small part of the table.
     for inset, other in ((0.0, 0.02), (0.02, 0.0)):
-        points, _ = trimesh.sample.sample_surface(vs.sdf_mesh(lambda p: vs.sdf_table(p, inset), 96), 40_000, seed=0)
+        sdf = functools.partial(vs.sdf_table, shelf_inset=inset)
+        points, _ = trimesh.sample.sample_surface(vs.sdf_mesh(sdf, 96), 40_000, seed=0)
         # Where the two tables' distance functions differ (marching cubes cuts both tables' corners alike).
         moved = np.abs(vs.sdf_table(points, shelf_inset=other) - vs.sdf_table(points, shelf_inset=inset)) > 0.005
         assert moved.sum() > 100 and vs.table_hidden(points[moved]).all()
