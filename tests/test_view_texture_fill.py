@@ -162,3 +162,33 @@ def test_the_fallback_anchors_a_view_that_few_others_overlap(flat, monkeypatch):
             errors[name, anchor] = np.abs(texture_at(out.mesh, back_points) - truth).mean()
     assert errors["cast", vt.HARMONIZE_ANCHOR] < 0.85 * errors["cast", 0.0], errors  # measured: 0.065 -> 0.052
     assert errors["clean", vt.HARMONIZE_ANCHOR] < errors["clean", 0.0] + 0.003, errors  # no cast: left alone
+
+
+def test_the_fallback_sets_the_chroma_of_a_view_no_other_overlaps(flat, monkeypatch):
+    """Only the front and back views, which share no surface, the back with a per-channel gain (a green cast, not a
+    brightness change): no pair can see it, the matched fallback's spreads can (`_anchor_chroma`). The fallback is
+    the dull field (desaturated, dimmed), so only its channels' relative spread can be trusted; clean views stay
+    as they are. (The matched fallback itself carries half the cast, fitted on both views: the correction is
+    partial.)"""
+    views, mesh = flat[0], ellipsoid_mesh(FLAT_AXES, subdivisions=3)
+    back = np.asarray(views[3], dtype=np.float32) / 255.0  # (S, S, 3)
+    object_px = (back < 0.98).any(axis=-1, keepdims=True)
+    green = np.where(object_px, np.clip(back * [0.9, 1.1, 1.0], 0, 1), back)  # channel gains, mean ~1
+    blank = Image.new("RGB", views[0].size, (255, 255, 255))
+    clean = [views[0], blank, blank, views[3], blank, blank]
+    cast = [views[0], blank, blank, Image.fromarray((green * 255).round().astype(np.uint8)), blank, blank]
+    back_points = np.concatenate([meridian(a, count=40)[:12] for a in (2.8, 3.14, 3.5)])
+    truth = true_color(to_true_frame(back_points))
+    dull_field = field(lambda p: dull(true_color(p)))
+    errors, red_over_green = {}, {}
+    for weight in (0.0, vt.HARMONIZE_GAIN_ANCHOR):
+        monkeypatch.setattr(vt, "HARMONIZE_GAIN_ANCHOR", weight)
+        for name, view_set in (("cast", cast), ("clean", clean)):
+            out = vt.texture_from_views(mesh, view_set, texture_size=512, fallback=dull_field)
+            errors[name, weight] = np.abs(texture_at(out.mesh, back_points) - truth).mean()
+            red_over_green[name, weight] = out.color_gain[3][0] / out.color_gain[3][1]  # the back view's
+    on = vt.HARMONIZE_GAIN_ANCHOR
+    # The cast asks for red/green 1.22; without the anchor's chroma nothing moves it (measured 1.00 -> 1.11).
+    assert abs(red_over_green["cast", 0.0] - 1.0) < 0.01 and red_over_green["cast", on] > 1.06, red_over_green
+    assert errors["cast", on] < 0.92 * errors["cast", 0.0], errors  # measured 0.0251 -> 0.0221
+    assert abs(red_over_green["clean", on] - 1.0) < 0.03 and errors["clean", on] < errors["clean", 0.0] + 0.002
