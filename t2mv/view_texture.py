@@ -850,8 +850,8 @@ def _harmonic_fill(
 
 
 def _pair_moments(weights: torch.Tensor, samples: torch.Tensor) -> list[tuple[int, int, float, torch.Tensor]]:
-    """For each pair of views (j, k) that see common surface: (j, k, weight W, moments (4, 3) = mean_j, mean_k,
-    std_j, std_k per channel), weighted by min(w_j, w_k) (how well both see each point). weights (K, N), samples
+    """For each pair of views (j, k) that see common surface: (j, k, weight W, moments (5, 3) = mean_j, mean_k,
+    std_j, std_k and their correlation per channel), weighted by min(w_j, w_k) (how well both see each point). weights (K, N), samples
     (K, N, 3): the six views, and possibly a seventh colour source (the anchor of `harmonize_views`)."""
     pairs = []
     for j in range(len(weights)):
@@ -864,23 +864,26 @@ def _pair_moments(weights: torch.Tensor, samples: torch.Tensor) -> list[tuple[in
             mj, mk = (w[:, None] * cj).sum(0) / total, (w[:, None] * ck).sum(0) / total  # (3,)
             sj = ((w[:, None] * (cj - mj) ** 2).sum(0) / total).sqrt()
             sk = ((w[:, None] * (ck - mk) ** 2).sum(0) / total).sqrt()
-            pairs.append((j, k, total, torch.stack([mj, mk, sj, sk])))
+            corr = (w[:, None] * (cj - mj) * (ck - mk)).sum(0) / total / (sj * sk).clamp(min=1e-12)
+            pairs.append((j, k, total, torch.stack([mj, mk, sj, sk, corr])))
     return pairs
 
 
 def _solve_pairs(
-    pairs: list[tuple[int, int, float, torch.Tensor]],
+    pairs: list[tuple[int, int, float | torch.Tensor, torch.Tensor]],
     target: Callable[[int, int, torch.Tensor], torch.Tensor],
     pinned: Sequence[int],
     prior: float,
     size: int = NUM_VIEWS,
 ) -> torch.Tensor:
     """Weighted least squares over view pairs, per channel: sum_pairs W (x_j - x_k - target(j, k, moments))^2 +
-    prior sum x^2 with x pinned at 0 for the `pinned` indices. Returns x (size, 3)."""
+    prior sum x^2 with x pinned at 0 for the `pinned` indices; W a number or one per channel (3,). Returns x
+    (size, 3)."""
     lhs = torch.zeros(3, size, size, dtype=torch.float64)
     rhs = torch.zeros(3, size, dtype=torch.float64)
     for j, k, w, moments in pairs:
         r = target(j, k, moments).cpu()  # (3,)
+        w = torch.as_tensor(w, dtype=torch.float64).cpu()  # () or (3,): per channel
         lhs[:, j, j] += w
         lhs[:, k, k] += w
         lhs[:, j, k] -= w
@@ -915,9 +918,14 @@ def _anchor_chroma(
     field's, smaller than a view's: its own gain is left free (not pinned), so that common shrinkage cancels
     between the views (the anchor bridges them rather than sets them). Its brightness is less reliable: gains
     with brightness against it cost the clean gear 0.09 dB and the mug 0.03; the chroma alone moved the gear's
-    back to within 1.2 % between channels and clean views not at all (issue 15, session 30).
+    back to within 1.2 % between channels and clean views not at all (issue 15, session 30). A channel in which the
+    anchor does not vary with the view says nothing of its gain (a grey field would have equalised every view's
+    spreads: a 1.4x green gain on a clean test view): each channel counts by the squared correlation of the view's
+    and the anchor's colours over the view's surface.
     """
-    bridged = [(j, k, weight * w, m) for j, k, w, m in to_anchor]
+    # Per channel, as far as the view and the anchor vary together (correlation²): a field flat in a channel, or
+    # varying there with something the view does not show, says nothing of that channel's gain.
+    bridged = [(j, k, weight * w * m[4].clamp(min=0.0) ** 2, m) for j, k, w, m in to_anchor]  # (3,) weights
     chroma = _solve_pairs(pairs + bridged, _spread_ratio, [ref], strength, NUM_VIEWS + 1)[:NUM_VIEWS]  # (6, 3)
     return chroma - chroma.mean(1, keepdim=True) + log_gain.mean(1, keepdim=True)
 

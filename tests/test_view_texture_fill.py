@@ -192,3 +192,25 @@ def test_the_fallback_sets_the_chroma_of_a_view_no_other_overlaps(flat, monkeypa
     assert abs(red_over_green["cast", 0.0] - 1.0) < 0.01 and red_over_green["cast", on] > 1.06, red_over_green
     assert errors["cast", on] < 0.92 * errors["cast", 0.0], errors  # measured 0.0251 -> 0.0221
     assert abs(red_over_green["clean", on] - 1.0) < 0.03 and errors["clean", on] < errors["clean", 0.0] + 0.002
+
+
+def test_a_flat_fallback_says_nothing_about_the_chroma(flat, monkeypatch):
+    """A fallback (nearly) flat in one channel, or in all (grey with a faint pattern, std ~0.003), carries no spread
+    to compare a view's with: the views' gains come out as without the anchor's chroma. Weighed as every other
+    channel, the grey field made every view's spreads equal (a 1.4x green gain on the clean back view, the
+    texture's error 0.035 -> 0.045)."""
+    views, mesh = flat[0], ellipsoid_mesh(FLAT_AXES, subdivisions=3)
+
+    def faint(p: np.ndarray) -> np.ndarray:
+        return 0.004 * np.sin(40.0 * p[:, :1] + 25.0 * p[:, 1:2])  # (N, 1)
+
+    for fallback in (
+        field(lambda p: 0.5 + faint(p) * np.ones(3)),
+        field(lambda p: np.c_[true_color(p)[:, :2], 0.3 + faint(p)]),  # blue nearly flat
+    ):
+        gains = {}
+        for weight in (0.0, vt.HARMONIZE_GAIN_ANCHOR):
+            monkeypatch.setattr(vt, "HARMONIZE_GAIN_ANCHOR", weight)
+            out = vt.texture_from_views(mesh, views, texture_size=512, fallback=fallback)
+            gains[weight] = np.array(out.color_gain)
+        np.testing.assert_allclose(gains[vt.HARMONIZE_GAIN_ANCHOR], gains[0.0], atol=0.03)
