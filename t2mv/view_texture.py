@@ -851,8 +851,9 @@ def _harmonic_fill(
 
 def _pair_moments(weights: torch.Tensor, samples: torch.Tensor) -> list[tuple[int, int, float, torch.Tensor]]:
     """For each pair of views (j, k) that see common surface: (j, k, weight W, moments (5, 3) = mean_j, mean_k,
-    std_j, std_k and their correlation per channel), weighted by min(w_j, w_k) (how well both see each point). weights (K, N), samples
-    (K, N, 3): the six views, and possibly a seventh colour source (the anchor of `harmonize_views`)."""
+    std_j, std_k and their correlation per channel), weighted by min(w_j, w_k) (how well both see each point).
+    weights (K, N), samples (K, N, 3): the six views, and possibly a seventh colour source (the anchor of
+    `harmonize_views`)."""
     pairs = []
     for j in range(len(weights)):
         for k in range(j + 1, len(weights)):
@@ -923,8 +924,6 @@ def _anchor_chroma(
     spreads: a 1.4x green gain on a clean test view): each channel counts by the squared correlation of the view's
     and the anchor's colours over the view's surface.
     """
-    # Per channel, as far as the view and the anchor vary together (correlation²): a field flat in a channel, or
-    # varying there with something the view does not show, says nothing of that channel's gain.
     bridged = [(j, k, weight * w * m[4].clamp(min=0.0) ** 2, m) for j, k, w, m in to_anchor]  # (3,) weights
     chroma = _solve_pairs(pairs + bridged, _spread_ratio, [ref], strength, NUM_VIEWS + 1)[:NUM_VIEWS]  # (6, 3)
     return chroma - chroma.mean(1, keepdim=True) + log_gain.mean(1, keepdim=True)
