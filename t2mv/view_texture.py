@@ -977,10 +977,14 @@ def harmonize_views(
     log_gain = _solve_pairs(pairs, _spread_ratio, [ref], strength)  # (6, 3)
     size, pinned = NUM_VIEWS, [ref]
     if anchor is not None:
-        # min(w_k, sum of all w) = w_k: each view is held against the anchor wherever it sees.
-        weights = torch.cat([weights, weights.sum(0, keepdim=True)])  # (7, N)
-        samples = torch.cat([samples, anchor.to(samples)[None]])  # (7, N, 3)
-        to_anchor = [(j, k, w, m) for j, k, w, m in _pair_moments(weights, samples) if k == NUM_VIEWS]
+        # Each view against the anchor alone (the view pairs are above), weighed by min(w_j, sum of all w) = w_j:
+        # held against it wherever it sees.
+        everywhere, colours = weights.sum(0), anchor.to(samples)  # (N,), (N, 3)
+        to_anchor = [
+            (j, NUM_VIEWS, w, m)
+            for j in range(NUM_VIEWS)
+            for _, _, w, m in _pair_moments(torch.stack([weights[j], everywhere]), torch.stack([samples[j], colours]))
+        ]
         if gain_anchor > 0:
             log_gain = _anchor_chroma(log_gain, pairs, to_anchor, ref, strength, gain_anchor)
         pairs = pairs + [(j, k, anchor_weight * w, m) for j, k, w, m in to_anchor]
