@@ -4,7 +4,7 @@ The inputs are synthetic and need no model: the ground truth is a sphere with 18
 icosphere; tiny mode: 5k), its six 256² normal maps and masks (tiny: 128²) rendered by the module's renderer at a
 Wonder3D-like framing; the mesh to refine is a plain 20k-face sphere (tiny: 1.3k), like a TripoSR mesh that lost the
 detail. Real mode runs the issue's budget case: 40k faces (the start remeshed at 2 px, capped at 40k), 200
-iterations. A second case starts from the same sphere as the chain hands it over: marching cubes at R=256 (~100k
+iterations. A second case starts from the same sphere as the chain hands it over: marching cubes at R=256 (~160k
 faces; tiny: R=64), so the remeshing's time (gpytoolbox, on the host whatever the device) is measured at the input
 size it really gets. The result records the stage's own time split and how much of the gap to the ground truth the
 refinement closed.
@@ -59,7 +59,7 @@ def render_maps(mesh: trimesh.Trimesh, camera) -> tuple[list[Image.Image], list[
 
 def marching_cubes_sphere(resolution: int, radius: float = 0.51) -> trimesh.Trimesh:
     """A sphere as TripoSR's mesh stage makes surfaces: the project's marching cubes over [-1, 1]^3 at `resolution`
-    grid points per side (R=256: ~100k faces), outward faces."""
+    grid points per side (R=256: ~160k faces), outward faces."""
     from triposr.marching_cubes import marching_cubes
 
     axis = torch.linspace(-1.0, 1.0, resolution, dtype=torch.float64)
