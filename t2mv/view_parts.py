@@ -5,7 +5,8 @@ handle's thin bar, a spike) can blur below its iso-level and vanish, or leave a 
 refinement of the vertices can bring it back: there is no surface there to move. But all six views show it.
 
 `missing_parts` finds such parts as the voxels that
-- lie inside every view's mask (the visual hull, masks dilated by `slack` pixels: the views are a pixel or two off),
+- lie inside every view's mask (the visual hull, masks dilated by `slack` pixels: the views are a pixel or two off;
+  a mask that reaches the picture's border bounds nothing and is left out),
 - and project onto mask pixels the mesh leaves uncovered in at least `min_views` views (so they are outside the
   mesh: a point inside it would be covered in every view, and a concavity the mesh already has, like a mug's
   hollow, is covered in every view too),
@@ -137,6 +138,7 @@ def missing_parts(
     reach_views: int = 3,
     bridge: int = 4,
     max_grid: int = 256,
+    min_framed: int = 4,
 ) -> MissingParts:
     """Find the parts the masks show and the mesh lacks (module docstring).
 
@@ -154,6 +156,8 @@ def missing_parts(
         bridge: voxels a part is grown by within the hull (towards the mesh it stems from).
         max_grid: larger views are area-pooled to at most this size (the voxel grid is its cube; pixel counts above
             are then in pooled pixels).
+        min_framed: nothing is looked for unless at least this many views have a mask inside the picture (not
+            empty, not reaching the border): with fewer, the hull is a prism that a part could be carved from anywhere.
     """
     masks = masks.float()
     if camera.image_size > max_grid:  # the grid is S³ voxels: views larger than 256² are pooled to it first
@@ -161,12 +165,18 @@ def missing_parts(
         camera = replace(camera, image_size=camera.image_size // factor)
         masks = F.adaptive_avg_pool2d(masks[:, None], camera.image_size)[:, 0]
     mask = (masks > 0.5).cpu().numpy()  # (6, S, S)
+    # A mask that reaches the image's border has no outline there: the object may go on past the picture (or the
+    # view kept its background, as a smoke run's noise does), so it neither bounds the hull nor counts as evidence.
+    border = mask[:, 0].any(-1) | mask[:, -1].any(-1) | mask[:, :, 0].any(-1) | mask[:, :, -1].any(-1)  # (6,)
+    used = (mask.reshape(NUM_VIEWS, -1).sum(-1) > 0) & ~border  # (6,)
+    if int(used.sum()) < min_framed:
+        return MissingParts(None, 0, [], [])  # too few outlines to carve a hull from
     _, covered = _render_views(vertices.double(), faces, camera)  # (6, S, S)
     covered = covered.cpu().numpy()
     hull_mask = _dilate(mask, slack)  # (6, S, S)
     uncovered = _erode(mask, slack) & ~_dilate(covered, slack)  # (6, S, S)
-    used = mask.reshape(NUM_VIEWS, -1).sum(-1) > 0  # (6,)
     beyond = np.stack([ndimage.distance_transform_edt(~c) for c in covered])  # (6, S, S) px past the silhouette
+    beyond[~used] = 0.0  # a part's reach is counted in the views that bound it only
     if int((hull_mask & (beyond >= reach)).any(axis=(1, 2)).sum()) < reach_views:
         return MissingParts(None, 0, [], [])  # nothing reaches far enough in enough views: no grid needed
 
