@@ -135,6 +135,8 @@ def _refine(
         t = time.perf_counter()
         start, result.parts = add_missing_parts(mesh, masks.object, camera)
         result.timings["parts"] = time.perf_counter() - t
+        if result.parts.note:
+            result.warnings.append(f"Refinement: no missing part added: {result.parts.note}")
     t = time.perf_counter()
     with torch.enable_grad():  # the refiner optimises; a no_grad caller must not break it
         refined = refine_mesh(

@@ -15,7 +15,7 @@ from PIL import Image
 from scipy import ndimage
 from view_scenes import MUG_HI, MUG_LO, mug_sdf, mug_start, mug_truth, mug_views
 
-from t2mv.view_parts import add_missing_parts, missing_parts
+from t2mv.view_parts import MissingParts, add_missing_parts, missing_parts
 from t2mv.view_refine import self_intersections
 from t2mv.view_texture import ViewCamera, fit_camera, object_masks
 from t2mv.views_to_mesh import views_to_mesh
@@ -166,6 +166,37 @@ def test_masks_that_reach_the_border_carve_nothing(scene):
     three[[1, 3, 5]] = True
     assert missing_parts(*_tensors(start), three, CAMERA).parts == 0
     assert missing_parts(*_tensors(start), three, CAMERA, min_framed=3).parts == 1  # the rule, not the evidence
+
+
+def test_views_of_another_shape_add_nothing(scene):
+    """A mesh given views of a fatter shape (the box's views for a start half its size) "lacks" a shell around
+    itself in every view: what a smooth field loses is thin, so that much volume means the views disagree with the
+    mesh, and nothing is added (with a note why). The antenna alone is well under the bar."""
+    truth_normals, _, start, _ = scene
+    masks = object_masks(_colors(truth_normals), truth_normals).object
+    found = missing_parts(*_tensors(start), masks, CAMERA)
+    assert found.parts == 1 and found.note is None
+    small = start.copy()
+    centre = small.bounds.mean(0)
+    small.vertices = (np.asarray(small.vertices) - centre) * 0.6 + centre
+    other = missing_parts(*_tensors(small), masks, CAMERA)
+    assert other.mesh is None and other.parts == 0 and other.note and "disagree" in other.note, other
+    assert sum(other.voxels) > 0.1 * abs(small.volume) / CAMERA.pixel_size**3
+    assert missing_parts(*_tensors(small), masks, CAMERA, max_fraction=10.0).parts > 0  # the bar, not the evidence
+    same, _ = add_missing_parts(small, masks, CAMERA)
+    assert same is small
+
+
+def test_the_stage_says_why_no_part_was_added(scene, monkeypatch):
+    """The note reaches the stage's warnings (the user sees why the views' extra shape was not added)."""
+    import t2mv.views_to_mesh as stage
+
+    truth_normals, _, start, _ = scene
+    refused = MissingParts(None, 0, [50_000], [6], "the views disagree with the mesh")
+    monkeypatch.setattr(stage, "add_missing_parts", lambda mesh, masks, camera: (mesh, refused))
+    out = views_to_mesh(start, _colors(truth_normals), truth_normals, refine=True, texture_size=512, iterations=0)
+    assert out.parts is refused
+    assert "Refinement: no missing part added: the views disagree with the mesh" in out.warnings, out.warnings
 
 
 @pytest.mark.parametrize("grow", [GROW, (2, 1, 2, 2, 1, 2)])
