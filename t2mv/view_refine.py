@@ -690,7 +690,14 @@ def _choose_views(
             reason = "its mask is empty"
         elif not outline[k]:
             reason = "its mask has no outline to check the normal map against (it fills the image)"
-        elif both[k].sum() == 0 or angle0[k] > max_input_angle:
+        elif both[k].sum() == 0:
+            # No pixel decodes to a unit normal facing its camera where the mesh is seen: noise, or another
+            # convention's normals (turned away from the view).
+            reason = (
+                "its normal map has no usable normal where the mesh is seen (none decodes to a unit normal facing"
+                " the camera)"
+            )
+        elif angle0[k] > max_input_angle:
             reason = f"its normals are {float(angle0[k]):.0f} degrees from the input mesh's on average"
         elif agreement[k] < min_agreement and angle0[k] > max_input_angle / 2:
             # The outline alone is weak evidence: a generated normal map whose outline sits 1-2 px inside its mask
