@@ -6,7 +6,7 @@ refinement of the vertices can bring it back: there is no surface there to move.
 
 `missing_parts` finds such parts as the voxels that
 - lie inside every view's mask (the visual hull, masks dilated by `slack` pixels: the views are a pixel or two off;
-  a mask that reaches the picture's border bounds nothing and is left out),
+  a mask over much of the picture's border, a backdrop, bounds nothing and is left out),
 - and project onto mask pixels the mesh leaves uncovered in at least `min_views` views (so they are outside the
   mesh: a point inside it would be covered in every view, and a concavity the mesh already has, like a mug's
   hollow, is covered in every view too),
@@ -31,7 +31,7 @@ import trimesh
 from scipy import ndimage
 
 from .view_refine import _carry_visuals
-from .view_texture import NUM_VIEWS, ViewCamera, _disk, _mesh_tensors, _render_views
+from .view_texture import BACKDROP_RING, NUM_VIEWS, ViewCamera, _disk, _mesh_tensors, _render_views, _ring_share
 
 
 @dataclass
@@ -158,8 +158,8 @@ def missing_parts(
         bridge: voxels a part is grown by within the hull (towards the mesh it stems from).
         max_grid: larger views are area-pooled to at most this size (the voxel grid is its cube; pixel counts above
             are then in pooled pixels).
-        min_framed: nothing is looked for unless at least this many views have a mask inside the picture (not
-            empty, not reaching the border): with fewer, the hull is a prism that a part could be carved from anywhere.
+        min_framed: nothing is looked for unless at least this many views have a silhouette (a mask neither empty
+            nor over much of the border ring): with fewer, the hull is a prism a part could be carved from anywhere.
         max_fraction: parts adding up to more than this fraction of the mesh's volume are not returned (`note`).
     """
     masks = masks.float()
@@ -168,10 +168,11 @@ def missing_parts(
         camera = replace(camera, image_size=camera.image_size // factor)
         masks = F.adaptive_avg_pool2d(masks[:, None], camera.image_size)[:, 0]
     mask = (masks > 0.5).cpu().numpy()  # (6, S, S)
-    # A mask that reaches the image's border has no outline there: the object may go on past the picture (or the
-    # view kept its background, as a smoke run's noise does), so it neither bounds the hull nor counts as evidence.
-    border = mask[:, 0].any(-1) | mask[:, -1].any(-1) | mask[:, :, 0].any(-1) | mask[:, :, -1].any(-1)  # (6,)
-    used = (mask.reshape(NUM_VIEWS, -1).sum(-1) > 0) & ~border  # (6,)
+    # A mask over much of the image's border ring is a backdrop taken for the object (a smoke run's noise, a kept
+    # photo background), not a silhouette: it neither bounds the hull nor counts as evidence. An object the picture
+    # cuts off touches a little of the ring and stays (the hull ends at the picture's edge anyway).
+    backdrop = np.array([_ring_share(m) > BACKDROP_RING for m in mask])  # (6,)
+    used = (mask.reshape(NUM_VIEWS, -1).sum(-1) > 0) & ~backdrop  # (6,)
     if int(used.sum()) < min_framed:
         return MissingParts(None, 0, [], [])  # too few outlines to carve a hull from
     _, covered = _render_views(vertices.double(), faces, camera)  # (6, S, S)

@@ -148,7 +148,8 @@ def test_masks_that_reach_the_border_carve_nothing(scene):
     """Views that kept their background (a smoke run's noise, rembg left out) have masks filling the picture: they
     bound no hull, and their uncovered pixels are no evidence. Before the rule, noise views made two "parts" of 6.3M
     voxels (the whole cube around the mesh) and cost the chain 12 s. With one view so, the other five still find the
-    antenna; with three, too few outlines are left to carve from."""
+    antenna; with three, too few outlines are left to carve from. An object the picture cuts off (views zoomed in
+    1.3x: the robot's refinement -33 % with such views left out, -46 % kept) touches a little of the border: kept."""
     truth_normals, _, start, _ = scene
     masks = object_masks(_colors(truth_normals), truth_normals).object  # (6, S, S)
     full = torch.ones_like(masks)
@@ -160,8 +161,12 @@ def test_masks_that_reach_the_border_carve_nothing(scene):
     d = antenna_sdf(np.asarray(found.mesh.vertices)[np.asarray(found.mesh.vertices)[:, 1] > BOX_TOP + 0.02])
     assert np.abs(d).mean() < 1.5 * CAMERA.pixel_size
     edge = masks.clone()
-    edge[2, :, : SIZE // 2] = True  # the object going on past the picture's edge: the view is out as well
+    edge[2, :, : SIZE // 2] = True  # half the picture's border covered: a backdrop too, the view is out as well
     assert missing_parts(*_tensors(start), edge, CAMERA).views == [5]
+    cut = masks.clone()
+    rows, cols = torch.nonzero(masks[0], as_tuple=True)
+    cut[0, : int(rows.max()), int(cols.min()) : int(cols.min()) + 4] = True  # a bar the picture cuts off ...
+    assert missing_parts(*_tensors(start), cut, CAMERA).views == [6]  # ... is still a silhouette (zoomed views)
     three = masks.clone()
     three[[1, 3, 5]] = True
     assert missing_parts(*_tensors(start), three, CAMERA).parts == 0
