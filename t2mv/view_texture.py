@@ -1418,7 +1418,8 @@ def texture_from_views(
         for k in torch.nonzero(stray).flatten().tolist():
             notes.append(
                 f"view {VIEW_NAMES[k]!r} is left out: its silhouette does not match the mesh (agreement within "
-                f"{AGREEMENT_PX} px {float(agree[k]):.2f}, IoU {float(iou[k]):.2f}; a background kept in the view?)"
+                f"{AGREEMENT_PX} px {float(agree[k]):.2f}, IoU {float(iou[k]):.2f}: a backdrop kept in the view, or "
+                "a shape the mesh does not have)"
             )
         used = used & ~stray
         first_iou, first_agree = iou, agree
