@@ -31,7 +31,7 @@ import trimesh
 from scipy import ndimage
 
 from .view_refine import _carry_visuals
-from .view_texture import BACKDROP_RING, NUM_VIEWS, ViewCamera, _disk, _mesh_tensors, _render_views, _ring_share
+from .view_texture import NUM_VIEWS, ViewCamera, _disk, _mesh_tensors, _render_views, backdrop_views
 
 
 @dataclass
@@ -170,8 +170,8 @@ def missing_parts(
     mask = (masks > 0.5).cpu().numpy()  # (6, S, S)
     # A mask over much of the image's border ring is a backdrop taken for the object (a smoke run's noise, a kept
     # photo background), not a silhouette: it neither bounds the hull nor counts as evidence. An object the picture
-    # cuts off touches a little of the ring and stays (the hull ends at the picture's edge anyway).
-    backdrop = np.array([_ring_share(m) > BACKDROP_RING for m in mask])  # (6,)
+    # cuts off touches less of the ring and stays (the hull ends at the picture's edge anyway).
+    backdrop = backdrop_views(torch.from_numpy(mask))[0].numpy()  # (6,)
     used = (mask.reshape(NUM_VIEWS, -1).sum(-1) > 0) & ~backdrop  # (6,)
     if int(used.sum()) < min_framed:
         return MissingParts(None, 0, [], [])  # too few outlines to carve a hull from

@@ -82,6 +82,7 @@ from .view_render import (  # noqa: F401  (re-exported: the renderer's names sta
     vertex_normals,
     visibility,
 )
+from .view_texture import backdrop_views
 
 # Wonder3D's own reconstruction (instant-nsr-pl, neuralangelo-ortho-wmask.yaml) weights the views
 # [1.0, 0.8, 0.2, 1.0, 0.4, 0.7] in VIEW_NAMES order (front, front_right, right, back, left, front_left): the front
@@ -677,6 +678,7 @@ def _choose_views(
         img0, _ = r0.images()  # (6, S * S, 3)
     agreement = silhouette_agreement(targets)
     outline = _rim_band(targets, 3)[0].any(-1)  # (6,)
+    backdrop, shares = backdrop_views(targets.mask.reshape(NUM_VIEWS, targets.size, targets.size) > 0.5)
     cover = targets.mask.mean(-1)  # (6,)
     cos0 = (img0 * targets.normal).sum(-1).clamp(-1, 1)  # (6, S * S)
     both = (targets.weight > 0) & vis0.hard
@@ -690,6 +692,8 @@ def _choose_views(
             reason = "its mask is empty"
         elif not outline[k]:
             reason = "its mask has no outline to check the normal map against (it fills the image)"
+        elif backdrop[k]:
+            reason = f"its mask covers {shares[k]:.0%} of the picture's border (a backdrop, not a silhouette)"
         elif both[k].sum() == 0:
             # No pixel decodes to a unit normal facing its camera where the mesh is seen: noise, or another
             # convention's normals (turned away from the view).

@@ -298,7 +298,13 @@ def corrupt_shift(image: Image.Image, pixels: int) -> Image.Image:
 
 @pytest.mark.parametrize(
     "case, view",
-    [("flat normals", "front"), ("empty mask", "back"), ("mirrored normals", "left"), ("noise", "front_right")],
+    [
+        ("flat normals", "front"),
+        ("empty mask", "back"),
+        ("mirrored normals", "left"),
+        ("noise", "front_right"),
+        ("backdrop", "right"),
+    ],
 )
 def test_bad_view_leaves_mesh_no_worse(case, view, start, gt, targets, start_errors, one_thread):
     normals, masks = list(targets[0]), list(targets[1])
@@ -307,14 +313,19 @@ def test_bad_view_leaves_mesh_no_worse(case, view, start, gt, targets, start_err
         normals[k] = Image.new("RGB", (SIZE, SIZE), (128, 128, 255))
     elif case == "empty mask":
         masks[k] = Image.new("L", (SIZE, SIZE), 0)
+    elif case == "backdrop":  # the mask runs into the picture's left half: a background kept, not a silhouette
+        m = np.asarray(masks[k].convert("L")).copy()
+        m[:, : SIZE // 2] = 255
+        masks[k] = Image.fromarray(m)
     elif case == "noise":  # no pixel decodes to a unit normal: the warning says so (it said "0 degrees" before)
         normals[k] = Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
     else:  # the right view's normal map given as the left's: it contradicts the left mask's outline
         normals[k] = normals[VIEW_NAMES.index("right")]
     result = vr.refine_mesh(start, normals, masks, CAMERA, **FAST)
     assert any(view in w for w in result.warnings), result.warnings
-    if case == "noise":
-        assert any(f"view {view} left out" in w and "no usable normal" in w for w in result.warnings), result.warnings
+    if case in ("noise", "backdrop"):
+        reason = "no usable normal" if case == "noise" else "a backdrop, not a silhouette"
+        assert any(f"view {view} left out" in w and reason in w for w in result.warnings), result.warnings
     assert result.losses["views_used"] == [v for v in VIEW_NAMES if v != view]
     # The other five views still refine the mesh: the result is accepted and the errors fall (returning the input,
     # or rejecting everything once a view is dropped, fails here).

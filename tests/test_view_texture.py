@@ -302,6 +302,35 @@ def test_a_view_that_kept_its_backdrop(views, cameras, result, both):
     assert _error_on_front_five(out, cameras) <= clean + 0.005, (_error_on_front_five(out, cameras), clean)
 
 
+def test_a_framed_silhouette_of_another_shape_is_left_out(views, cameras, result):
+    """The back view shows a framed shape the mesh does not have (a wide bar): no backdrop, but its silhouette misses
+    the mesh's (agreement below 0.75), so it is left out with a note, the camera fitted to the other five; the
+    texture elsewhere is as good as with clean views."""
+    colors = list(views)
+    bar = np.full((SIZE, SIZE, 3), 255, np.uint8)
+    bar[110:150, 20:236] = (90, 160, 60)
+    colors[3] = Image.fromarray(bar)
+    out = vt.texture_from_views(ellipsoid_mesh(), colors, texture_size=512)
+    assert out.used_views == (True, True, True, False, True, True)
+    assert any("'back' is left out: its silhouette does not match" in w for w in out.warnings), out.warnings
+    assert out.view_agreement[3] < vt.MIN_VIEW_AGREEMENT
+    assert out.camera.scale == pytest.approx(result.camera.scale, rel=0.01)
+    assert _error_on_front_five(out, cameras) <= _error_on_front_five(result, cameras) + 0.005
+
+
+def test_noise_views_texture_nothing(views):
+    """Uniform noise in every view (what a smoke run's random models draw): every mask covers the picture's border,
+    no view has a silhouette, and the stage says so instead of inflating the camera to fill the picture (it did:
+    agreement 0.95-0.99 for a mesh scaled up to the noise's full masks) and painting the noise."""
+    rng = np.random.default_rng(0)
+    noise = [Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(6)]
+    with pytest.raises(vt.ViewTextureError, match="no view has a silhouette"):
+        vt.texture_from_views(ellipsoid_mesh(subdivisions=2), noise, masks=vt.object_masks(noise, noise))
+    backdrop, shares = vt.backdrop_views(vt.object_masks(noise, noise).object)
+    assert backdrop.all() and min(shares) > 0.99
+    assert not vt.backdrop_views(vt.object_masks(views, _flat_normals(views)).object)[0].any()
+
+
 @pytest.mark.parametrize("atlas, inverted", [("xatlas", False), ("projection", True)])
 def test_xatlas_and_inside_out_meshes(views, cameras, atlas, inverted):
     mesh = ellipsoid_mesh(subdivisions=3)
