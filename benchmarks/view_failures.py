@@ -2,6 +2,7 @@
 
     python -m benchmarks.view_failures [--preset small|full] [--objects robot,gear] [--cases ...] [--refine]
         [--out benchmarks/results/view_failures-cpu-2core.json] [--threads N] [--device cpu|cuda]
+    python -m benchmarks.view_failures --merge a.json b.json --out benchmarks/results/view_failures-cpu-2core.json
 
 `benchmarks.view_quality` measures the stage on views a generator drew well, with the imperfections every drawing
 has. This one breaks the views the ways they break, one case at a time, on a benchmark object (its imperfect views
@@ -176,11 +177,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--out", default=None, help=f"JSON path (default for --preset full: {DEFAULT_OUT})")
     p.add_argument("--note", action="append", default=[], help="free text recorded in the JSON")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="only merge records into --out")
     return p
+
+
+def merge_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Records of separate runs (other objects, e.g. in parallel processes) as one: objects united, later runs
+    winning; each run's command, date, notes and load kept under "runs"."""
+    merged = {k: v for k, v in records[0].items() if k not in ("objects", "command", "date", "notes")}
+    merged["runs"] = [
+        {k: r.get(k) for k in ("command", "date", "notes", "load_average", "load_average_end", "refine")}
+        | {"objects": list(r["objects"])}
+        for r in records
+    ]
+    merged["objects"] = {}
+    for r in records:
+        merged["objects"].update(r["objects"])
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.merge:
+        if not args.out:
+            print("error: --merge needs --out", file=sys.stderr)
+            return 2
+        merged = merge_records([json.loads(Path(path).read_text()) for path in args.merge])
+        Path(args.out).write_text(json.dumps(merged, indent=1) + "\n")
+        return 0
     objects = [o.strip() for o in args.objects.split(",") if o.strip()]
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     bad = [o for o in objects if o not in OBJECTS] + [c for c in cases if c not in CASES]

@@ -54,3 +54,10 @@ def test_small_run_records_what_the_stage_did(tmp_path, gear):
     assert not noise["textured"] and noise["texture_gain_db"] == 0.0
     assert any("no view has a silhouette" in w for w in noise["warnings"])
     assert vf.main(["--cases", "nonsense", "--preset", "small"]) == 2
+    other = json.loads(out.read_text())
+    other["objects"] = {"mug": other["objects"]["gear"]}
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    assert vf.main(["--merge", str(out), str(tmp_path / "b.json"), "--out", str(tmp_path / "m.json")]) == 0
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert list(merged["objects"]) == ["gear", "mug"] and [r["objects"] for r in merged["runs"]] == [["gear"], ["mug"]]
+    assert vf.main(["--merge", str(out)]) == 2
