@@ -723,8 +723,9 @@ def _choose_views(
             warnings.append(f"view {names[k]} left out of the refinement: {reason}")
     records = {
         "views_used": [names[k] for k in range(NUM_VIEWS) if weights[k] > 0],
-        # Every mask with an outline, used or not: the result's silhouettes must not get worse in any of them.
-        "silhouette_views": [k for k in range(NUM_VIEWS) if cover[k] >= 1e-3 and outline[k]],
+        # Every mask with an outline, used or not: the result's silhouettes must not get worse in any of them. A
+        # backdrop's "outline" is where its background happens to end: no silhouette to hold the result to.
+        "silhouette_views": [k for k in range(NUM_VIEWS) if cover[k] >= 1e-3 and outline[k] and not backdrop[k]],
         # None, not NaN, where a mask has no outline: the record goes into info.json.
         "silhouette_agreement": [round(float(a), 4) if math.isfinite(float(a)) else None for a in agreement],
         "input_normal_angle_deg": [round(float(a), 3) for a in angle0],
