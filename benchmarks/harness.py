@@ -283,6 +283,49 @@ def environment(device: torch.device | str, dtype: torch.dtype) -> dict[str, Any
     return env
 
 
+def record_header(benchmark: str, argv: list[str] | None, device: torch.device) -> dict[str, Any]:
+    """The opening fields of a benchmark's JSON record: which benchmark, the command that ran it, when, on what
+    (fp32), and the machine's load when it started."""
+    import datetime as _dt
+
+    return {
+        "benchmark": benchmark,
+        "command": f"python -m benchmarks.{benchmark} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(device, torch.float32),
+        "load_average": list(os.getloadavg()),
+    }
+
+
+def run_setup(args: Any, default_out: Any) -> tuple[torch.device, Any]:
+    """A quality benchmark's --threads, --device and --out (the default path only for the full preset)."""
+    from pathlib import Path
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else (default_out if args.preset == "full" else None)
+    return torch.device(args.device), out
+
+
+def merge_files(paths: list[str], out: str | None, merge: Callable[[list[dict]], dict]) -> dict | None:
+    """A benchmark's --merge: the JSON records at `paths` merged by `merge`, written to `out`; None (with an error
+    line) when --out is missing."""
+    import json
+    from pathlib import Path
+
+    if not out:
+        print("error: --merge needs --out", file=sys.stderr)
+        return None
+    merged = merge([json.loads(Path(path).read_text()) for path in paths])
+    Path(out).write_text(json.dumps(merged, indent=1) + "\n")
+    return merged
+
+
+def comma_list(text: str) -> list[str]:
+    """A command line's comma list, blanks dropped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def _total_memory() -> int | None:
     try:
         with open("/proc/meminfo") as f:

@@ -28,7 +28,6 @@ rejected, in about the baseline's time.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import sys
@@ -198,31 +197,22 @@ def merge_records(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .harness import comma_list, merge_files
+
     if args.merge:
-        if not args.out:
-            print("error: --merge needs --out", file=sys.stderr)
-            return 2
-        merged = merge_records([json.loads(Path(path).read_text()) for path in args.merge])
-        Path(args.out).write_text(json.dumps(merged, indent=1) + "\n")
-        return 0
-    objects = [o.strip() for o in args.objects.split(",") if o.strip()]
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+        return 0 if merge_files(args.merge, args.out, merge_records) is not None else 2
+
+    objects, cases = comma_list(args.objects), comma_list(args.cases)
     bad = [o for o in objects if o not in OBJECTS] + [c for c in cases if c not in CASES]
     if bad or not objects or not cases:
         print(f"error: unknown or no objects/cases {bad}; objects: {OBJECTS}, cases: {CASES}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    out = Path(args.out) if args.out else (DEFAULT_OUT if args.preset == "full" else None)
-    from .harness import environment
+    from .harness import record_header, run_setup
+
+    device, out = run_setup(args, DEFAULT_OUT)
 
     record: dict[str, Any] = {
-        "benchmark": "view_failures",
-        "command": "python -m benchmarks.view_failures " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "environment": environment(device, torch.float32),
-        "load_average": list(os.getloadavg()),
+        **record_header("view_failures", argv, device),
         "preset": args.preset,
         "refine": args.refine,
         "notes": args.note,

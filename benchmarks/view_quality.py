@@ -39,7 +39,6 @@ Metrics, in the truth frame:
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import sys
@@ -590,34 +589,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print(summary_table([json.loads(Path(path).read_text()) for path in args.table]))
         return 0
+    from .harness import comma_list, merge_files
+
     if args.merge:
-        if not args.out:
-            print("error: --merge needs --out", file=sys.stderr)
+        merged = merge_files(args.merge, args.out, merge_records)
+        if merged is None:
             return 2
-        merged = merge_records([json.loads(Path(path).read_text()) for path in args.merge])
-        Path(args.out).write_text(json.dumps(merged, indent=1) + "\n")
         print(summary_table([merged]))
         return 0
-    args.objects = [o.strip() for o in args.objects.split(",") if o.strip()]
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+
+    args.objects, args.variants = comma_list(args.objects), comma_list(args.variants)
     bad = [o for o in args.objects if o not in OBJECTS] + [v for v in args.variants if v not in VARIANTS]
     if bad or not args.objects or not args.variants:
         print(
             f"error: unknown or no objects/variants {bad}; objects: {OBJECTS}, variants: {VARIANTS}", file=sys.stderr
         )
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    out = Path(args.out) if args.out else (DEFAULT_OUT if args.preset == "full" else None)
-    from .harness import environment
+    from .harness import record_header, run_setup
+
+    device, out = run_setup(args, DEFAULT_OUT)
 
     record: dict[str, Any] = {
-        "benchmark": "view_quality",
-        "command": "python -m benchmarks.view_quality " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "environment": environment(device, torch.float32),
-        "load_average": list(os.getloadavg()),
+        **record_header("view_quality", argv, device),
         "preset": args.preset,
         "novel_views_az_el_deg": [list(v) for v in NOVEL_VIEWS],
         "alignment": "known similarity of the stand-in (Case.to_truth), then a fitted scale and shift"
