@@ -236,11 +236,16 @@ BACKDROP_RING = 0.45
 BORDER_UNIFORM = 0.9
 
 
+def _ring(image: np.ndarray) -> np.ndarray:
+    """The image's border ring, each pixel once: (4 S - 4, ...) from an (S, S, ...) array."""
+    return np.concatenate([image[0], image[-1], image[1:-1, 0], image[1:-1, -1]])
+
+
 def _backdrop(rgb: np.ndarray) -> np.ndarray | None:
     """The view's background colour (3,) when it is not white: the median of the image's border ring, where that
     ring is uniform (a generator's grey backdrop, a photo's kept background); None for white (or no uniform ring:
     the object reaches the border, and white is assumed as before)."""
-    ring = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]]).astype(np.int16)  # (4 S - 4, 3)
+    ring = _ring(rgb).astype(np.int16)  # (4 S - 4, 3)
     colour = np.median(ring, axis=0)  # (3,)
     if (colour >= 255 - WHITE_TOLERANCE).all():
         return None
@@ -251,7 +256,7 @@ def _backdrop(rgb: np.ndarray) -> np.ndarray | None:
 
 def _ring_share(mask: np.ndarray) -> float:
     """The share of the image's border ring that a (S, S) mask covers: ~1 for a backdrop taken for the object."""
-    return float(np.concatenate([mask[0], mask[-1], mask[1:-1, 0], mask[1:-1, -1]]).mean())
+    return float(_ring(mask).mean())
 
 
 def backdrop_views(masks: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
@@ -293,7 +298,7 @@ def view_masks(colors: Sequence[Image.Image], masks: Sequence[Image.Image] | Non
         else:
             white = _background(np.asarray(colors[k].convert("RGB")))  # (S, S)
             labels, _ = ndimage.label(white)
-            border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+            border = np.unique(_ring(labels))
             background = np.isin(labels, border[border > 0])
             fg = _clean_mask(~background)
         out.append(torch.from_numpy(np.ascontiguousarray(fg)))
@@ -358,7 +363,7 @@ def _fill_holes(fg: np.ndarray, colored: np.ndarray) -> np.ndarray:
     labels, count = ndimage.label(~fg)
     if count == 0:
         return fg
-    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    border = np.unique(_ring(labels))
     areas = np.bincount(labels.ravel(), minlength=count + 1)  # (count + 1,)
     object_votes = np.bincount(labels.ravel(), weights=colored.ravel(), minlength=count + 1)
     fill = (areas <= MAX_NOISE_HOLE_FRACTION * fg.size) | (object_votes > 0.5 * areas)
