@@ -31,7 +31,7 @@ import trimesh
 from scipy import ndimage
 
 from .view_refine import _carry_visuals
-from .view_texture import NUM_VIEWS, ViewCamera, _disk, _mesh_tensors, _render_views, backdrop_views
+from .view_texture import NUM_VIEWS, ViewCamera, _disk, _mesh_tensors, _render_views, backdrop_views, signed_volume
 
 
 @dataclass
@@ -200,7 +200,7 @@ def missing_parts(
     parts = np.isin(labels, keep)
     views = [int(reached[i - 1]) for i in keep]
     kept = [int(volumes[i - 1]) for i in keep]
-    own = _volume(vertices, faces) / camera.pixel_size**3  # the mesh's volume in voxels
+    own = abs(signed_volume(vertices, faces)) / camera.pixel_size**3  # the mesh's volume in voxels
     if sum(kept) > max_fraction * own:
         # What a smooth field loses is thin; this much "missing" means the views show another shape than the mesh
         # (measured: the benchmark's robot lacks its antenna, 0.4 % of its volume; a mesh given another object's
@@ -216,12 +216,6 @@ def missing_parts(
     parts = parts | (ndimage.binary_dilation(parts, iterations=bridge) & hull)
     part_mesh = _surface(parts, camera)
     return MissingParts(part_mesh, len(keep), kept, views)
-
-
-def _volume(vertices: torch.Tensor, faces: torch.Tensor) -> float:
-    """|Signed volume| of a triangle mesh (divergence theorem; exact when closed, an estimate when not)."""
-    a, b, c = (vertices[faces[:, i]].double() for i in range(3))  # (F, 3) each
-    return abs(float((a * torch.linalg.cross(b, c)).sum())) / 6.0
 
 
 def _union(mesh: trimesh.Trimesh, extra: trimesh.Trimesh) -> trimesh.Trimesh | None:

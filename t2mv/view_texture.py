@@ -744,6 +744,12 @@ def _mask_stack(masks: Sequence[torch.Tensor] | Sequence[Image.Image], device: t
     return torch.stack(arrays).to(device=device, dtype=torch.bool)  # (6, S, S)
 
 
+def signed_volume(vertices: torch.Tensor, faces: torch.Tensor) -> float:
+    """The mesh's signed volume (divergence theorem: exact when closed, an estimate when not); negative when its
+    faces wind inwards."""
+    return float(torch.linalg.det(vertices[faces].double()).sum()) / 6.0  # (F, 3, 3) corner rows
+
+
 def _mesh_tensors(mesh: trimesh.Trimesh, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     if len(mesh.faces) == 0:
         raise ValueError("cannot texture an empty mesh")
@@ -751,8 +757,7 @@ def _mesh_tensors(mesh: trimesh.Trimesh, device: torch.device) -> tuple[torch.Te
     faces = torch.from_numpy(np.asarray(mesh.faces, dtype=np.int64)).to(device)  # (F, 3)
     # Back-face culling and the normals assume outward winding; a mesh wound inside out (negative signed volume)
     # is drawn with its faces flipped (the returned mesh keeps the input's faces).
-    tri = vertices[faces].double()  # (F, 3, 3)
-    if torch.linalg.det(tri).sum() < 0:
+    if signed_volume(vertices, faces) < 0:
         faces = faces[:, [0, 2, 1]]
     return vertices, faces
 
