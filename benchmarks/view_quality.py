@@ -343,10 +343,18 @@ def score(
 
 
 def run_variant(
-    case: Case, variant: str, *, texture_size: int, device: torch.device, iterations: int | None, perturb: float = 0.0
+    case: Case,
+    variant: str,
+    *,
+    texture_size: int,
+    device: torch.device,
+    iterations: int | None,
+    perturb: float = 0.0,
+    views: tuple[list[Image.Image], list[Image.Image]] | None = None,
 ):
     """The mesh a variant gives (stand-in frame) and what to record about the run. perturb: the stand-in's vertices
-    scaled by 1 + perturb first (a refinement's outcome can hinge on float-level differences; see --refine-repeats)."""
+    scaled by 1 + perturb first (a refinement's outcome can hinge on float-level differences; see --refine-repeats).
+    views: (colours, normals) to run on instead of the variant's own (`benchmarks.view_failures`' broken views)."""
     if variant == "field" or variant in CEILINGS:
         return case.start, {"seconds": 0.0}
     start = case.start
@@ -357,6 +365,8 @@ def run_variant(
 
     clean = variant.startswith("clean")
     colors, normals = (case.clean_colors, case.clean_normals) if clean else (case.colors, case.normals)
+    if views is not None:
+        colors, normals = views
     options = {} if iterations is None else {"iterations": iterations}
     t, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():  # as inference code calls it
@@ -372,9 +382,10 @@ def run_variant(
         "warnings": list(out.warnings),
     }
     if out.parts is not None:  # parts the views show and the stand-in lacks, added before the refinement
-        info["parts_added"] = {"parts": out.parts.parts, "voxels": out.parts.voxels}
+        info["parts_added"] = {"parts": out.parts.parts, "voxels": out.parts.voxels, "note": out.parts.note}
     if out.texture is not None:
         info["coverage"] = out.texture.coverage
+        info["texture_views_used"] = [bool(x) for x in out.texture.used_views]
         info["view_iou"] = [round(float(x), 4) for x in out.texture.view_iou]
         info["view_agreement"] = [round(float(x), 4) for x in out.texture.view_agreement]
     if out.camera is not None:
@@ -385,6 +396,7 @@ def run_variant(
     if out.refine is not None:
         info["refine_accepted"] = bool(out.refine.accepted)
         info["refine_faces"] = int(len(out.refine.mesh.faces))
+        info["refine_views_used"] = list(out.refine.losses.get("views_used", []))
     return out.mesh, info
 
 
